@@ -1,0 +1,1 @@
+//! replicad daemon library.
