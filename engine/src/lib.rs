@@ -3,6 +3,27 @@
 //! **Architecture Invariant:** this crate knows nothing of tokio, sockets or NBD. It
 //! is driven through plain method calls and completion callbacks, so the daemon, the
 //! tools and the tests all reach the same code.
+//!
+//! * [`backend`] — the storage trait and its implementations (pread, io_uring, sim).
+//! * [`layout`], [`superblock`], [`record`], [`checksum`], [`bitmap`] — on-disk formats.
+//! * [`volume`] — an open store: journal, overlay, applier, checkpoints, recovery.
+//! * [`gen`] — generation identifiers and the connect-time decision.
 
 pub mod backend;
+pub mod bitmap;
+pub mod checksum;
+pub mod error;
+pub mod gen;
+pub mod layout;
+pub mod record;
 pub mod rng;
+pub mod superblock;
+pub mod volume;
+
+pub use error::{EngineError, IoError};
+pub use volume::{Volume, VolumeOptions, WriteKind, WriteRequest};
+
+/// Bytes per block: the unit of checksums, bitmap bits and journal records.
+pub const BLOCK_BYTES: u64 = 4096;
+/// Largest single I/O request (the NBD maximum we advertise).
+pub const MAX_IO_BYTES: u64 = 32 << 20;

@@ -39,7 +39,7 @@ pub struct SimBackend {
 }
 
 fn crashed_error() -> io::Error {
-    io::Error::new(io::ErrorKind::Other, "simulated power cut")
+    io::Error::other("simulated power cut")
 }
 
 fn fault_error() -> io::Error {
@@ -244,8 +244,11 @@ impl Backend for SimBackend {
     fn flush(&self) -> Result<(), BackendError> {
         let mut state = self.lock();
         SimBackend::count_op(&mut state).map_err(|source| BackendError::Flush { source })?;
-        state.durable = state.live.clone();
-        state.unflushed.clear();
+        let unflushed = std::mem::take(&mut state.unflushed);
+        for (offset, data) in unflushed {
+            let start = offset as usize;
+            state.durable[start..start + data.len()].copy_from_slice(&data);
+        }
         state.flushes += 1;
         Ok(())
     }

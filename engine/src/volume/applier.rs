@@ -1,0 +1,359 @@
+//! The applier thread: journaled records (and resync data) into place, checkpoints.
+//!
+//! Records are applied only once durable in the journal (the write-ahead rule). A
+//! batch is applied with the apply lock held for writing: last writer wins per block,
+//! runs of blocks that lie contiguously in one record go out as one write, zero runs
+//! as `write_zeroes`, and the checksum table is updated before the lock is released.
+//! Only then are the overlay entries dropped (if no newer write replaced them).
+//!
+//! A checkpoint makes the applied state durable in this order: data fdatasync;
+//! bitmap and checksum-table pages; metadata fdatasync; superblock with the new
+//! checkpoint; fdatasync. A crash anywhere in between leaves the previous superblock,
+//! whose checkpoint is older, and replay redoes the difference.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{journal, ApplyItem, Shared, State};
+use crate::backend::{BackendError, WriteOp};
+use crate::checksum::zero_block_crc;
+use crate::error::EngineError;
+use crate::layout::PAGE_BYTES;
+use crate::BLOCK_BYTES;
+
+/// Most items applied in one batch.
+const MAX_BATCH_ITEMS: usize = 8192;
+/// How long durable-but-unapplied records may wait so that one journal fdatasync
+/// covers many of them (reads are served from the overlay meanwhile).
+const APPLY_DELAY: Duration = Duration::from_millis(10);
+
+fn item_ready(state: &State, item: &ApplyItem) -> bool {
+    match item {
+        ApplyItem::Record { record, .. } => record.header.seq <= state.durable_seq,
+        ApplyItem::Resync { .. } => true,
+    }
+}
+
+fn checkpoint_due(shared: &Shared, state: &State) -> bool {
+    if state.checkpoint_requested {
+        return true;
+    }
+    let limit = state.checkpoint_limit();
+    let can_advance = state
+        .applied_positions
+        .front()
+        .is_some_and(|(seq, _)| *seq <= limit);
+    if can_advance && state.ring_used > shared.geometry.journal_bytes / 2 {
+        return true;
+    }
+    let meta_dirty = can_advance || state.bitmap_dirty() || shared.checksums_dirty();
+    meta_dirty && state.last_checkpoint.elapsed() >= shared.options.checkpoint_interval
+}
+
+/// The applier thread's body.
+pub(super) fn run(shared: Arc<Shared>) {
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        let mut state = shared.lock();
+        if state.failed.is_some() {
+            return;
+        }
+        let front_ready = state
+            .apply_queue
+            .front()
+            .is_some_and(|item| item_ready(&state, item));
+        let front_waits_for_sync = !front_ready && !state.apply_queue.is_empty();
+        if front_waits_for_sync {
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            let pressure = state.ring_used > shared.geometry.journal_bytes / 4
+                || state.checkpoint_requested
+                || state.closing
+                || since.elapsed() >= APPLY_DELAY;
+            if pressure {
+                let target = state.written_seq;
+                drop(state);
+                journal::sync(&shared, target);
+                continue;
+            }
+            let remaining = APPLY_DELAY.saturating_sub(since.elapsed());
+            drop(shared.applier_wake.wait_timeout(state, remaining));
+            continue;
+        }
+        waiting_since = None;
+        if front_ready {
+            let mut batch = Vec::new();
+            while batch.len() < MAX_BATCH_ITEMS
+                && state
+                    .apply_queue
+                    .front()
+                    .is_some_and(|item| item_ready(&state, item))
+            {
+                if let Some(item) = state.apply_queue.pop_front() {
+                    batch.push(item);
+                }
+            }
+            drop(state);
+            if let Err(error) = apply_batch(&shared, batch) {
+                let mut state = shared.lock();
+                shared.fail(&mut state, format!("writing data in place failed: {error}"));
+                return;
+            }
+            continue;
+        }
+        let closing_idle =
+            state.closing && state.pending.is_empty() && state.apply_queue.is_empty();
+        if closing_idle {
+            let final_checkpoint_needed = !state.applied_positions.is_empty()
+                || state.checkpoint_requested
+                || state.bitmap_dirty()
+                || shared.checksums_dirty();
+            if !final_checkpoint_needed {
+                return;
+            }
+        }
+        if closing_idle || checkpoint_due(&shared, &state) {
+            drop(state);
+            if let Err(error) = checkpoint(&shared) {
+                let mut state = shared.lock();
+                shared.fail(&mut state, format!("checkpoint failed: {error}"));
+                return;
+            }
+            continue;
+        }
+        let timeout = shared
+            .options
+            .checkpoint_interval
+            .saturating_sub(state.last_checkpoint.elapsed())
+            .max(Duration::from_millis(5));
+        drop(shared.applier_wake.wait_timeout(state, timeout));
+    }
+}
+
+/// Where a block's new content comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// Block `index` of the data of batch item `item`.
+    Data {
+        item: usize,
+        index: u64,
+        crc: u32,
+    },
+    Zero,
+}
+
+/// The data bytes of batch item `item` (empty for zero items).
+fn item_data(batch: &[ApplyItem], item: usize) -> &[u8] {
+    match &batch[item] {
+        ApplyItem::Record { record, .. } => &record.data,
+        ApplyItem::Resync { data, .. } => data.as_deref().unwrap_or_default(),
+    }
+}
+
+fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendError> {
+    // Last writer wins per block; the batch is in order.
+    let mut blocks: BTreeMap<u64, Source> = BTreeMap::new();
+    for (item_index, item) in batch.iter().enumerate() {
+        let (first_block, count, data, crcs) = match item {
+            ApplyItem::Record { record, .. } => {
+                let header = &record.header;
+                (
+                    header.first_block(),
+                    header.block_count(),
+                    (!record.data.is_empty()).then_some(&record.data),
+                    &header.block_crcs,
+                )
+            }
+            ApplyItem::Resync {
+                first_block,
+                data,
+                crcs,
+            } => (*first_block, 1, data.as_ref(), crcs),
+        };
+        for index in 0..count {
+            let source = match data {
+                Some(_) => Source::Data {
+                    item: item_index,
+                    index,
+                    crc: crcs[index as usize],
+                },
+                None => Source::Zero,
+            };
+            blocks.insert(first_block + index, source);
+        }
+    }
+    // Runs: consecutive blocks from consecutive positions of one item's data, or zeroes.
+    let mut runs: Vec<(u64, u64, Source)> = Vec::new(); // (first block, count, first source)
+    for (&block, &source) in &blocks {
+        let extends = match (runs.last(), source) {
+            (
+                Some((first, count, Source::Data { item, index, .. })),
+                Source::Data {
+                    item: next_item,
+                    index: next_index,
+                    ..
+                },
+            ) => first + count == block && *item == next_item && index + count == next_index,
+            (Some((first, count, Source::Zero)), Source::Zero) => first + count == block,
+            _ => false,
+        };
+        match runs.last_mut() {
+            Some(run) if extends => run.1 += 1,
+            _ => runs.push((block, 1, source)),
+        }
+    }
+    let mut writes: Vec<WriteOp<'_>> = Vec::new();
+    let mut zero_runs: Vec<(u64, u64)> = Vec::new();
+    for (first, count, source) in runs {
+        match source {
+            Source::Data { item, index, .. } => {
+                let start = (index * BLOCK_BYTES) as usize;
+                let end = start + (count * BLOCK_BYTES) as usize;
+                writes.push(WriteOp {
+                    offset: first * BLOCK_BYTES,
+                    buf: &item_data(&batch, item)[start..end],
+                });
+            }
+            Source::Zero => zero_runs.push((first, count)),
+        }
+    }
+
+    {
+        let _apply = shared.apply_lock.write().unwrap_or_else(|p| p.into_inner());
+        shared.data.write_many(&writes)?;
+        for (first, count) in &zero_runs {
+            shared
+                .data
+                .write_zeroes(first * BLOCK_BYTES, count * BLOCK_BYTES)?;
+        }
+        let zero_crc = zero_block_crc();
+        for (&block, source) in &blocks {
+            let crc = match source {
+                Source::Data { crc, .. } => *crc,
+                Source::Zero => zero_crc,
+            };
+            shared.checksums.set(block, crc);
+        }
+    }
+
+    let mut state = shared.lock();
+    let mut records = 0u64;
+    for item in &batch {
+        match item {
+            ApplyItem::Record {
+                record,
+                end_pos,
+                from_peer,
+            } => {
+                let header = &record.header;
+                for block in header.first_block()..header.first_block() + header.block_count() {
+                    if state
+                        .overlay
+                        .get(&block)
+                        .is_some_and(|entry| entry.seq == header.seq)
+                    {
+                        state.overlay.remove(&block);
+                    }
+                }
+                if *from_peer {
+                    state
+                        .bitmap
+                        .clear_range(header.first_block(), header.block_count());
+                }
+                state.applied_seq = state.applied_seq.max(header.seq);
+                state.applied_positions.push_back((header.seq, *end_pos));
+                records += 1;
+            }
+            ApplyItem::Resync { first_block, .. } => {
+                state.bitmap.clear_range(*first_block, 1);
+            }
+        }
+    }
+    shared
+        .stats
+        .records_applied
+        .fetch_add(records, Ordering::Relaxed);
+    shared.progress.notify_all();
+    Ok(())
+}
+
+/// Makes everything applied so far durable and moves the checkpoint forward.
+fn checkpoint(shared: &Shared) -> Result<(), EngineError> {
+    let chosen = {
+        let mut state = shared.lock();
+        let limit = state.checkpoint_limit();
+        let mut chosen = None;
+        while let Some(&(seq, pos)) = state.applied_positions.front() {
+            if seq > limit {
+                break;
+            }
+            chosen = Some((seq, pos));
+            state.applied_positions.pop_front();
+        }
+        chosen
+    };
+    shared.data.flush()?;
+    let bitmap_pages: Vec<(usize, Vec<u8>)> = {
+        let mut state = shared.lock();
+        let pages = state.bitmap.take_dirty_pages();
+        pages
+            .into_iter()
+            .map(|page| (page, state.bitmap.encode_page(page)))
+            .collect()
+    };
+    let geometry = &shared.geometry;
+    for (page, bytes) in &bitmap_pages {
+        if let Err(error) = shared
+            .meta
+            .write_at(geometry.bitmap_offset + *page as u64 * PAGE_BYTES, bytes)
+        {
+            let mut state = shared.lock();
+            bitmap_pages
+                .iter()
+                .for_each(|(page, _)| state.bitmap.mark_page_dirty(*page));
+            return Err(error.into());
+        }
+    }
+    let table_pages = shared.checksums.take_dirty_pages();
+    for (position, &page) in table_pages.iter().enumerate() {
+        let bytes = shared.checksums.encode_page(page);
+        if let Err(error) = shared
+            .meta
+            .write_at(geometry.checksum_offset + page as u64 * PAGE_BYTES, &bytes)
+        {
+            table_pages[position..]
+                .iter()
+                .for_each(|&page| shared.checksums.mark_page_dirty(page));
+            return Err(error.into());
+        }
+    }
+    shared.meta.flush()?;
+    {
+        let _guard = shared
+            .superblock_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let superblock = {
+            let mut state = shared.lock();
+            if let Some((seq, pos)) = chosen {
+                state.superblock.checkpoint_seq = seq;
+                state.superblock.checkpoint_pos = pos;
+            }
+            state.superblock.sequence += 1;
+            state.superblock.clone()
+        };
+        shared.write_superblock(&superblock)?;
+    }
+    let mut state = shared.lock();
+    if let Some((_, pos)) = chosen {
+        let ring_bytes = geometry.journal_bytes;
+        state.ring_tail = pos;
+        state.ring_used = (state.ring_head + ring_bytes - pos) % ring_bytes;
+    }
+    state.checkpoint_requested = false;
+    state.last_checkpoint = Instant::now();
+    shared.stats.checkpoints.fetch_add(1, Ordering::Release);
+    shared.progress.notify_all();
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! The journal writer thread: group commit into the ring.
+//!
+//! Each round takes every queued record that fits, lays them out contiguously from
+//! the ring head (a PAD fills the ring's end when a record does not fit there; a PAD
+//! after the last record brings the head to a 4 KiB boundary, so no later commit
+//! rewrites a page holding acknowledged records), writes the round with at most two
+//! `pwrite`s (before and after a wrap), and fdatasyncs if any record asked for FUA or
+//! a flush is waiting. Then it completes the callbacks and hands the records to the
+//! applier. A full ring waits for the applier's checkpoint (after making the written
+//! records durable, so the applier may apply them).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ApplyItem, FlushDone, Pending, Shared, State, WriteDone};
+use crate::backend::AlignedBuf;
+use crate::error::IoError;
+use crate::layout::PAGE_BYTES;
+use crate::record::{RecordHeader, RECORD_ALIGN};
+
+/// Largest single group commit.
+const MAX_COMMIT_BYTES: u64 = 16 << 20;
+
+/// One thing placed in the ring this round.
+enum Placed {
+    Record { pos: u64, pending: Pending },
+    Pad { pos: u64, header: RecordHeader },
+}
+
+impl Placed {
+    fn pos(&self) -> u64 {
+        match self {
+            Placed::Record { pos, .. } | Placed::Pad { pos, .. } => *pos,
+        }
+    }
+}
+
+/// Places as many pending records as fit; returns what was placed (in ring order).
+fn place(state: &mut State, ring_bytes: u64) -> Vec<Placed> {
+    let mut placed = Vec::new();
+    let mut round_bytes = 0u64;
+    while let Some(front) = state.pending.front() {
+        let size = front.record.total_bytes();
+        debug_assert!(size % RECORD_ALIGN == 0);
+        let waste = if state.ring_head + size > ring_bytes {
+            ring_bytes - state.ring_head
+        } else {
+            0
+        };
+        // Keep a page free so the closing PAD always fits and head never meets tail.
+        if state.ring_used + waste + size + PAGE_BYTES > ring_bytes
+            || (round_bytes > 0 && round_bytes + size > MAX_COMMIT_BYTES)
+        {
+            break;
+        }
+        if waste > 0 {
+            placed.push(Placed::Pad {
+                pos: state.ring_head,
+                header: RecordHeader::pad(state.last_placed_seq, waste),
+            });
+            state.ring_used += waste;
+            state.ring_head = 0;
+        }
+        let Some(pending) = state.pending.pop_front() else {
+            break;
+        };
+        state.pending_bytes -= size;
+        let pos = state.ring_head;
+        state.last_placed_seq = pending.record.header.seq;
+        placed.push(Placed::Record { pos, pending });
+        state.ring_used += size;
+        state.ring_head = (pos + size) % ring_bytes;
+        round_bytes += size;
+    }
+    if placed.iter().any(|p| matches!(p, Placed::Record { .. }))
+        && state.ring_head % PAGE_BYTES != 0
+    {
+        let pad_bytes = state.ring_head.next_multiple_of(PAGE_BYTES) - state.ring_head;
+        placed.push(Placed::Pad {
+            pos: state.ring_head,
+            header: RecordHeader::pad(state.last_placed_seq, pad_bytes),
+        });
+        state.ring_used += pad_bytes;
+        state.ring_head = (state.ring_head + pad_bytes) % ring_bytes;
+    }
+    placed
+}
+
+impl Placed {
+    fn len(&self) -> u64 {
+        match self {
+            Placed::Record { pending, .. } => pending.record.total_bytes(),
+            Placed::Pad { header, .. } => header.total_bytes(),
+        }
+    }
+
+    /// Copies the encoded item to the start of `out`.
+    fn encode_into(&self, out: &mut [u8]) {
+        match self {
+            Placed::Record { pending, .. } => {
+                let header = &pending.record.encoded_header;
+                let data = &pending.record.data;
+                out[..header.len()].copy_from_slice(header);
+                out[header.len()..header.len() + data.len()].copy_from_slice(data);
+            }
+            Placed::Pad { header, .. } => {
+                let encoded = header.encode();
+                out[..encoded.len()].copy_from_slice(&encoded);
+            }
+        }
+    }
+}
+
+/// Builds the contiguous segments `(ring offset, bytes)` of a round: one, or two
+/// when the round wraps.
+fn segments(placed: &[Placed], alignment: usize) -> Vec<(u64, AlignedBuf)> {
+    // (start, length, first item, end item)
+    let mut groups: Vec<(u64, u64, usize, usize)> = Vec::new();
+    for (index, item) in placed.iter().enumerate() {
+        match groups.last_mut() {
+            Some(group) if group.0 + group.1 == item.pos() => {
+                group.1 += item.len();
+                group.3 = index + 1;
+            }
+            _ => groups.push((item.pos(), item.len(), index, index + 1)),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(start, length, first, end)| {
+            let mut buf = AlignedBuf::zeroed(length as usize, alignment.max(1));
+            let mut at = 0usize;
+            for item in &placed[first..end] {
+                item.encode_into(&mut buf[at..]);
+                at += item.len() as usize;
+            }
+            (start, buf)
+        })
+        .collect()
+}
+
+/// The journal writer thread's body.
+pub(super) fn run(shared: Arc<Shared>) {
+    let ring_bytes = shared.geometry.journal_bytes;
+    loop {
+        let mut state = shared.lock();
+        loop {
+            if state.failed.is_some() {
+                fail_everything(&shared, state);
+                return;
+            }
+            let want_flush = state.flush_requested > state.durable_seq;
+            if !state.pending.is_empty() || want_flush {
+                break;
+            }
+            if state.closing {
+                return;
+            }
+            state = shared
+                .writer_wake
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        let placed = place(&mut state, ring_bytes);
+        let placed_records = placed
+            .iter()
+            .filter(|p| matches!(p, Placed::Record { .. }))
+            .count();
+        if placed_records == 0 && !state.pending.is_empty() {
+            // Ring full: make what is written durable so the applier can apply and
+            // checkpoint, then wait for space.
+            let needs_sync = state.written_seq > state.durable_seq;
+            let target = state.written_seq;
+            drop(state);
+            if needs_sync {
+                sync(&shared, target);
+            }
+            let mut state = shared.lock();
+            state.checkpoint_requested = true;
+            shared.applier_wake.notify_one();
+            // The applier notifies `progress` after each checkpoint; the timeout only
+            // bounds the wait should a wake-up be missed.
+            drop(
+                shared
+                    .progress
+                    .wait_timeout(state, Duration::from_millis(50)),
+            );
+            continue;
+        }
+        let last_seq = placed.iter().rev().find_map(|p| match p {
+            Placed::Record { pending, .. } => Some(pending.record.header.seq),
+            Placed::Pad { .. } => None,
+        });
+        let any_fua = placed
+            .iter()
+            .any(|p| matches!(p, Placed::Record { pending, .. } if pending.record.is_fua()));
+        let sync_target = last_seq.unwrap_or(state.written_seq).max(state.written_seq);
+        let needs_sync = any_fua || state.flush_requested > state.durable_seq;
+        drop(state);
+
+        let mut result = Ok(());
+        if placed_records > 0 {
+            let bytes: u64 = placed.iter().map(Placed::len).sum();
+            for (start, buf) in segments(&placed, shared.meta.alignment()) {
+                if let Err(error) = shared
+                    .meta
+                    .write_at(shared.geometry.journal_offset + start, &buf)
+                {
+                    result = Err(IoError::from(error));
+                    break;
+                }
+            }
+            shared.stats.journal_commits.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .journal_bytes_written
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
+        if result.is_ok() && needs_sync {
+            result = shared.meta.flush().map_err(IoError::from);
+            shared.stats.journal_syncs.fetch_add(1, Ordering::Relaxed);
+        }
+
+        let mut state = shared.lock();
+        if let Err(error) = result {
+            shared.fail(&mut state, format!("journal write failed: {error}"));
+            let callbacks: Vec<WriteDone> = placed
+                .into_iter()
+                .filter_map(|p| match p {
+                    Placed::Record { pending, .. } => pending.done,
+                    Placed::Pad { .. } => None,
+                })
+                .collect();
+            drop(state);
+            for done in callbacks {
+                done(Err(error.clone()));
+            }
+            continue;
+        }
+        if let Some(seq) = last_seq {
+            state.written_seq = state.written_seq.max(seq);
+        }
+        if needs_sync {
+            state.durable_seq = state.durable_seq.max(sync_target);
+        }
+        let mut callbacks: Vec<(WriteDone, u64)> = Vec::with_capacity(placed_records);
+        for item in placed {
+            if let Placed::Record { pos, pending } = item {
+                let seq = pending.record.header.seq;
+                let end_pos = (pos + pending.record.total_bytes()) % ring_bytes;
+                if let Some(done) = pending.done {
+                    callbacks.push((done, seq));
+                }
+                state.apply_queue.push_back(ApplyItem::Record {
+                    record: pending.record,
+                    end_pos,
+                    from_peer: pending.from_peer,
+                });
+            }
+        }
+        let flushes = take_satisfied_flushes(&mut state);
+        shared.applier_wake.notify_one();
+        shared.progress.notify_all();
+        drop(state);
+        for (done, seq) in callbacks {
+            done(Ok(seq));
+        }
+        for done in flushes {
+            done(Ok(()));
+        }
+    }
+}
+
+/// Makes the journal durable up to `target` (already written) from any thread.
+pub(super) fn sync(shared: &Shared, target: u64) {
+    let result = shared.meta.flush();
+    shared.stats.journal_syncs.fetch_add(1, Ordering::Relaxed);
+    let mut state = shared.lock();
+    match result {
+        Ok(()) => {
+            state.durable_seq = state.durable_seq.max(target);
+            let flushes = take_satisfied_flushes(&mut state);
+            shared.progress.notify_all();
+            shared.applier_wake.notify_one();
+            drop(state);
+            for done in flushes {
+                done(Ok(()));
+            }
+        }
+        Err(error) => shared.fail(&mut state, format!("journal fdatasync failed: {error}")),
+    }
+}
+
+fn take_satisfied_flushes(state: &mut State) -> Vec<FlushDone> {
+    let durable = state.durable_seq;
+    let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.flush_waiters)
+        .into_iter()
+        .partition(|(target, _)| *target <= durable);
+    state.flush_waiters = waiting;
+    ready.into_iter().map(|(_, done)| done).collect()
+}
+
+/// The volume failed: fail every queued write and flush.
+fn fail_everything(shared: &Shared, mut state: std::sync::MutexGuard<'_, State>) {
+    let reason = state.failed.clone().unwrap_or_else(|| "failed".into());
+    let pending: Vec<Pending> = state.pending.drain(..).collect();
+    state.pending_bytes = 0;
+    let flushes: Vec<FlushDone> = state
+        .flush_waiters
+        .drain(..)
+        .map(|(_, done)| done)
+        .collect();
+    shared.progress.notify_all();
+    drop(state);
+    for pending in pending {
+        if let Some(done) = pending.done {
+            done(Err(IoError::Failed(reason.clone())));
+        }
+    }
+    for done in flushes {
+        done(Err(IoError::Failed(reason.clone())));
+    }
+}

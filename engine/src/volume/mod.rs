@@ -1,0 +1,1159 @@
+//! An open volume: the write journal, the in-memory overlay, the applier, reads.
+//!
+//! Write path: a write becomes one or more [`Record`]s (whole blocks; partial blocks
+//! are read-modify-written under the engine lock), each gets the next sequence
+//! number, its blocks enter the *overlay* (so reads see it at once) and it is queued
+//! for the journal writer thread. That thread group-commits everything queued into
+//! one contiguous journal write (padded to a 4 KiB boundary), fdatasyncs when any
+//! record asks for FUA or a FLUSH is waiting, and completes the callbacks. The
+//! applier thread writes journaled records in place and updates the checksum table,
+//! but only once they are durable in the journal (the write-ahead rule), then drops
+//! their overlay entries. A checkpoint (data fdatasync, checksum and bitmap pages,
+//! superblock) lets the journal ring reuse the space.
+//!
+//! Invariants (checked in tests and, cheaply, in code):
+//! * a block's data in place and its checksum-table entry agree for every block not
+//!   in the overlay, except transiently while the applier holds the apply lock;
+//! * a record is applied in place only after it is durable in the journal, so after
+//!   any crash replay from the checkpoint restores data and checksums together;
+//! * the checkpoint never passes a record the peer has not acknowledged while a peer
+//!   is attached (its blocks would otherwise be lost to resync after a crash);
+//! * sequence numbers only grow, across restarts too (reopen jumps past anything a
+//!   torn tail could have left), so recovery can reject stale records by sequence.
+//!
+//! Memory is bounded: queued-but-unwritten record bytes by `journal_bytes`, written-
+//! but-unapplied bytes by the ring itself. Writers block (back-pressure) when full.
+
+mod applier;
+mod journal;
+mod open;
+mod read;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+pub use open::{
+    create_image_file, format_uuid, read_superblock, uuid_from_name, CreateOptions, MetaStore,
+    OpenReport,
+};
+
+use crate::backend::Backend;
+use crate::bitmap::Bitmap;
+use crate::checksum::{block_crc, ChecksumTable};
+use crate::error::{EngineError, IoError};
+use crate::layout::Geometry;
+use crate::record::{self, Record};
+use crate::superblock::Superblock;
+use crate::{BLOCK_BYTES, MAX_IO_BYTES};
+
+/// Tuning knobs of an open volume.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    /// Longest time between checkpoints while records are waiting.
+    pub checkpoint_interval: Duration,
+    /// Threads serving reads from the store.
+    pub reader_threads: usize,
+    /// Mark the blocks of records replayed at open in the out-of-sync bitmap (their
+    /// peer may never have seen them). On for replicated resources.
+    pub mark_replayed_out_of_sync: bool,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> VolumeOptions {
+        VolumeOptions {
+            checkpoint_interval: Duration::from_millis(500),
+            reader_threads: 2,
+            mark_replayed_out_of_sync: true,
+        }
+    }
+}
+
+/// Completion of a write (or a replicated record): the sequence number of its last record.
+pub type WriteDone = Box<dyn FnOnce(Result<u64, IoError>) + Send>;
+/// Completion of a read.
+pub type ReadDone = Box<dyn FnOnce(Result<Bytes, IoError>) + Send>;
+/// Completion of a flush.
+pub type FlushDone = Box<dyn FnOnce(Result<(), IoError>) + Send>;
+
+/// What a client asks to write.
+#[derive(Debug, Clone)]
+pub enum WriteKind {
+    Data(Bytes),
+    Trim(u64),
+    Zeroes(u64),
+}
+
+/// One client write.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    pub offset: u64,
+    pub kind: WriteKind,
+    pub fua: bool,
+}
+
+impl WriteRequest {
+    pub fn length(&self) -> u64 {
+        match &self.kind {
+            WriteKind::Data(data) => data.len() as u64,
+            WriteKind::Trim(length) | WriteKind::Zeroes(length) => *length,
+        }
+    }
+}
+
+/// Counters since open (all monotonic).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub journal_commits: AtomicU64,
+    pub journal_syncs: AtomicU64,
+    pub journal_bytes_written: AtomicU64,
+    pub records_applied: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub checksum_errors: AtomicU64,
+    pub resync_blocks_written: AtomicU64,
+    pub resync_blocks_dropped: AtomicU64,
+}
+
+/// A snapshot of [`Stats`] plus gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub flushes: u64,
+    pub journal_commits: u64,
+    pub journal_syncs: u64,
+    pub journal_bytes_written: u64,
+    pub records_applied: u64,
+    pub checkpoints: u64,
+    pub checksum_errors: u64,
+    pub resync_blocks_written: u64,
+    pub resync_blocks_dropped: u64,
+    pub journal_used_bytes: u64,
+    pub overlay_blocks: u64,
+    pub next_seq: u64,
+    pub durable_seq: u64,
+    pub applied_seq: u64,
+    pub checkpoint_seq: u64,
+    pub out_of_sync_blocks: u64,
+}
+
+/// One overlay entry: the newest unapplied content of a block.
+#[derive(Debug, Clone)]
+struct OverlayEntry {
+    seq: u64,
+    /// `None`: the block reads as zeroes.
+    data: Option<Bytes>,
+}
+
+/// A sequenced record waiting for the journal writer.
+struct Pending {
+    record: Record,
+    done: Option<WriteDone>,
+    /// Clear the record's blocks in the out-of-sync bitmap once applied (records that
+    /// came from the peer make those blocks equal to the peer's).
+    from_peer: bool,
+}
+
+/// Work for the applier, in order.
+enum ApplyItem {
+    Record {
+        record: Record,
+        /// Ring offset just past the record (where the next one starts).
+        end_pos: u64,
+        from_peer: bool,
+    },
+    /// Resync data on a sync target: written in place without journaling; its
+    /// bitmap bits are cleared once applied and persisted at the next checkpoint.
+    Resync {
+        first_block: u64,
+        data: Option<Bytes>,
+        crcs: Vec<u32>,
+    },
+}
+
+/// A record sent to the peer and not yet acknowledged by it.
+#[derive(Debug, Clone, Copy)]
+struct Unacked {
+    seq: u64,
+    first_block: u64,
+    blocks: u64,
+}
+
+/// Everything behind the engine lock.
+struct State {
+    superblock: Superblock,
+    next_seq: u64,
+    /// Sequence of the last record placed in the ring (the seq a PAD carries).
+    last_placed_seq: u64,
+    ring_head: u64,
+    ring_tail: u64,
+    ring_used: u64,
+    pending: VecDeque<Pending>,
+    pending_bytes: u64,
+    apply_queue: VecDeque<ApplyItem>,
+    written_seq: u64,
+    durable_seq: u64,
+    applied_seq: u64,
+    /// `(seq, end_pos)` of applied records not yet covered by a checkpoint.
+    applied_positions: VecDeque<(u64, u64)>,
+    overlay: HashMap<u64, OverlayEntry>,
+    flush_waiters: Vec<(u64, FlushDone)>,
+    flush_requested: u64,
+    checkpoint_requested: bool,
+    last_checkpoint: Instant,
+    failed: Option<Arc<str>>,
+    closing: bool,
+    bitmap: Bitmap,
+    peer_attached: bool,
+    unacked: VecDeque<Unacked>,
+    /// On a sync target: blocks written through the replication stream since the
+    /// resync began; resync data for them is stale and dropped.
+    resync_written: Option<Bitmap>,
+}
+
+impl State {
+    fn check_usable(&self) -> Result<(), IoError> {
+        if let Some(reason) = &self.failed {
+            return Err(IoError::Failed(reason.clone()));
+        }
+        if self.closing {
+            return Err(IoError::Closed);
+        }
+        Ok(())
+    }
+
+    fn bitmap_dirty(&self) -> bool {
+        self.bitmap.has_dirty()
+    }
+
+    fn checkpoint_limit(&self) -> u64 {
+        let hold = self
+            .unacked
+            .front()
+            .map_or(u64::MAX, |unacked| unacked.seq - 1);
+        self.applied_seq.min(hold)
+    }
+}
+
+struct ReadJob {
+    offset: u64,
+    length: u64,
+    done: ReadDone,
+}
+
+/// Shared between the handle and the engine's threads.
+pub(crate) struct Shared {
+    data: Arc<dyn Backend>,
+    meta: Arc<dyn Backend>,
+    geometry: Geometry,
+    checksums: ChecksumTable,
+    options: VolumeOptions,
+    state: Mutex<State>,
+    /// Wakes the journal writer.
+    writer_wake: Condvar,
+    /// Wakes the applier.
+    applier_wake: Condvar,
+    /// Wakes anyone waiting for progress (memory, ring space, durability).
+    progress: Condvar,
+    /// Held for writing while the applier changes data in place and the checksum
+    /// table; a read whose checksum fails retries under it for reading.
+    apply_lock: RwLock<()>,
+    /// Serialises superblock writes.
+    superblock_lock: Mutex<()>,
+    reads: Mutex<VecDeque<ReadJob>>,
+    reads_wake: Condvar,
+    stats: Stats,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means an engine thread panicked: a bug. Keep serving what we
+        // can rather than cascade the panic into every client thread.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn fail(&self, state: &mut State, reason: String) {
+        if state.failed.is_none() {
+            tracing::error!("volume failed: {reason}");
+            state.failed = Some(reason.into());
+        }
+        self.writer_wake.notify_all();
+        self.applier_wake.notify_all();
+        self.progress.notify_all();
+    }
+
+    fn checksums_dirty(&self) -> bool {
+        self.checksums.has_dirty()
+    }
+
+    fn max_memory_bytes(&self) -> u64 {
+        self.geometry.journal_bytes
+    }
+
+    /// Writes `superblock` to its next copy and makes it durable.
+    fn write_superblock(&self, superblock: &Superblock) -> Result<(), EngineError> {
+        let copy = superblock.next_copy();
+        let offset = self.geometry.superblock_offsets[copy];
+        self.meta.write_at(offset, &superblock.encode())?;
+        self.meta.flush()?;
+        Ok(())
+    }
+}
+
+/// An open volume. Cloning shares it. Dropping the last handle without
+/// [`Volume::close`] stops the threads without a final checkpoint (like a crash).
+pub struct Volume {
+    shared: Arc<Shared>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("geometry", &self.shared.geometry)
+            .finish()
+    }
+}
+
+/// A boxed completion callback.
+type Callback<T> = Box<dyn FnOnce(Result<T, IoError>) + Send>;
+
+/// Calls `done` once all `parts` sub-operations have completed (first error wins).
+struct Join<T> {
+    remaining: usize,
+    result: Result<T, IoError>,
+    done: Option<Callback<T>>,
+}
+
+fn join_callbacks<T: Send + Copy + Ord + 'static>(
+    parts: usize,
+    initial: T,
+    done: Callback<T>,
+) -> Vec<Callback<T>> {
+    if parts == 1 {
+        return vec![done];
+    }
+    let join = Arc::new(Mutex::new(Join {
+        remaining: parts,
+        result: Ok(initial),
+        done: Some(done),
+    }));
+    (0..parts)
+        .map(|_| {
+            let join = join.clone();
+            Box::new(move |result: Result<T, IoError>| {
+                let mut join = join.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                match (&mut join.result, result) {
+                    (Ok(best), Ok(value)) => *best = (*best).max(value),
+                    (Ok(_), Err(error)) => join.result = Err(error),
+                    (Err(_), _) => {}
+                }
+                join.remaining -= 1;
+                if join.remaining == 0 {
+                    let result = std::mem::replace(&mut join.result, Err(IoError::Closed));
+                    if let Some(done) = join.done.take() {
+                        drop(join);
+                        done(result);
+                    }
+                }
+            }) as Callback<T>
+        })
+        .collect()
+}
+
+/// Validates an I/O range against the volume with checked arithmetic.
+fn check_io(op: &'static str, offset: u64, length: u64, size_bytes: u64) -> Result<(), IoError> {
+    if length == 0 {
+        return Err(IoError::ZeroLength { op });
+    }
+    if length > MAX_IO_BYTES {
+        return Err(IoError::TooLarge {
+            op,
+            length,
+            limit: MAX_IO_BYTES,
+        });
+    }
+    if offset
+        .checked_add(length)
+        .is_none_or(|end| end > size_bytes)
+    {
+        return Err(IoError::OutOfRange {
+            op,
+            offset,
+            length,
+            size_bytes,
+        });
+    }
+    Ok(())
+}
+
+impl Volume {
+    pub fn size_bytes(&self) -> u64 {
+        self.shared.geometry.data_bytes
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.shared.geometry
+    }
+
+    /// A copy of the in-memory superblock (what the next superblock write will hold).
+    pub fn superblock(&self) -> Superblock {
+        self.shared.lock().superblock.clone()
+    }
+
+    /// Changes persistent state (generations, disk state, flags) and writes it durably.
+    pub fn update_superblock(
+        &self,
+        change: impl FnOnce(&mut Superblock),
+    ) -> Result<Superblock, EngineError> {
+        let _guard = self
+            .shared
+            .superblock_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let superblock = {
+            let mut state = self.shared.lock();
+            if let Some(reason) = &state.failed {
+                return Err(EngineError::Failed(reason.to_string()));
+            }
+            change(&mut state.superblock);
+            state.superblock.sequence += 1;
+            state.superblock.clone()
+        };
+        self.shared.write_superblock(&superblock)?;
+        Ok(superblock)
+    }
+
+    /// Why the volume failed, if it did (a journal or store write error).
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .lock()
+            .failed
+            .as_ref()
+            .map(|reason| reason.to_string())
+    }
+
+    /// Submits a client write. Returns the records it became, in sequence order (the
+    /// replication stream ships them); `done` fires when all are in the journal
+    /// (durable there too if `fua`). Blocks while the engine's memory budget is full.
+    pub fn write(&self, request: WriteRequest, done: WriteDone) -> Result<Vec<Record>, IoError> {
+        let size_bytes = self.size_bytes();
+        let length = request.length();
+        check_io("write", request.offset, length, size_bytes)?;
+        let shared = &self.shared;
+        shared.stats.writes.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .write_bytes
+            .fetch_add(length, Ordering::Relaxed);
+        let max_record = shared.geometry.max_record_data_bytes();
+        // Reserve memory first: waiting releases the lock, and the read-modify-write
+        // below must not be interleaved with other writes.
+        let budget = length.next_multiple_of(BLOCK_BYTES) + 2 * BLOCK_BYTES;
+        let mut state = shared.lock();
+        state.check_usable()?;
+        while state.pending_bytes > 0 && state.pending_bytes + budget > shared.max_memory_bytes() {
+            state = shared
+                .progress
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+            state.check_usable()?;
+        }
+        // Turn the request into whole-block pieces (read-modify-write at the edges).
+        let pieces = match &request.kind {
+            WriteKind::Data(data) => {
+                let (first_block, blocks) = self.whole_blocks(&state, request.offset, data)?;
+                split_data(first_block, blocks, max_record)
+            }
+            WriteKind::Trim(length) | WriteKind::Zeroes(length) => {
+                let is_trim = matches!(request.kind, WriteKind::Trim(_));
+                self.zero_pieces(&state, request.offset, *length, is_trim, max_record)?
+            }
+        };
+        if pieces.is_empty() {
+            // A TRIM inside one block: advisory, nothing to do.
+            let seq = state.next_seq - 1;
+            drop(state);
+            done(Ok(seq));
+            return Ok(Vec::new());
+        }
+        let callbacks = join_callbacks(pieces.len(), 0u64, done);
+        let mut records = Vec::with_capacity(pieces.len());
+        for (piece, done) in pieces.into_iter().zip(callbacks) {
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            let record = piece.into_record(seq, request.fua);
+            self.sequence(&mut state, record.clone(), Some(done), false);
+            records.push(record);
+        }
+        drop(state);
+        shared.writer_wake.notify_one();
+        Ok(records)
+    }
+
+    /// Puts a sequenced record into the overlay, the out-of-sync tracking and the
+    /// journal queue.
+    fn sequence(
+        &self,
+        state: &mut State,
+        record: Record,
+        done: Option<WriteDone>,
+        from_peer: bool,
+    ) {
+        let header = &record.header;
+        let first_block = header.first_block();
+        let blocks = header.block_count();
+        let seq = header.seq;
+        for index in 0..blocks {
+            let data = (!record.data.is_empty()).then(|| {
+                let start = (index * BLOCK_BYTES) as usize;
+                record.data.slice(start..start + BLOCK_BYTES as usize)
+            });
+            state
+                .overlay
+                .insert(first_block + index, OverlayEntry { seq, data });
+        }
+        if !from_peer {
+            if state.peer_attached {
+                state.unacked.push_back(Unacked {
+                    seq,
+                    first_block,
+                    blocks,
+                });
+            } else {
+                state.bitmap.set_range(first_block, blocks);
+            }
+        } else if let Some(written) = state.resync_written.as_mut() {
+            written.set_range(first_block, blocks);
+        }
+        state.pending_bytes += record.total_bytes();
+        state.pending.push_back(Pending {
+            record,
+            done,
+            from_peer,
+        });
+    }
+
+    /// Turns a possibly unaligned data write into whole blocks, reading the edge
+    /// blocks (overlay first, then the store, checksum-checked) under the lock.
+    fn whole_blocks(
+        &self,
+        state: &State,
+        offset: u64,
+        data: &Bytes,
+    ) -> Result<(u64, Bytes), IoError> {
+        let first_block = offset / BLOCK_BYTES;
+        let head = (offset % BLOCK_BYTES) as usize;
+        let end = offset + data.len() as u64;
+        let tail = (end % BLOCK_BYTES) as usize;
+        if head == 0 && tail == 0 {
+            return Ok((first_block, data.clone()));
+        }
+        let last_block = (end - 1) / BLOCK_BYTES;
+        let blocks = (last_block - first_block + 1) as usize;
+        let mut merged = BytesMut::zeroed(blocks * BLOCK_BYTES as usize);
+        if head != 0 {
+            let old = self.read_block_locked(state, first_block)?;
+            merged[..BLOCK_BYTES as usize].copy_from_slice(&old);
+        }
+        if tail != 0 && (last_block != first_block || head == 0) {
+            let old = self.read_block_locked(state, last_block)?;
+            let at = (blocks - 1) * BLOCK_BYTES as usize;
+            merged[at..].copy_from_slice(&old);
+        }
+        merged[head..head + data.len()].copy_from_slice(data);
+        Ok((first_block, merged.freeze()))
+    }
+
+    /// Reads one block while holding the engine lock (no write can race it).
+    fn read_block_locked(&self, state: &State, block: u64) -> Result<Vec<u8>, IoError> {
+        if let Some(entry) = state.overlay.get(&block) {
+            return Ok(entry
+                .data
+                .as_ref()
+                .map_or_else(|| vec![0; BLOCK_BYTES as usize], |data| data.to_vec()));
+        }
+        // Not in the overlay, and we hold the engine lock: the applier finished every
+        // write of this block (it drops overlay entries only after writing data and
+        // checksum), and no new one can start. Resync writes, which bypass the
+        // overlay, only happen on a sync target, which never takes client writes.
+        // So the store and the table agree here unless the block is corrupt.
+        let mut buf = vec![0u8; BLOCK_BYTES as usize];
+        self.shared.data.read_at(block * BLOCK_BYTES, &mut buf)?;
+        self.check_block(block, &buf)?;
+        Ok(buf)
+    }
+
+    fn check_block(&self, block: u64, data: &[u8]) -> Result<(), IoError> {
+        let stored = self.shared.checksums.get(block);
+        let computed = block_crc(data);
+        if stored != computed {
+            self.shared
+                .stats
+                .checksum_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "checksum mismatch in block {block}: stored {stored:#010x}, data {computed:#010x}"
+            );
+            return Err(IoError::Checksum {
+                block,
+                stored,
+                computed,
+            });
+        }
+        Ok(())
+    }
+
+    /// TRIM/WRITE_ZEROES: whole blocks become zero records; partial edge blocks of
+    /// WRITE_ZEROES become data records (read-modify-write); TRIM ignores partial
+    /// edges (it is advisory).
+    fn zero_pieces(
+        &self,
+        state: &State,
+        offset: u64,
+        length: u64,
+        is_trim: bool,
+        max_record: u64,
+    ) -> Result<Vec<Piece>, IoError> {
+        let end = offset + length;
+        let first_full = offset.div_ceil(BLOCK_BYTES);
+        let end_full = end / BLOCK_BYTES;
+        let kind = if is_trim {
+            record::flags::TRIM
+        } else {
+            record::flags::ZEROES
+        };
+        let mut pieces = Vec::new();
+        let mut block = first_full;
+        while block < end_full {
+            let blocks = (end_full - block).min(crate::record::MAX_RECORD_BLOCKS);
+            pieces.push(Piece::Zero {
+                first_block: block,
+                blocks,
+                kind,
+            });
+            block += blocks;
+        }
+        if is_trim {
+            return Ok(pieces);
+        }
+        let partial_ranges = if first_full > end_full {
+            // Start and end inside the same block.
+            vec![(offset, end)]
+        } else {
+            let mut ranges = Vec::new();
+            if offset % BLOCK_BYTES != 0 {
+                ranges.push((offset, first_full * BLOCK_BYTES));
+            }
+            if end % BLOCK_BYTES != 0 {
+                ranges.push((end_full * BLOCK_BYTES, end));
+            }
+            ranges
+        };
+        for (start, stop) in partial_ranges {
+            let zeros = Bytes::from(vec![0u8; (stop - start) as usize]);
+            let (first_block, data) = self.whole_blocks(state, start, &zeros)?;
+            pieces.extend(split_data(first_block, data, max_record));
+        }
+        Ok(pieces)
+    }
+
+    /// Submits a flush: `done` fires when every write submitted before it is durable.
+    pub fn flush(&self, done: FlushDone) {
+        let shared = &self.shared;
+        shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        let mut state = shared.lock();
+        if let Err(error) = state.check_usable() {
+            drop(state);
+            return done(Err(error));
+        }
+        let target = state.next_seq - 1;
+        if state.durable_seq >= target {
+            drop(state);
+            return done(Ok(()));
+        }
+        state.flush_requested = state.flush_requested.max(target);
+        state.flush_waiters.push((target, done));
+        drop(state);
+        shared.writer_wake.notify_one();
+    }
+
+    /// Submits a read; `done` gets exactly `length` bytes or an error.
+    pub fn read(&self, offset: u64, length: u64, done: ReadDone) {
+        if let Err(error) = check_io("read", offset, length, self.size_bytes()) {
+            return done(Err(error));
+        }
+        let shared = &self.shared;
+        shared
+            .reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(ReadJob {
+                offset,
+                length,
+                done,
+            });
+        shared.reads_wake.notify_one();
+    }
+
+    /// Reads synchronously on the calling thread (tools, tests, resync source).
+    pub fn read_blocking(&self, offset: u64, length: u64) -> Result<Bytes, IoError> {
+        check_io("read", offset, length, self.size_bytes())?;
+        read::read_now(&self.shared, offset, length)
+    }
+
+    /// Writes synchronously (tools and tests).
+    pub fn write_blocking(&self, request: WriteRequest) -> Result<u64, IoError> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        self.write(request, Box::new(move |result| drop(sender.send(result))))?;
+        receiver.recv().unwrap_or(Err(IoError::Closed))
+    }
+
+    /// Flushes synchronously.
+    pub fn flush_blocking(&self) -> Result<(), IoError> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        self.flush(Box::new(move |result| drop(sender.send(result))));
+        receiver.recv().unwrap_or(Err(IoError::Closed))
+    }
+
+    /// The next sequence number a local write would get.
+    pub fn next_seq(&self) -> u64 {
+        self.shared.lock().next_seq
+    }
+
+    /// Moves the sequence forward to at least `seq` (the handshake aligns both nodes
+    /// on the larger value so a secondary can journal the primary's numbers).
+    pub fn advance_seq(&self, seq: u64) {
+        let mut state = self.shared.lock();
+        state.next_seq = state.next_seq.max(seq);
+    }
+
+    /// Secondary: journals a record received from the primary, keeping its sequence
+    /// number. `done` fires when it is in the journal (durable too if FUA).
+    pub fn append_replicated(&self, record: Record, done: WriteDone) -> Result<(), IoError> {
+        let header = &record.header;
+        let end = header.offset_bytes.checked_add(header.length_bytes);
+        if end.is_none_or(|end| end > self.size_bytes()) {
+            return Err(IoError::BadRecord(
+                format!("record {} reaches beyond the volume", header.seq).into(),
+            ));
+        }
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        state.check_usable()?;
+        if header.seq < state.next_seq {
+            return Err(IoError::BadRecord(
+                format!(
+                    "record {} arrived after {} (out of order or replayed)",
+                    header.seq,
+                    state.next_seq - 1
+                )
+                .into(),
+            ));
+        }
+        while state.pending_bytes > 0
+            && state.pending_bytes + record.total_bytes() > shared.max_memory_bytes()
+        {
+            state = shared
+                .progress
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+            state.check_usable()?;
+        }
+        state.next_seq = header.seq + 1;
+        self.sequence(&mut state, record, Some(done), true);
+        drop(state);
+        shared.writer_wake.notify_one();
+        Ok(())
+    }
+
+    /// Sync target: begins tracking blocks written through the stream, so stale
+    /// resync data for them is dropped.
+    pub fn begin_resync_target(&self) {
+        let mut state = self.shared.lock();
+        let blocks = self.shared.geometry.data_blocks();
+        state.resync_written = Some(Bitmap::new(blocks));
+    }
+
+    /// Sync target: resync finished (or abandoned).
+    pub fn end_resync_target(&self) {
+        self.shared.lock().resync_written = None;
+    }
+
+    /// Sync target: writes resync data for `[first_block, first_block + blocks)` in
+    /// place (not journaled; the out-of-sync bits stay set on disk until it is
+    /// durable). `data` is `None` for zero blocks, else whole blocks matching `crcs`.
+    /// Blocks the stream wrote since the resync began are skipped (stale). Returns
+    /// the number of blocks queued.
+    pub fn write_resync(
+        &self,
+        first_block: u64,
+        blocks: u64,
+        data: Option<Bytes>,
+        crcs: Vec<u32>,
+    ) -> Result<u64, IoError> {
+        let size_blocks = self.shared.geometry.data_blocks();
+        if blocks == 0
+            || first_block
+                .checked_add(blocks)
+                .is_none_or(|end| end > size_blocks)
+        {
+            return Err(IoError::BadRecord(
+                format!("resync range {first_block}+{blocks} is outside the volume").into(),
+            ));
+        }
+        if let Some(data) = &data {
+            if data.len() as u64 != blocks * BLOCK_BYTES || crcs.len() as u64 != blocks {
+                return Err(IoError::BadRecord(
+                    "resync data length does not match its block count".into(),
+                ));
+            }
+        }
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        state.check_usable()?;
+        let mut queued = 0;
+        let mut dropped = 0;
+        for index in 0..blocks {
+            let block = first_block + index;
+            let stale = state
+                .resync_written
+                .as_ref()
+                .is_some_and(|written| written.test(block))
+                || state.overlay.contains_key(&block);
+            if stale {
+                dropped += 1;
+                continue;
+            }
+            let (block_data, crc) = match &data {
+                Some(data) => {
+                    let start = (index * BLOCK_BYTES) as usize;
+                    (
+                        Some(data.slice(start..start + BLOCK_BYTES as usize)),
+                        vec![crcs[index as usize]],
+                    )
+                }
+                None => (None, Vec::new()),
+            };
+            state.apply_queue.push_back(ApplyItem::Resync {
+                first_block: block,
+                data: block_data,
+                crcs: crc,
+            });
+            queued += 1;
+        }
+        drop(state);
+        shared
+            .stats
+            .resync_blocks_written
+            .fetch_add(queued, Ordering::Relaxed);
+        shared
+            .stats
+            .resync_blocks_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        shared.applier_wake.notify_one();
+        Ok(queued)
+    }
+
+    /// Blocks until the applier has written everything queued so far in place.
+    pub fn wait_applied(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        loop {
+            if state.apply_queue.is_empty() && state.pending.is_empty() || state.failed.is_some() {
+                return state.failed.is_none();
+            }
+            shared.applier_wake.notify_one();
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = shared
+                .progress
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Forces a checkpoint now and waits for it (makes applied resync data and bitmap
+    /// changes durable).
+    pub fn checkpoint_blocking(&self, timeout: Duration) -> bool {
+        let shared = &self.shared;
+        let before = shared.stats.checkpoints.load(Ordering::Acquire);
+        if !self.wait_applied(timeout) {
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut state = shared.lock();
+        state.checkpoint_requested = true;
+        shared.applier_wake.notify_one();
+        while shared.stats.checkpoints.load(Ordering::Acquire) == before && state.failed.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = shared
+                .progress
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        state.failed.is_none()
+    }
+
+    // ----- replication bookkeeping -----
+
+    /// A peer is connected and in sync: records from now on are held in the journal
+    /// until it acknowledges them.
+    pub fn peer_attached(&self) {
+        self.shared.lock().peer_attached = true;
+    }
+
+    /// The peer acknowledged every record up to `seq`.
+    pub fn peer_acked(&self, seq: u64) {
+        let mut state = self.shared.lock();
+        let mut released = false;
+        while state
+            .unacked
+            .front()
+            .is_some_and(|unacked| unacked.seq <= seq)
+        {
+            state.unacked.pop_front();
+            released = true;
+        }
+        drop(state);
+        if released {
+            self.shared.applier_wake.notify_one();
+        }
+    }
+
+    /// The peer is gone: every record it did not acknowledge is marked out of sync,
+    /// and later writes are too.
+    pub fn peer_detached(&self) {
+        let mut state = self.shared.lock();
+        state.peer_attached = false;
+        while let Some(unacked) = state.unacked.pop_front() {
+            state.bitmap.set_range(unacked.first_block, unacked.blocks);
+        }
+        drop(state);
+        self.shared.applier_wake.notify_one();
+    }
+
+    /// Number of blocks marked out of sync.
+    pub fn out_of_sync_blocks(&self) -> u64 {
+        self.shared.lock().bitmap.count_ones()
+    }
+
+    /// A copy of the out-of-sync bitmap.
+    pub fn bitmap(&self) -> Bitmap {
+        self.shared.lock().bitmap.clone()
+    }
+
+    /// Adds the peer's out-of-sync blocks to ours (both sides resync the union).
+    pub fn merge_bitmap(&self, words: &[u64]) {
+        let mut state = self.shared.lock();
+        let bits = state.bitmap.bits();
+        let mut other = Bitmap::new(bits);
+        for (word_index, word) in words.iter().enumerate() {
+            let mut bits_left = *word;
+            while bits_left != 0 {
+                let bit = word_index as u64 * 64 + u64::from(bits_left.trailing_zeros());
+                other.set_range(bit, 1);
+                bits_left &= bits_left - 1;
+            }
+        }
+        state.bitmap.union_with(&other);
+    }
+
+    /// Marks `[first_block, first_block+blocks)` out of sync (verify findings, invalidate).
+    pub fn set_out_of_sync(&self, first_block: u64, blocks: u64) {
+        self.shared.lock().bitmap.set_range(first_block, blocks);
+    }
+
+    /// Clears bits (sync source: the target acknowledged those blocks).
+    pub fn clear_out_of_sync(&self, first_block: u64, blocks: u64) {
+        self.shared.lock().bitmap.clear_range(first_block, blocks);
+    }
+
+    /// The stored checksum of `block` (for verify and checksum-based resync).
+    pub fn block_checksum(&self, block: u64) -> u32 {
+        self.shared.checksums.get(block)
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> StatsSnapshot {
+        let shared = &self.shared;
+        let stats = &shared.stats;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let state = shared.lock();
+        StatsSnapshot {
+            reads: load(&stats.reads),
+            read_bytes: load(&stats.read_bytes),
+            writes: load(&stats.writes),
+            write_bytes: load(&stats.write_bytes),
+            flushes: load(&stats.flushes),
+            journal_commits: load(&stats.journal_commits),
+            journal_syncs: load(&stats.journal_syncs),
+            journal_bytes_written: load(&stats.journal_bytes_written),
+            records_applied: load(&stats.records_applied),
+            checkpoints: load(&stats.checkpoints),
+            checksum_errors: load(&stats.checksum_errors),
+            resync_blocks_written: load(&stats.resync_blocks_written),
+            resync_blocks_dropped: load(&stats.resync_blocks_dropped),
+            journal_used_bytes: state.ring_used,
+            overlay_blocks: state.overlay.len() as u64,
+            next_seq: state.next_seq,
+            durable_seq: state.durable_seq,
+            applied_seq: state.applied_seq,
+            checkpoint_seq: state.superblock.checkpoint_seq,
+            out_of_sync_blocks: state.bitmap.count_ones(),
+        }
+    }
+
+    /// Clean shutdown: journals and applies everything, checkpoints, marks the store
+    /// clean and stops the threads. Later calls on any clone fail with `Closed`.
+    pub fn close(&self) -> Result<(), EngineError> {
+        {
+            let mut state = self.shared.lock();
+            if state.closing {
+                return Ok(());
+            }
+            state.closing = true;
+            state.checkpoint_requested = true;
+            // Records the peer never acknowledged stay out of sync (conservative), so
+            // the final checkpoint can cover everything.
+            state.peer_attached = false;
+            while let Some(unacked) = state.unacked.pop_front() {
+                state.bitmap.set_range(unacked.first_block, unacked.blocks);
+            }
+        }
+        self.wake_all();
+        self.join_threads();
+        let state = self.shared.lock();
+        if let Some(reason) = &state.failed {
+            return Err(EngineError::Failed(reason.to_string()));
+        }
+        drop(state);
+        self.update_superblock(|superblock| superblock.flags |= crate::superblock::flags::CLEAN)?;
+        Ok(())
+    }
+
+    fn wake_all(&self) {
+        let shared = &self.shared;
+        shared.writer_wake.notify_all();
+        shared.applier_wake.notify_all();
+        shared.progress.notify_all();
+        // Take the read queue's lock so a reader between its `closing` check and its
+        // wait cannot miss this wake-up.
+        drop(shared.reads.lock());
+        shared.reads_wake.notify_all();
+    }
+
+    fn join_threads(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("an engine thread panicked");
+            }
+        }
+    }
+
+    /// Stops the threads without a checkpoint (what a crash leaves; for tests).
+    pub fn abandon(&self) {
+        {
+            let mut state = self.shared.lock();
+            state.closing = true;
+            if state.failed.is_none() {
+                state.failed = Some("abandoned".into());
+            }
+        }
+        self.wake_all();
+        self.join_threads();
+    }
+}
+
+impl Clone for Volume {
+    fn clone(&self) -> Volume {
+        Volume {
+            shared: self.shared.clone(),
+            threads: self.threads.clone(),
+        }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        // The engine threads hold one reference each to `shared`, the handles the rest.
+        // When the last handle goes without close(), stop the threads.
+        if Arc::strong_count(&self.threads) == 1
+            && !self.threads.lock().map(|t| t.is_empty()).unwrap_or(true)
+        {
+            self.abandon();
+        }
+    }
+}
+
+/// A whole-block piece of a write, before it gets its sequence number.
+enum Piece {
+    Data {
+        first_block: u64,
+        data: Bytes,
+    },
+    Zero {
+        first_block: u64,
+        blocks: u64,
+        kind: u16,
+    },
+}
+
+impl Piece {
+    fn into_record(self, seq: u64, fua: bool) -> Record {
+        match self {
+            Piece::Data { first_block, data } => {
+                Record::write(seq, first_block * BLOCK_BYTES, data, fua)
+            }
+            Piece::Zero {
+                first_block,
+                blocks,
+                kind,
+            } => Record::zeroes(
+                seq,
+                first_block * BLOCK_BYTES,
+                blocks * BLOCK_BYTES,
+                kind,
+                fua,
+            ),
+        }
+    }
+}
+
+/// Splits whole-block data into records of at most `max_record` bytes.
+fn split_data(first_block: u64, data: Bytes, max_record: u64) -> Vec<Piece> {
+    let max_record = max_record as usize;
+    let mut pieces = Vec::with_capacity(data.len().div_ceil(max_record));
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + max_record).min(data.len());
+        pieces.push(Piece::Data {
+            first_block: first_block + (start as u64 / BLOCK_BYTES),
+            data: data.slice(start..end),
+        });
+        start = end;
+    }
+    pieces
+}

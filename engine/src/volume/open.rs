@@ -1,0 +1,582 @@
+//! `create` (write fresh metadata), `open` (validate, recover, start the threads).
+//!
+//! Recovery scans the journal from the checkpoint: each record must have a valid
+//! header CRC, a sequence number above the previous one (a PAD: equal to it), fit in
+//! the ring, and carry data matching its block CRCs. The first record that fails
+//! ends the scan — a torn tail is discarded, never half-applied. Valid records are
+//! written in place with their checksums, then a checkpoint makes the result durable
+//! before the volume takes new I/O. The sequence then jumps past anything the ring
+//! could still hold, so stale records beyond the torn tail can never look newer than
+//! what is written next.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::{Shared, State, Volume, VolumeOptions};
+use crate::backend::{Backend, BackendError};
+use crate::bitmap::Bitmap;
+use crate::checksum::{block_crc, zero_block_crc, ChecksumTable};
+use crate::error::EngineError;
+use crate::gen::GenerationIds;
+use crate::layout::{Geometry, PAGE_BYTES};
+use crate::record::{RecordError, RecordHeader, RECORD_FIXED_BYTES};
+use crate::superblock::{self, LoadedSuperblock, StoredDiskState, Superblock};
+use crate::BLOCK_BYTES;
+
+/// Where the metadata lives.
+#[derive(Debug, Clone)]
+pub enum MetaStore {
+    /// At the end of the data store (the default).
+    Internal,
+    /// In a separate store (file or device) of its own.
+    External(Arc<dyn Backend>),
+}
+
+impl MetaStore {
+    fn backend(&self, data: &Arc<dyn Backend>) -> Arc<dyn Backend> {
+        match self {
+            MetaStore::Internal => data.clone(),
+            MetaStore::External(meta) => meta.clone(),
+        }
+    }
+
+    fn geometry(&self, data: &dyn Backend, journal_bytes: u64) -> Result<Geometry, EngineError> {
+        Ok(match self {
+            MetaStore::Internal => Geometry::internal(data.size_bytes(), journal_bytes)?,
+            MetaStore::External(meta) => {
+                Geometry::external(data.size_bytes(), meta.size_bytes(), journal_bytes)?
+            }
+        })
+    }
+}
+
+/// Parameters of `create-md`.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub resource_uuid: [u8; 16],
+    pub node_id: u32,
+    pub node_name: String,
+    pub journal_bytes: u64,
+    /// Overwrite existing metadata.
+    pub force: bool,
+    /// The data area is known to be all zeroes: skip reading it for checksums.
+    pub assume_zeroed: bool,
+}
+
+/// What `open` found and did.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    /// The store was closed cleanly last time.
+    pub was_clean: bool,
+    /// It was Primary when it stopped (a crash then means "crashed primary").
+    pub was_primary: bool,
+    pub records_replayed: u64,
+    pub bytes_replayed: u64,
+    /// Why the journal scan stopped (`end of journal` on a clean store).
+    pub scan_stop: String,
+    /// Superblock copy used (0 = A, 1 = B) and why the other was not, if invalid.
+    pub superblock_copy: usize,
+    pub other_copy_error: Option<String>,
+}
+
+fn read_superblocks(meta: &dyn Backend) -> Result<LoadedSuperblock, EngineError> {
+    let offsets =
+        Geometry::superblock_offsets_for(meta.size_bytes()).ok_or(EngineError::NoMetadata)?;
+    let mut copy_a = vec![0u8; PAGE_BYTES as usize];
+    let mut copy_b = vec![0u8; PAGE_BYTES as usize];
+    meta.read_at(offsets[0], &mut copy_a)?;
+    meta.read_at(offsets[1], &mut copy_b)?;
+    match superblock::choose(&copy_a, &copy_b) {
+        Ok(loaded) => Ok(loaded),
+        Err(superblock::SuperblockError::BadMagic) => Err(EngineError::NoMetadata),
+        Err(error) => Err(EngineError::BadMetadata(error)),
+    }
+}
+
+/// Reads the newest valid superblock without opening the volume (`replctl dump-md`).
+pub fn read_superblock(
+    data: &Arc<dyn Backend>,
+    meta: &MetaStore,
+) -> Result<LoadedSuperblock, EngineError> {
+    read_superblocks(meta.backend(data).as_ref())
+}
+
+/// A resource UUID derived from its name (both nodes agree without coordination);
+/// the config may set one explicitly instead.
+pub fn uuid_from_name(name: &str) -> [u8; 16] {
+    let mut uuid = [0u8; 16];
+    let mut hasher = crc32fast::Hasher::new();
+    for (index, chunk) in uuid.chunks_mut(4).enumerate() {
+        hasher.update(&[index as u8]);
+        hasher.update(name.as_bytes());
+        chunk.copy_from_slice(&hasher.clone().finalize().to_le_bytes());
+    }
+    uuid
+}
+
+/// Formats a UUID as 32 hex digits in 8-4-4-4-12 groups.
+pub fn format_uuid(uuid: &[u8; 16]) -> String {
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+impl Volume {
+    /// Writes fresh metadata (`create-md`): zeroes the journal, computes the checksum
+    /// table (reading the data area unless `assume_zeroed`), an empty bitmap and both
+    /// superblock copies. Refuses a store that already has metadata unless `force`.
+    /// `progress(done_bytes, total_bytes)` is called while reading the data area.
+    pub fn create(
+        data: &Arc<dyn Backend>,
+        meta: &MetaStore,
+        options: &CreateOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Superblock, EngineError> {
+        let geometry = meta.geometry(data.as_ref(), options.journal_bytes)?;
+        let meta_backend = meta.backend(data);
+        if !options.force {
+            for offset in geometry.superblock_offsets {
+                let mut copy = vec![0u8; PAGE_BYTES as usize];
+                meta_backend.read_at(offset, &mut copy)?;
+                if copy[..8] == superblock::SUPERBLOCK_MAGIC {
+                    return Err(EngineError::MetadataExists);
+                }
+            }
+        }
+        meta_backend.write_zeroes(geometry.journal_offset, geometry.journal_bytes)?;
+        let blocks = geometry.data_blocks();
+        let table = if options.assume_zeroed {
+            ChecksumTable::new(blocks, zero_block_crc())
+        } else {
+            let table = ChecksumTable::new(blocks, 0);
+            const CHUNK: u64 = 4 << 20;
+            let mut buf = vec![0u8; CHUNK as usize];
+            let mut offset = 0;
+            while offset < geometry.data_bytes {
+                let length = CHUNK.min(geometry.data_bytes - offset);
+                data.read_at(offset, &mut buf[..length as usize])?;
+                for (index, block) in buf[..length as usize]
+                    .chunks(BLOCK_BYTES as usize)
+                    .enumerate()
+                {
+                    table.set(offset / BLOCK_BYTES + index as u64, block_crc(block));
+                }
+                offset += length;
+                progress(offset, geometry.data_bytes);
+            }
+            table
+        };
+        meta_backend.write_at(geometry.checksum_offset, &table.encode_all())?;
+        meta_backend.write_at(geometry.bitmap_offset, &Bitmap::new(blocks).encode_all())?;
+        let created_unix_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut superblock = Superblock {
+            sequence: 1,
+            resource_uuid: options.resource_uuid,
+            node_id: options.node_id,
+            node_name: options.node_name.clone(),
+            geometry,
+            generations: GenerationIds::just_created(),
+            checkpoint_seq: 0,
+            checkpoint_pos: 0,
+            flags: superblock::flags::CLEAN,
+            disk_state: StoredDiskState::Inconsistent,
+            created_unix_secs,
+        };
+        data.flush()?;
+        meta_backend.write_at(geometry.superblock_offsets[0], &superblock.encode())?;
+        superblock.sequence = 2;
+        meta_backend.write_at(geometry.superblock_offsets[1], &superblock.encode())?;
+        meta_backend.flush()?;
+        Ok(superblock)
+    }
+
+    /// Opens a store: validates identity and geometry, recovers from the journal,
+    /// checkpoints, and starts the engine threads. `expected_uuid`, when given, must
+    /// match the store's resource UUID.
+    pub fn open(
+        data: Arc<dyn Backend>,
+        meta: MetaStore,
+        expected_uuid: Option<[u8; 16]>,
+        options: VolumeOptions,
+    ) -> Result<(Volume, OpenReport), EngineError> {
+        let meta_backend = meta.backend(&data);
+        let loaded = read_superblocks(meta_backend.as_ref())?;
+        let mut superblock = loaded.superblock;
+        if let Some(expected) = expected_uuid {
+            if expected != superblock.resource_uuid {
+                return Err(EngineError::WrongResource {
+                    expected: format_uuid(&expected),
+                    found: format_uuid(&superblock.resource_uuid),
+                });
+            }
+        }
+        let geometry = meta.geometry(data.as_ref(), superblock.geometry.journal_bytes)?;
+        let recorded = superblock.geometry;
+        for (field, recorded, actual) in [
+            ("data_bytes", recorded.data_bytes, geometry.data_bytes),
+            (
+                "journal_offset",
+                recorded.journal_offset,
+                geometry.journal_offset,
+            ),
+            (
+                "checksum_offset",
+                recorded.checksum_offset,
+                geometry.checksum_offset,
+            ),
+            (
+                "checksum_bytes",
+                recorded.checksum_bytes,
+                geometry.checksum_bytes,
+            ),
+            (
+                "bitmap_offset",
+                recorded.bitmap_offset,
+                geometry.bitmap_offset,
+            ),
+            ("bitmap_bytes", recorded.bitmap_bytes, geometry.bitmap_bytes),
+        ] {
+            if recorded != actual {
+                return Err(EngineError::GeometryMismatch {
+                    field,
+                    recorded,
+                    actual,
+                });
+            }
+        }
+        superblock.geometry = geometry;
+        let blocks = geometry.data_blocks();
+        let mut table_bytes = vec![0u8; geometry.checksum_bytes as usize];
+        meta_backend.read_at(geometry.checksum_offset, &mut table_bytes)?;
+        let checksums = ChecksumTable::from_bytes(blocks, &table_bytes);
+        drop(table_bytes);
+        let mut bitmap_bytes = vec![0u8; geometry.bitmap_bytes as usize];
+        meta_backend.read_at(geometry.bitmap_offset, &mut bitmap_bytes)?;
+        let mut bitmap = Bitmap::from_bytes(blocks, &bitmap_bytes);
+        drop(bitmap_bytes);
+
+        let mut report = OpenReport {
+            was_clean: superblock.flags & superblock::flags::CLEAN != 0,
+            was_primary: superblock.flags & superblock::flags::PRIMARY != 0,
+            superblock_copy: loaded.copy,
+            other_copy_error: loaded.other_copy_error.map(|e| e.to_string()),
+            ..OpenReport::default()
+        };
+        let scan = replay(
+            &data,
+            meta_backend.as_ref(),
+            &geometry,
+            &superblock,
+            &checksums,
+            &mut bitmap,
+            options.mark_replayed_out_of_sync,
+        )?;
+        report.records_replayed = scan.records;
+        report.bytes_replayed = scan.bytes;
+        report.scan_stop = scan.stop_reason;
+        if scan.records > 0 {
+            tracing::info!(
+                "journal recovery replayed {} records ({} bytes) after checkpoint {}; stopped: {}",
+                scan.records,
+                scan.bytes,
+                superblock.checkpoint_seq,
+                report.scan_stop
+            );
+        }
+
+        // Make the recovered state durable, then mark the store open (not clean).
+        data.flush()?;
+        for page in checksums.take_dirty_pages() {
+            meta_backend.write_at(
+                geometry.checksum_offset + page as u64 * PAGE_BYTES,
+                &checksums.encode_page(page),
+            )?;
+        }
+        for page in bitmap.take_dirty_pages() {
+            meta_backend.write_at(
+                geometry.bitmap_offset + page as u64 * PAGE_BYTES,
+                &bitmap.encode_page(page),
+            )?;
+        }
+        meta_backend.flush()?;
+        superblock.checkpoint_seq = scan.last_seq;
+        superblock.checkpoint_pos = scan.end_pos;
+        superblock.flags &= !superblock::flags::CLEAN;
+        superblock.sequence += 1;
+        meta_backend.write_at(
+            geometry.superblock_offsets[superblock.next_copy()],
+            &superblock.encode(),
+        )?;
+        meta_backend.flush()?;
+
+        let ring_bytes = geometry.journal_bytes;
+        // Jump past every sequence number the ring could hold (see module docs).
+        let next_seq = scan.last_seq + ring_bytes / crate::record::RECORD_ALIGN + 1;
+        let state = State {
+            superblock,
+            next_seq,
+            last_placed_seq: scan.last_seq,
+            ring_head: scan.end_pos,
+            ring_tail: scan.end_pos,
+            ring_used: 0,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            apply_queue: VecDeque::new(),
+            written_seq: scan.last_seq,
+            durable_seq: scan.last_seq,
+            applied_seq: scan.last_seq,
+            applied_positions: VecDeque::new(),
+            overlay: HashMap::new(),
+            flush_waiters: Vec::new(),
+            flush_requested: 0,
+            checkpoint_requested: false,
+            last_checkpoint: Instant::now(),
+            failed: None,
+            closing: false,
+            bitmap,
+            peer_attached: false,
+            unacked: VecDeque::new(),
+            resync_written: None,
+        };
+        let reader_threads = options.reader_threads.max(1);
+        let shared = Arc::new(Shared {
+            data,
+            meta: meta_backend,
+            geometry,
+            checksums,
+            options,
+            state: Mutex::new(state),
+            writer_wake: Condvar::new(),
+            applier_wake: Condvar::new(),
+            progress: Condvar::new(),
+            apply_lock: RwLock::new(()),
+            superblock_lock: Mutex::new(()),
+            reads: Mutex::new(VecDeque::new()),
+            reads_wake: Condvar::new(),
+            stats: Default::default(),
+        });
+        let mut threads = Vec::new();
+        let spawn = |name: String, body: fn(Arc<Shared>), shared: Arc<Shared>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || body(shared))
+                .map_err(|source| {
+                    EngineError::Backend(BackendError::Open {
+                        path: "engine thread".into(),
+                        source,
+                    })
+                })
+        };
+        threads.push(spawn(
+            "journal".into(),
+            super::journal::run,
+            shared.clone(),
+        )?);
+        threads.push(spawn(
+            "applier".into(),
+            super::applier::run,
+            shared.clone(),
+        )?);
+        for index in 0..reader_threads {
+            threads.push(spawn(
+                format!("reader-{index}"),
+                super::read::run,
+                shared.clone(),
+            )?);
+        }
+        Ok((
+            Volume {
+                shared,
+                threads: Arc::new(Mutex::new(threads)),
+            },
+            report,
+        ))
+    }
+}
+
+/// What the journal scan found.
+struct Scan {
+    records: u64,
+    bytes: u64,
+    last_seq: u64,
+    end_pos: u64,
+    stop_reason: String,
+}
+
+/// Reads `length` bytes at ring offset `pos` (the caller keeps `pos + length` inside
+/// the ring), widening to the backend's alignment.
+fn read_ring(
+    meta: &dyn Backend,
+    geometry: &Geometry,
+    pos: u64,
+    length: u64,
+) -> Result<Vec<u8>, BackendError> {
+    let alignment = meta.alignment().max(1) as u64;
+    let start = pos / alignment * alignment;
+    let end = (pos + length)
+        .next_multiple_of(alignment)
+        .min(geometry.journal_bytes);
+    let mut buf = vec![0u8; (end - start) as usize];
+    meta.read_at(geometry.journal_offset + start, &mut buf)?;
+    let skip = (pos - start) as usize;
+    Ok(buf[skip..skip + length as usize].to_vec())
+}
+
+/// Scans the journal from the checkpoint and applies every valid record in place.
+fn replay(
+    data: &Arc<dyn Backend>,
+    meta: &dyn Backend,
+    geometry: &Geometry,
+    superblock: &Superblock,
+    checksums: &ChecksumTable,
+    bitmap: &mut Bitmap,
+    mark_out_of_sync: bool,
+) -> Result<Scan, EngineError> {
+    let ring_bytes = geometry.journal_bytes;
+    let mut scan = Scan {
+        records: 0,
+        bytes: 0,
+        last_seq: superblock.checkpoint_seq,
+        end_pos: superblock.checkpoint_pos,
+        stop_reason: "end of journal".into(),
+    };
+    let mut pos = superblock.checkpoint_pos;
+    let mut scanned = 0u64;
+    let stop = |scan: &mut Scan, reason: String| scan.stop_reason = reason;
+    while scanned < ring_bytes {
+        let fixed = read_ring(meta, geometry, pos, RECORD_FIXED_BYTES as u64)?;
+        let header_bytes = match RecordHeader::decode(&fixed) {
+            Ok(header) => header.header_bytes(),
+            Err(RecordError::Truncated { needed, .. }) => needed,
+            Err(RecordError::BadMagic(_)) => break,
+            Err(error) => {
+                stop(
+                    &mut scan,
+                    format!("invalid record at ring offset {pos}: {error}"),
+                );
+                break;
+            }
+        };
+        if pos + header_bytes as u64 > ring_bytes {
+            stop(
+                &mut scan,
+                format!("record header at ring offset {pos} crosses the ring's end"),
+            );
+            break;
+        }
+        let header_buf = read_ring(meta, geometry, pos, header_bytes as u64)?;
+        let header = match RecordHeader::decode(&header_buf) {
+            Ok(header) => header,
+            Err(error) => {
+                stop(
+                    &mut scan,
+                    format!("torn record header at ring offset {pos}: {error}"),
+                );
+                break;
+            }
+        };
+        let total = header.total_bytes();
+        if pos + total > ring_bytes {
+            stop(
+                &mut scan,
+                format!("record at ring offset {pos} crosses the ring's end"),
+            );
+            break;
+        }
+        if header.is_pad() {
+            if header.seq != scan.last_seq {
+                stop(&mut scan, format!("stale pad at ring offset {pos}"));
+                break;
+            }
+        } else {
+            if header.seq <= scan.last_seq {
+                // An older lap's record: the live journal ends here.
+                break;
+            }
+            let end = header.offset_bytes.checked_add(header.length_bytes);
+            if end.is_none_or(|end| end > geometry.data_bytes) {
+                stop(
+                    &mut scan,
+                    format!("record {} reaches beyond the volume", header.seq),
+                );
+                break;
+            }
+            let payload = if header.data_bytes() > 0 {
+                let payload = read_ring(
+                    meta,
+                    geometry,
+                    pos + header_bytes as u64,
+                    header.data_bytes(),
+                )?;
+                if let Err(error) = header.check_data(&payload) {
+                    stop(
+                        &mut scan,
+                        format!("torn record at ring offset {pos}: {error}"),
+                    );
+                    break;
+                }
+                Some(Bytes::from(payload))
+            } else {
+                None
+            };
+            apply_replayed(data, &header, payload.as_deref(), checksums)?;
+            if mark_out_of_sync {
+                bitmap.set_range(header.first_block(), header.block_count());
+            }
+            scan.records += 1;
+            scan.bytes += header.length_bytes;
+            scan.last_seq = header.seq;
+        }
+        pos = (pos + total) % ring_bytes;
+        scanned += total;
+        scan.end_pos = pos;
+    }
+    Ok(scan)
+}
+
+fn apply_replayed(
+    data: &Arc<dyn Backend>,
+    header: &RecordHeader,
+    payload: Option<&[u8]>,
+    checksums: &ChecksumTable,
+) -> Result<(), BackendError> {
+    let first = header.first_block();
+    match payload {
+        Some(payload) => {
+            data.write_at(header.offset_bytes, payload)?;
+            for (index, crc) in header.block_crcs.iter().enumerate() {
+                checksums.set(first + index as u64, *crc);
+            }
+        }
+        None => {
+            data.write_zeroes(header.offset_bytes, header.length_bytes)?;
+            for block in first..first + header.block_count() {
+                checksums.set(block, zero_block_crc());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates (or truncates) an image file of `size_bytes` (tools and tests).
+pub fn create_image_file(path: &Path, size_bytes: u64) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)?;
+    file.set_len(size_bytes)
+}
