@@ -18,6 +18,7 @@ pub mod layout;
 pub mod record;
 pub mod rng;
 pub mod superblock;
+pub mod testing;
 pub mod volume;
 
 pub use error::{EngineError, IoError};
