@@ -39,7 +39,7 @@ pub struct SimBackend {
 }
 
 fn crashed_error() -> io::Error {
-    io::Error::new(io::ErrorKind::Other, "simulated power cut")
+    io::Error::other("simulated power cut")
 }
 
 fn fault_error() -> io::Error {
