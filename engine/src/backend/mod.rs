@@ -21,6 +21,7 @@ mod aligned;
 pub use aligned::is_aligned;
 pub mod file;
 pub mod sim;
+mod store;
 pub mod uring;
 
 use std::fmt;
@@ -122,15 +123,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError>;
-    /// Several reads; a backend may run them concurrently.
+    /// Several reads; a backend may run them concurrently. Every op is checked before
+    /// any runs, so a bad op fails the batch without touching the store.
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> Result<(), BackendError> {
+        let ranges = ops.iter().map(ReadOp::range);
+        check_batch("read", ranges, self.size_bytes(), self.alignment())?;
         for op in ops.iter_mut() {
             self.read_at(op.offset, op.buf)?;
         }
         Ok(())
     }
-    /// Several non-overlapping writes; a backend may run them concurrently.
+    /// Several non-overlapping writes; a backend may run them concurrently. Every op is
+    /// checked before any runs, so a bad op fails the batch with nothing written.
     fn write_many(&self, ops: &[WriteOp<'_>]) -> Result<(), BackendError> {
+        let ranges = ops.iter().map(WriteOp::range);
+        check_batch("write", ranges, self.size_bytes(), self.alignment())?;
         for op in ops {
             self.write_at(op.offset, op.buf)?;
         }
@@ -145,18 +152,43 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// Writes zero buffers: the portable fallback of [`Backend::write_zeroes`].
+///
+/// The range is checked first, so a bad range writes nothing. The zeroes go out as
+/// batches of [`WriteOp`]s that share one aligned zero buffer, so a backend that runs
+/// batches concurrently zeroes in parallel; memory stays bounded by one chunk.
 pub fn write_zeroes_by_writing<B: Backend + ?Sized>(
     backend: &B,
     offset: u64,
     len: u64,
 ) -> Result<(), BackendError> {
-    const CHUNK: usize = 1 << 20;
-    let zeros = AlignedBuf::zeroed(CHUNK.min(len as usize).max(1), 4096);
+    const CHUNK_BYTES: u64 = 1 << 20;
+    const CHUNKS_PER_BATCH: u64 = 64;
+    const _: () = assert!(CHUNK_BYTES % 4096 == 0);
+    check_range(
+        "write_zeroes",
+        offset,
+        len,
+        backend.size_bytes(),
+        backend.alignment(),
+    )?;
+    if len == 0 {
+        return Ok(());
+    }
+    // At most one chunk (1 MiB), so the cast cannot truncate.
+    let zeros = AlignedBuf::zeroed(len.min(CHUNK_BYTES) as usize, 4096);
+    let mut ops = Vec::with_capacity(CHUNKS_PER_BATCH as usize);
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(CHUNK as u64) as usize;
-        backend.write_at(offset + done, &zeros[..n])?;
-        done += n as u64;
+        ops.clear();
+        while done < len && (ops.len() as u64) < CHUNKS_PER_BATCH {
+            let chunk = (len - done).min(CHUNK_BYTES);
+            ops.push(WriteOp {
+                offset: offset + done,
+                buf: &zeros[..chunk as usize],
+            });
+            done += chunk;
+        }
+        backend.write_many(&ops)?;
     }
     Ok(())
 }
@@ -188,6 +220,33 @@ pub fn check_range(
         });
     }
     Ok(())
+}
+
+/// Checks every `(offset, len)` of a batch with [`check_range`] before any of it runs;
+/// the first bad one is the error.
+pub fn check_batch(
+    op: &'static str,
+    ranges: impl IntoIterator<Item = (u64, u64)>,
+    size_bytes: u64,
+    alignment: usize,
+) -> Result<(), BackendError> {
+    ranges
+        .into_iter()
+        .try_for_each(|(offset, len)| check_range(op, offset, len, size_bytes, alignment))
+}
+
+impl WriteOp<'_> {
+    /// The op's `(offset, len)`, as [`check_batch`] takes it.
+    pub fn range(&self) -> (u64, u64) {
+        (self.offset, self.buf.len() as u64)
+    }
+}
+
+impl ReadOp<'_> {
+    /// The op's `(offset, len)`, as [`check_batch`] takes it.
+    pub fn range(&self) -> (u64, u64) {
+        (self.offset, self.buf.len() as u64)
+    }
 }
 
 /// Which implementation to open a store with.
