@@ -22,13 +22,21 @@ pub struct Workload {
 
 impl Workload {
     pub fn new(seed: u64, size_bytes: u64) -> Workload {
-        Workload { rng: SplitMix64::new(seed), size_bytes, written: 0 }
+        Workload {
+            rng: SplitMix64::new(seed),
+            size_bytes,
+            written: 0,
+        }
     }
 
     pub fn next_write(&mut self) -> WorkloadWrite {
         let rng = &mut self.rng;
         let aligned = rng.below(4) != 0;
-        let length = if aligned { (1 + rng.below(16)) * BLOCK_BYTES } else { 1 + rng.below(16 * BLOCK_BYTES) };
+        let length = if aligned {
+            (1 + rng.below(16)) * BLOCK_BYTES
+        } else {
+            1 + rng.below(16 * BLOCK_BYTES)
+        };
         let mut offset = rng.below(self.size_bytes - length);
         if aligned {
             offset = offset / BLOCK_BYTES * BLOCK_BYTES;
@@ -36,6 +44,10 @@ impl Workload {
         let mut data = vec![0u8; length as usize];
         rng.fill(&mut data);
         self.written += 1;
-        WorkloadWrite { index: self.written, offset, data }
+        WorkloadWrite {
+            index: self.written,
+            offset,
+            data,
+        }
     }
 }

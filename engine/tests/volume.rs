@@ -13,7 +13,7 @@ use engine::backend::sim::SimBackend;
 use engine::backend::{self, Backend, BackendKind, OpenOptions};
 use engine::layout::{Geometry, LayoutError, MIN_JOURNAL_BYTES};
 use engine::volume::{create_image_file, CreateOptions, MetaStore};
-use engine::{EngineError, IoError, Volume, VolumeOptions, WriteKind, WriteRequest, BLOCK_BYTES};
+use engine::{EngineError, IoError, Volume, VolumeOptions, WriteKind, WriteRequest};
 
 const UUID: [u8; 16] = *b"volume-api-tests";
 
@@ -29,13 +29,23 @@ fn create_options() -> CreateOptions {
 }
 
 fn options() -> VolumeOptions {
-    VolumeOptions { checkpoint_interval: Duration::from_millis(20), reader_threads: 2, mark_replayed_out_of_sync: true }
+    VolumeOptions {
+        checkpoint_interval: Duration::from_millis(20),
+        reader_threads: 2,
+        mark_replayed_out_of_sync: true,
+    }
 }
 
 fn sim_store(bytes: u64) -> Arc<SimBackend> {
     let sim = Arc::new(SimBackend::new(bytes));
     let backend: Arc<dyn Backend> = sim.clone();
-    Volume::create(&backend, &MetaStore::Internal, &create_options(), &mut |_, _| {}).expect("create-md");
+    Volume::create(
+        &backend,
+        &MetaStore::Internal,
+        &create_options(),
+        &mut |_, _| {},
+    )
+    .expect("create-md");
     sim
 }
 
@@ -44,11 +54,16 @@ fn open(sim: &Arc<SimBackend>) -> Result<(Volume, engine::volume::OpenReport), E
 }
 
 fn write(volume: &Volume, offset: u64, data: &[u8]) -> Result<u64, IoError> {
-    volume.write_blocking(WriteRequest { offset, kind: WriteKind::Data(Bytes::copy_from_slice(data)), fua: false })
+    volume.write_blocking(WriteRequest {
+        offset,
+        kind: WriteKind::Data(Bytes::copy_from_slice(data)),
+        fua: false,
+    })
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("volume-{name}-{}", std::process::id()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("volume-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
@@ -60,22 +75,51 @@ fn writes_read_back_at_every_alignment_and_survive_reopen() {
         let dir = temp_dir(&format!("roundtrip-{kind:?}"));
         let path = dir.join("store.img");
         create_image_file(&path, 8 << 20).unwrap();
-        let store = backend::open(&path, OpenOptions { kind, direct: false }).unwrap();
-        Volume::create(&store, &MetaStore::Internal, &create_options(), &mut |_, _| {}).unwrap();
-        let (volume, report) = Volume::open(store.clone(), MetaStore::Internal, Some(UUID), options()).unwrap();
+        let store = backend::open(
+            &path,
+            OpenOptions {
+                kind,
+                direct: false,
+            },
+        )
+        .unwrap();
+        Volume::create(
+            &store,
+            &MetaStore::Internal,
+            &create_options(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let (volume, report) =
+            Volume::open(store.clone(), MetaStore::Internal, Some(UUID), options()).unwrap();
         assert!(report.was_clean);
         let size = volume.size_bytes();
-        let cases: [(u64, usize); 6] = [(0, 4096), (4096 * 3, 8192), (100, 10), (4090, 20), (size - 4096, 4096), (12345, 70000)];
+        let cases: [(u64, usize); 6] = [
+            (0, 4096),
+            (4096 * 3, 8192),
+            (100, 10),
+            (4090, 20),
+            (size - 4096, 4096),
+            (12345, 70000),
+        ];
         let mut expected = vec![0u8; size as usize];
         for (index, (offset, length)) in cases.iter().enumerate() {
-            let data: Vec<u8> = (0..*length).map(|i| (i as u8).wrapping_add(index as u8 * 31)).collect();
+            let data: Vec<u8> = (0..*length)
+                .map(|i| (i as u8).wrapping_add(index as u8 * 31))
+                .collect();
             write(&volume, *offset, &data).unwrap();
             expected[*offset as usize..*offset as usize + length].copy_from_slice(&data);
             // Read back at once (overlay) …
             let read = volume.read_blocking(*offset, *length as u64).unwrap();
             assert_eq!(&read[..], &data[..], "case {index}");
         }
-        volume.write_blocking(WriteRequest { offset: 8192 + 7, kind: WriteKind::Zeroes(5000), fua: true }).unwrap();
+        volume
+            .write_blocking(WriteRequest {
+                offset: 8192 + 7,
+                kind: WriteKind::Zeroes(5000),
+                fua: true,
+            })
+            .unwrap();
         expected[8192 + 7..8192 + 7 + 5000].fill(0);
         volume.flush_blocking().unwrap();
         // … and after everything was applied in place and checkpointed.
@@ -83,7 +127,8 @@ fn writes_read_back_at_every_alignment_and_survive_reopen() {
         assert_eq!(&volume.read_blocking(0, size).unwrap()[..], &expected[..]);
         volume.close().unwrap();
         drop(volume);
-        let (volume, report) = Volume::open(store, MetaStore::Internal, Some(UUID), options()).unwrap();
+        let (volume, report) =
+            Volume::open(store, MetaStore::Internal, Some(UUID), options()).unwrap();
         assert!(report.was_clean, "close() marks the store clean");
         assert_eq!(report.records_replayed, 0);
         assert_eq!(&volume.read_blocking(0, size).unwrap()[..], &expected[..]);
@@ -97,8 +142,20 @@ fn trim_reads_back_zeroes_and_partial_trim_is_ignored() {
     let sim = sim_store(4 << 20);
     let (volume, _) = open(&sim).unwrap();
     write(&volume, 0, &[0xAB; 16384]).unwrap();
-    volume.write_blocking(WriteRequest { offset: 4096, kind: WriteKind::Trim(8192), fua: false }).unwrap();
-    volume.write_blocking(WriteRequest { offset: 100, kind: WriteKind::Trim(200), fua: false }).unwrap();
+    volume
+        .write_blocking(WriteRequest {
+            offset: 4096,
+            kind: WriteKind::Trim(8192),
+            fua: false,
+        })
+        .unwrap();
+    volume
+        .write_blocking(WriteRequest {
+            offset: 100,
+            kind: WriteKind::Trim(200),
+            fua: false,
+        })
+        .unwrap();
     let data = volume.read_blocking(0, 16384).unwrap();
     assert!(data[..4096].iter().all(|&b| b == 0xAB));
     assert!(data[4096..12288].iter().all(|&b| b == 0));
@@ -111,14 +168,32 @@ fn large_writes_split_into_records_and_stay_whole() {
     let sim = sim_store(8 << 20);
     let (volume, _) = open(&sim).unwrap();
     let max_record = volume.geometry().max_record_data_bytes() as usize;
-    let data: Vec<u8> = (0..3 * max_record + 4096).map(|i| (i % 251) as u8).collect();
+    let data: Vec<u8> = (0..3 * max_record + 4096)
+        .map(|i| (i % 251) as u8)
+        .collect();
     let records = volume
-        .write(WriteRequest { offset: 4096, kind: WriteKind::Data(Bytes::from(data.clone())), fua: true }, Box::new(|_| {}))
+        .write(
+            WriteRequest {
+                offset: 4096,
+                kind: WriteKind::Data(Bytes::from(data.clone())),
+                fua: true,
+            },
+            Box::new(|_| {}),
+        )
         .unwrap();
-    assert_eq!(records.len(), 4, "a write larger than a record becomes several, in order");
-    assert!(records.windows(2).all(|pair| pair[0].header.seq + 1 == pair[1].header.seq));
+    assert_eq!(
+        records.len(),
+        4,
+        "a write larger than a record becomes several, in order"
+    );
+    assert!(records
+        .windows(2)
+        .all(|pair| pair[0].header.seq + 1 == pair[1].header.seq));
     volume.flush_blocking().unwrap();
-    assert_eq!(&volume.read_blocking(4096, data.len() as u64).unwrap()[..], &data[..]);
+    assert_eq!(
+        &volume.read_blocking(4096, data.len() as u64).unwrap()[..],
+        &data[..]
+    );
     volume.close().unwrap();
 }
 
@@ -186,35 +261,106 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     volume.flush_blocking().unwrap();
     let before = volume.read_blocking(0, size).unwrap();
     let ops_before = volume.stats().writes;
-    let cases: Vec<(WriteRequest, fn(&IoError) -> bool)> = vec![
-        (WriteRequest { offset: size, kind: WriteKind::Data(Bytes::from(vec![2; 4096])), fua: false }, |e| matches!(e, IoError::OutOfRange { .. })),
-        (WriteRequest { offset: size - 1, kind: WriteKind::Data(Bytes::from(vec![2; 2])), fua: false }, |e| matches!(e, IoError::OutOfRange { .. })),
-        (WriteRequest { offset: u64::MAX - 1, kind: WriteKind::Data(Bytes::from(vec![2; 4096])), fua: false }, |e| matches!(e, IoError::OutOfRange { .. })),
-        (WriteRequest { offset: 0, kind: WriteKind::Data(Bytes::new()), fua: false }, |e| matches!(e, IoError::ZeroLength { .. })),
-        (WriteRequest { offset: 0, kind: WriteKind::Zeroes(64 << 20), fua: false }, |e| matches!(e, IoError::TooLarge { .. })),
-        (WriteRequest { offset: 0, kind: WriteKind::Trim(u64::MAX), fua: false }, |e| matches!(e, IoError::TooLarge { .. })),
+    type Expectation = fn(&IoError) -> bool;
+    let cases: Vec<(WriteRequest, Expectation)> = vec![
+        (
+            WriteRequest {
+                offset: size,
+                kind: WriteKind::Data(Bytes::from(vec![2; 4096])),
+                fua: false,
+            },
+            |e| matches!(e, IoError::OutOfRange { .. }),
+        ),
+        (
+            WriteRequest {
+                offset: size - 1,
+                kind: WriteKind::Data(Bytes::from(vec![2; 2])),
+                fua: false,
+            },
+            |e| matches!(e, IoError::OutOfRange { .. }),
+        ),
+        (
+            WriteRequest {
+                offset: u64::MAX - 1,
+                kind: WriteKind::Data(Bytes::from(vec![2; 4096])),
+                fua: false,
+            },
+            |e| matches!(e, IoError::OutOfRange { .. }),
+        ),
+        (
+            WriteRequest {
+                offset: 0,
+                kind: WriteKind::Data(Bytes::new()),
+                fua: false,
+            },
+            |e| matches!(e, IoError::ZeroLength { .. }),
+        ),
+        (
+            WriteRequest {
+                offset: 0,
+                kind: WriteKind::Zeroes(64 << 20),
+                fua: false,
+            },
+            |e| matches!(e, IoError::TooLarge { .. }),
+        ),
+        (
+            WriteRequest {
+                offset: 0,
+                kind: WriteKind::Trim(u64::MAX),
+                fua: false,
+            },
+            |e| matches!(e, IoError::TooLarge { .. }),
+        ),
     ];
     for (request, expected) in cases {
-        let error = volume.write_blocking(request.clone()).expect_err("bad request accepted");
+        let error = volume
+            .write_blocking(request.clone())
+            .expect_err("bad request accepted");
         assert!(expected(&error), "{request:?} gave {error}");
         assert!(!error.to_string().is_empty());
     }
-    assert!(matches!(volume.read_blocking(size, 1), Err(IoError::OutOfRange { .. })));
-    assert!(matches!(volume.read_blocking(0, 0), Err(IoError::ZeroLength { .. })));
-    assert_eq!(volume.read_blocking(0, size).unwrap(), before, "nothing changed");
-    assert_eq!(volume.stats().writes, ops_before, "rejected requests are not counted as writes");
+    assert!(matches!(
+        volume.read_blocking(size, 1),
+        Err(IoError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        volume.read_blocking(0, 0),
+        Err(IoError::ZeroLength { .. })
+    ));
+    assert_eq!(
+        volume.read_blocking(0, size).unwrap(),
+        before,
+        "nothing changed"
+    );
+    assert_eq!(
+        volume.stats().writes,
+        ops_before,
+        "rejected requests are not counted as writes"
+    );
     volume.close().unwrap();
 }
 
 #[test]
 fn stores_too_small_or_without_metadata_are_refused_with_clear_errors() {
     let tiny: Arc<dyn Backend> = Arc::new(SimBackend::new(512 << 10));
-    let error = Volume::create(&tiny, &MetaStore::Internal, &create_options(), &mut |_, _| {}).unwrap_err();
-    assert!(matches!(error, EngineError::Layout(LayoutError::TooSmall { .. })), "{error}");
+    let error = Volume::create(
+        &tiny,
+        &MetaStore::Internal,
+        &create_options(),
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, EngineError::Layout(LayoutError::TooSmall { .. })),
+        "{error}"
+    );
     assert!(error.to_string().contains("too small"));
     let blank = Arc::new(SimBackend::new(4 << 20));
     assert!(matches!(open(&blank), Err(EngineError::NoMetadata)));
-    assert!(blank.live_image().iter().all(|&b| b == 0), "a failed open writes nothing");
+    assert!(
+        blank.live_image().iter().all(|&b| b == 0),
+        "a failed open writes nothing"
+    );
 }
 
 #[test]
@@ -222,18 +368,35 @@ fn create_md_refuses_existing_metadata_without_force() {
     let sim = sim_store(4 << 20);
     let backend: Arc<dyn Backend> = sim.clone();
     let image = sim.live_image();
-    let error = Volume::create(&backend, &MetaStore::Internal, &create_options(), &mut |_, _| {}).unwrap_err();
+    let error = Volume::create(
+        &backend,
+        &MetaStore::Internal,
+        &create_options(),
+        &mut |_, _| {},
+    )
+    .unwrap_err();
     assert!(matches!(error, EngineError::MetadataExists));
-    assert_eq!(sim.live_image(), image, "refused create-md changed the store");
-    let forced = CreateOptions { force: true, ..create_options() };
+    assert_eq!(
+        sim.live_image(),
+        image,
+        "refused create-md changed the store"
+    );
+    let forced = CreateOptions {
+        force: true,
+        ..create_options()
+    };
     Volume::create(&backend, &MetaStore::Internal, &forced, &mut |_, _| {}).unwrap();
 }
 
 #[test]
 fn wrong_resource_and_changed_geometry_are_refused() {
     let sim = sim_store(4 << 20);
-    let error = Volume::open(sim.clone(), MetaStore::Internal, Some([9; 16]), options()).unwrap_err();
-    assert!(matches!(error, EngineError::WrongResource { .. }), "{error}");
+    let error =
+        Volume::open(sim.clone(), MetaStore::Internal, Some([9; 16]), options()).unwrap_err();
+    assert!(
+        matches!(error, EngineError::WrongResource { .. }),
+        "{error}"
+    );
     // The same metadata found on a larger store (device replaced or resized): its
     // superblocks are where they should be but the geometry no longer matches.
     let mut image = sim.live_image();
@@ -242,7 +405,10 @@ fn wrong_resource_and_changed_geometry_are_refused() {
     image.extend(superblocks);
     let grown = Arc::new(SimBackend::from_image(image));
     let error = open(&grown).unwrap_err();
-    assert!(matches!(error, EngineError::GeometryMismatch { .. }), "{error}");
+    assert!(
+        matches!(error, EngineError::GeometryMismatch { .. }),
+        "{error}"
+    );
 }
 
 #[test]
@@ -253,12 +419,24 @@ fn a_corrupt_superblock_copy_falls_back_to_the_other_and_two_are_an_error() {
     write(&volume, 0, &[5; 4096]).unwrap();
     volume.close().unwrap();
     drop(volume);
-    let newest = engine::volume::read_superblock(&(sim.clone() as Arc<dyn Backend>), &MetaStore::Internal).unwrap();
+    let newest =
+        engine::volume::read_superblock(&(sim.clone() as Arc<dyn Backend>), &MetaStore::Internal)
+            .unwrap();
     sim.corrupt(geometry.superblock_offsets[newest.copy] + 20, 0x40);
     let (volume, report) = open(&sim).expect("falls back to the older copy");
     assert_eq!(report.superblock_copy, 1 - newest.copy);
-    assert!(report.other_copy_error.as_deref().is_some_and(|e| e.contains("checksum")), "{report:?}");
-    assert!(volume.read_blocking(0, 4096).unwrap().iter().all(|&b| b == 5));
+    assert!(
+        report
+            .other_copy_error
+            .as_deref()
+            .is_some_and(|e| e.contains("checksum")),
+        "{report:?}"
+    );
+    assert!(volume
+        .read_blocking(0, 4096)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 5));
     volume.close().unwrap();
     drop(volume);
     sim.corrupt(geometry.superblock_offsets[0] + 30, 0x01);
@@ -276,17 +454,27 @@ fn p3_a_flipped_bit_in_a_data_block_is_an_error_never_data() {
     assert!(volume.checkpoint_blocking(Duration::from_secs(10)));
     sim.corrupt(4096 * 2 + 100, 0x10);
     let error = volume.read_blocking(0, 4 * 4096).unwrap_err();
-    assert!(matches!(error, IoError::Checksum { block: 2, .. }), "{error}");
+    assert!(
+        matches!(error, IoError::Checksum { block: 2, .. }),
+        "{error}"
+    );
     assert_eq!(error.errno(), libc::EIO);
     assert_eq!(volume.stats().checksum_errors, 1);
     // Other blocks still read; a rewrite of the bad block repairs it.
     assert!(volume.read_blocking(0, 2 * 4096).is_ok());
     write(&volume, 2 * 4096, &[8; 4096]).unwrap();
-    assert!(volume.read_blocking(2 * 4096, 4096).unwrap().iter().all(|&b| b == 8));
+    assert!(volume
+        .read_blocking(2 * 4096, 4096)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 8));
     // A partial write over a corrupt block must not merge garbage: it fails.
     sim.corrupt(4096 * 3 + 1, 0x01);
     assert!(volume.checkpoint_blocking(Duration::from_secs(10)));
-    assert!(matches!(write(&volume, 3 * 4096 + 10, &[9; 10]), Err(IoError::Checksum { block: 3, .. })));
+    assert!(matches!(
+        write(&volume, 3 * 4096 + 10, &[9; 10]),
+        Err(IoError::Checksum { block: 3, .. })
+    ));
     volume.close().unwrap();
 }
 
@@ -300,7 +488,10 @@ fn p3_a_flipped_bit_in_the_checksum_table_is_detected() {
     drop(volume);
     sim.corrupt(geometry.checksum_offset + 5 * 4, 0x80);
     let (volume, _) = open(&sim).unwrap();
-    assert!(matches!(volume.read_blocking(5 * 4096, 4096), Err(IoError::Checksum { block: 5, .. })));
+    assert!(matches!(
+        volume.read_blocking(5 * 4096, 4096),
+        Err(IoError::Checksum { block: 5, .. })
+    ));
     assert!(volume.read_blocking(6 * 4096, 4096).is_ok());
     volume.close().unwrap();
 }
@@ -315,8 +506,19 @@ fn p3_a_flipped_bit_in_a_journal_record_ends_replay_there() {
     // Keep the applier from writing in place, so the records live only in the journal.
     sim.fail_writes(0..geometry.data_bytes);
     // One write of three records' worth: sequenced together, one group commit.
-    let data: Vec<u8> = (0..3 * record_data).map(|i| (i / record_data + 1) as u8).collect();
-    let records = volume.write(WriteRequest { offset: 0, kind: WriteKind::Data(Bytes::from(data)), fua: true }, Box::new(|_| {})).unwrap();
+    let data: Vec<u8> = (0..3 * record_data)
+        .map(|i| (i / record_data + 1) as u8)
+        .collect();
+    let records = volume
+        .write(
+            WriteRequest {
+                offset: 0,
+                kind: WriteKind::Data(Bytes::from(data)),
+                fua: true,
+            },
+            Box::new(|_| {}),
+        )
+        .unwrap();
     assert_eq!(records.len(), 3);
     volume.flush_blocking().ok();
     volume.abandon();

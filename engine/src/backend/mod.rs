@@ -252,10 +252,14 @@ impl ReadOp<'_> {
 /// Which implementation to open a store with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendKind {
+    /// io_uring for O_DIRECT stores (it wins on batches there), `pread` for buffered
+    /// ones (buffered io_uring writes are punted to kernel workers and measured
+    /// slower than `pwrite` on ext4; see `examples/backend_speed.rs`).
+    #[default]
+    Auto,
     /// Portable `pread`/`pwrite`.
     Pread,
     /// io_uring, falling back to `pread` when the kernel refuses a ring.
-    #[default]
     Uring,
 }
 
@@ -269,8 +273,15 @@ pub struct OpenOptions {
 
 /// Opens a block device or image file as a backend.
 pub fn open(path: &Path, options: OpenOptions) -> Result<Arc<dyn Backend>, BackendError> {
-    match options.kind {
-        BackendKind::Pread => Ok(Arc::new(file::FileBackend::open(path, options.direct)?)),
+    let kind = match options.kind {
+        BackendKind::Auto if options.direct => BackendKind::Uring,
+        BackendKind::Auto => BackendKind::Pread,
+        explicit => explicit,
+    };
+    match kind {
+        BackendKind::Pread | BackendKind::Auto => {
+            Ok(Arc::new(file::FileBackend::open(path, options.direct)?))
+        }
         BackendKind::Uring => match uring::UringBackend::open(path, options.direct) {
             Ok(backend) => Ok(Arc::new(backend)),
             Err(BackendError::Open { source, .. })

@@ -30,8 +30,11 @@ fn run() -> Result<(), String> {
         return Err("usage: replicad-engine-writer STORE SEED [--create]".into());
     }
     let path = PathBuf::from(&args[1]);
-    let seed: u64 = args[2].parse().map_err(|_| "SEED must be a number".to_string())?;
-    let store: Arc<dyn Backend> = backend::open(&path, OpenOptions::default()).map_err(|e| e.to_string())?;
+    let seed: u64 = args[2]
+        .parse()
+        .map_err(|_| "SEED must be a number".to_string())?;
+    let store: Arc<dyn Backend> =
+        backend::open(&path, OpenOptions::default()).map_err(|e| e.to_string())?;
     if args.iter().any(|arg| arg == "--create") {
         let options = CreateOptions {
             resource_uuid: [0x5A; 16],
@@ -41,10 +44,17 @@ fn run() -> Result<(), String> {
             force: true,
             assume_zeroed: true,
         };
-        Volume::create(&store, &MetaStore::Internal, &options, &mut |_, _| {}).map_err(|e| e.to_string())?;
+        Volume::create(&store, &MetaStore::Internal, &options, &mut |_, _| {})
+            .map_err(|e| e.to_string())?;
         return Ok(());
     }
-    let (volume, _) = Volume::open(store, MetaStore::Internal, Some([0x5A; 16]), VolumeOptions::default()).map_err(|e| e.to_string())?;
+    let (volume, _) = Volume::open(
+        store,
+        MetaStore::Internal,
+        Some([0x5A; 16]),
+        VolumeOptions::default(),
+    )
+    .map_err(|e| e.to_string())?;
     let mut workload = Workload::new(seed, volume.size_bytes());
     let (sender, receiver) = mpsc::channel();
     let mut in_flight = 0;
@@ -52,11 +62,20 @@ fn run() -> Result<(), String> {
     loop {
         let write = workload.next_write();
         let sender = sender.clone();
-        let request = WriteRequest { offset: write.offset, kind: WriteKind::Data(Bytes::from(write.data)), fua: false };
-        volume.write(request, Box::new(move |result| drop(sender.send(result)))).map_err(|e| e.to_string())?;
+        let request = WriteRequest {
+            offset: write.offset,
+            kind: WriteKind::Data(Bytes::from(write.data)),
+            fua: false,
+        };
+        volume
+            .write(request, Box::new(move |result| drop(sender.send(result))))
+            .map_err(|e| e.to_string())?;
         in_flight += 1;
         if in_flight == 32 {
-            receiver.recv().map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            receiver
+                .recv()
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
             in_flight -= 1;
         }
         if write.index % 16 == 0 {
