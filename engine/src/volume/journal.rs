@@ -129,6 +129,7 @@ fn segments(placed: &[Placed], alignment: usize) -> Vec<(u64, AlignedBuf)> {
     groups
         .into_iter()
         .map(|(start, length, first, end)| {
+            // Every byte is overwritten below except PAD bodies, which stay zero.
             let mut buf = AlignedBuf::zeroed(length as usize, alignment.max(1));
             let mut at = 0usize;
             for item in &placed[first..end] {

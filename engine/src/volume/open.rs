@@ -32,6 +32,10 @@ use crate::BLOCK_BYTES;
 pub enum MetaStore {
     /// At the end of the data store (the default).
     Internal,
+    /// At the end of the data store, reached through a second handle on the same
+    /// file or device (typically: data through O_DIRECT io_uring, metadata and
+    /// journal through the page cache).
+    InternalHandle(Arc<dyn Backend>),
     /// In a separate store (file or device) of its own.
     External(Arc<dyn Backend>),
 }
@@ -40,13 +44,13 @@ impl MetaStore {
     fn backend(&self, data: &Arc<dyn Backend>) -> Arc<dyn Backend> {
         match self {
             MetaStore::Internal => data.clone(),
-            MetaStore::External(meta) => meta.clone(),
+            MetaStore::InternalHandle(meta) | MetaStore::External(meta) => meta.clone(),
         }
     }
 
     fn geometry(&self, data: &dyn Backend, journal_bytes: u64) -> Result<Geometry, EngineError> {
         Ok(match self {
-            MetaStore::Internal => Geometry::internal(data.size_bytes(), journal_bytes)?,
+            MetaStore::Internal | MetaStore::InternalHandle(_) => Geometry::internal(data.size_bytes(), journal_bytes)?,
             MetaStore::External(meta) => {
                 Geometry::external(data.size_bytes(), meta.size_bytes(), journal_bytes)?
             }
