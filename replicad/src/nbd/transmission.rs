@@ -336,8 +336,10 @@ where
     E: Export,
 {
     let export = session.export;
-    let size_bytes = export.size_bytes();
-    let minimum_block_size = minimum_block_size(&*export);
+    let shape = Shape {
+        size_bytes: export.size_bytes(),
+        minimum_block_size: minimum_block_size(&*export),
+    };
     let budget = Budget {
         slots: Arc::new(Semaphore::new(config.max_in_flight_requests)),
         payload_bytes: Arc::new(Semaphore::new(config.max_in_flight_payload_bytes as usize)),
@@ -348,15 +350,10 @@ where
     let writer_task = AbortOnDrop(tokio::spawn(write_replies(writer, reply_receiver)));
 
     let ended = loop {
-        let geometry = Geometry {
-            size_bytes,
-            writable: export.is_writable(),
-            minimum_block_size,
-        };
         let incoming = tokio::select! {
             biased;
             () = stopped(&mut stop) => break Ok(End::Shutdown),
-            incoming = next_request(&mut reader, geometry, &budget) => incoming,
+            incoming = next_request(&mut reader, &*export, shape, &budget) => incoming,
         };
         match incoming {
             Err(error) => break Err(error),
@@ -402,10 +399,18 @@ where
     }
 }
 
+/// What does not change about an export while a client is connected.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    size_bytes: u64,
+    minimum_block_size: u32,
+}
+
 /// Reads and checks the next request, including its payload.
-async fn next_request<R: AsyncRead + Unpin>(
+async fn next_request<R: AsyncRead + Unpin, E: Export>(
     reader: &mut BufReader<R>,
-    geometry: Geometry,
+    export: &E,
+    shape: Shape,
     budget: &Budget,
 ) -> Result<Incoming, TransmissionError> {
     if reader
@@ -424,6 +429,13 @@ async fn next_request<R: AsyncRead + Unpin>(
     let header = RequestHeader::parse(&raw)?;
     let cookie = header.cookie;
     let slot = budget.slot().await;
+    // Writability is read when the request arrives: the node may have been demoted
+    // while the connection waited for it.
+    let geometry = Geometry {
+        size_bytes: shape.size_bytes,
+        writable: export.is_writable(),
+        minimum_block_size: shape.minimum_block_size,
+    };
     let action = classify(&header, geometry);
     let (operation, payload) = match action {
         Action::Disconnect => return Ok(Incoming::Disconnect),
