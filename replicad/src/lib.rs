@@ -1,1 +1,2 @@
 //! replicad daemon library.
+pub mod nbd;

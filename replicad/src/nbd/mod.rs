@@ -1,0 +1,163 @@
+//! The NBD server: serves exports to real NBD clients (qemu, libnbd tools, fio, the
+//! kernel's `nbd-client`) over TCP or unix sockets.
+//!
+//! # Layers
+//!
+//! - [`proto`]: constants and a pure codec of the wire format (no I/O). Every parser takes
+//!   `&[u8]` and returns a typed value or a [`proto::ProtocolError`]; none panics on any
+//!   input.
+//! - [`server`]: the tokio driver. [`server::serve`] accepts connections, runs the fixed
+//!   newstyle handshake and then the transmission phase, one reader task and one writer
+//!   task per connection, with one task per request in flight.
+//! - [`Export`] / [`ExportSet`]: the boundary to the storage behind the server (the
+//!   replicated volume). [`MemoryExport`] is a RAM-backed implementation for tests and
+//!   demos.
+//!
+//! # The export boundary
+//!
+//! The server knows nothing of replication, journals or disks: it sees an [`Export`] with a
+//! size and five asynchronous operations. In return it promises the export:
+//!
+//! - **Every request is in range.** Offsets and lengths are checked against
+//!   [`Export::size_bytes`] with checked arithmetic before the export is called, so
+//!   `offset + length <= size_bytes()` always holds and never overflows.
+//! - **Payloads are bounded.** `read` and `write` are never called with more than
+//!   [`proto::MAX_PAYLOAD_BYTES`] (32 MiB). `trim` and `write_zeroes` carry no payload and
+//!   may cover up to `u32::MAX` bytes.
+//! - **Only whole payloads arrive.** A client that disconnects in the middle of a write
+//!   payload never reaches [`Export::write`].
+//! - **Writes are checked against [`Export::is_writable`] per request**, and refused with
+//!   `EPERM` when it is false. The check races with a demotion, so an export must still
+//!   refuse writes itself once it is no longer writable.
+//! - **Alignment.** Offsets and lengths are multiples of [`Export::minimum_block_size`].
+//! - **Requests run concurrently and complete in any order.** The server calls the export
+//!   from many tasks at once; replies go out in completion order. Overlapping requests in
+//!   flight at the same time have no defined order (the NBD protocol leaves that to the
+//!   client).
+//! - **Futures run to completion.** The server never drops an export future it started,
+//!   even when the client disconnects or the server shuts down, so an export can keep
+//!   state across an `.await` without cancellation safety concerns.
+//!
+//! And the export promises the server:
+//!
+//! - [`Export::flush`] makes durable every write, trim and write-zeroes whose future has
+//!   completed before `flush` was called. A write with `fua == true` is durable when its
+//!   future completes.
+//! - [`Export::read`] returns exactly `length` bytes or an error.
+//! - [`Export::can_multi_conn`] is true only if a flush on one connection makes every
+//!   connection's completed writes durable (the `NBD_FLAG_CAN_MULTI_CONN` promise).
+//!
+//! # Fault model
+//!
+//! Clients are untrusted: malformed, truncated, oversized or out-of-range input gets the
+//! error the NBD specification prescribes, or a closed connection, and never disturbs
+//! other connections. Memory per connection is bounded (see [`server::ServerConfig`]).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+mod handshake;
+mod memory;
+pub mod proto;
+pub mod server;
+mod transmission;
+
+pub use memory::{ExportMap, MemoryExport};
+pub use server::{serve, serve_with_config, spawn, Listener, ServerConfig, ServerHandle};
+
+/// An errno value (`libc::EIO`, `libc::EPERM`, ...) returned by an export.
+///
+/// The server maps it to the NBD error values at the wire boundary
+/// ([`proto::nbd_error_from_errno`]); errno values without an NBD counterpart become `EIO`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const ENOSPC: Errno = Errno(libc::ENOSPC);
+    pub const ESHUTDOWN: Errno = Errno(libc::ESHUTDOWN);
+}
+
+impl From<std::io::Error> for Errno {
+    /// Keeps the OS error code; errors without one (e.g. `UnexpectedEof`) become `EIO`.
+    fn from(error: std::io::Error) -> Errno {
+        Errno(error.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+impl std::error::Error for Errno {}
+
+/// What the server needs from one export. See the module documentation for the contract
+/// in both directions.
+pub trait Export: Send + Sync + 'static {
+    /// The size of the export in bytes. Must not change while clients are connected.
+    fn size_bytes(&self) -> u64;
+
+    /// Checked per request: a node may be demoted while clients stay connected, and its
+    /// writes are then refused with `EPERM`.
+    fn is_writable(&self) -> bool;
+
+    /// True only if a FLUSH on one connection makes every connection's completed writes
+    /// durable.
+    fn can_multi_conn(&self) -> bool;
+
+    /// The smallest addressable unit: a power of two from 1 to 65536. The server refuses
+    /// unaligned requests with `EINVAL`, and advertises this value to clients that ask
+    /// for block size constraints. Defaults to 1 (any alignment).
+    fn minimum_block_size(&self) -> u32 {
+        1
+    }
+
+    /// Reads exactly `length` bytes at `offset`.
+    fn read(&self, offset: u64, length: u32) -> impl Future<Output = Result<Bytes, Errno>> + Send;
+
+    /// Writes `data` at `offset`; with `fua`, the data is durable when the future
+    /// completes.
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), Errno>> + Send;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl Future<Output = Result<(), Errno>> + Send;
+
+    /// Discards a range: its contents are undefined until it is written again.
+    fn trim(
+        &self,
+        offset: u64,
+        length: u32,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), Errno>> + Send;
+
+    /// Writes zeroes over a range; the range reads back as zeroes afterwards.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u32,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), Errno>> + Send;
+}
+
+/// The exports a server offers, looked up by name during the handshake.
+pub trait ExportSet: Send + Sync + 'static {
+    type Export: Export;
+
+    /// The export called `name`. The empty name asks for the default export, if the set
+    /// has one.
+    fn get(&self, name: &str) -> Option<Arc<Self::Export>>;
+
+    /// The names listed to clients that send `NBD_OPT_LIST`.
+    fn names(&self) -> Vec<String>;
+}

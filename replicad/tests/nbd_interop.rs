@@ -1,0 +1,349 @@
+//! Interoperability of the NBD server with real clients: nbdinfo, qemu-io, nbdcopy, fio.
+//!
+//! The server runs in-process on a memory export: these tests prove protocol
+//! conformance, not the replicated volume behind it. Every client is a real process,
+//! killed if the test ends early; every wait has a timeout. A missing tool fails its test
+//! with the package to install.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use replicad::nbd::{self, ExportMap, MemoryExport, ServerConfig, ServerHandle};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::process::Command;
+
+const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+const EXPORT_NAME: &str = "r0";
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> TempDir {
+        let seed = engine::rng::os_random_u64();
+        let path = std::env::temp_dir().join(format!(
+            "replicad-{label}-{}-{seed:016x}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path).expect("create temporary directory");
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One export served on a TCP port and on a unix socket.
+struct Fixture {
+    export: Arc<MemoryExport>,
+    tcp_uri: String,
+    unix_uri: String,
+    servers: Vec<ServerHandle>,
+    dir: TempDir,
+}
+
+impl Fixture {
+    async fn start(export: MemoryExport) -> Fixture {
+        let export = Arc::new(export);
+        let exports = Arc::new(ExportMap::single(EXPORT_NAME, Arc::clone(&export)));
+        let dir = TempDir::new("nbd-interop");
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
+        let port = tcp.local_addr().expect("local address").port();
+        let socket = dir.path().join("nbd.sock");
+        let unix = UnixListener::bind(&socket).expect("bind unix socket");
+        let servers = vec![
+            nbd::spawn(tcp, Arc::clone(&exports), ServerConfig::default()),
+            nbd::spawn(unix, exports, ServerConfig::default()),
+        ];
+        Fixture {
+            export,
+            tcp_uri: format!("nbd://127.0.0.1:{port}/{EXPORT_NAME}"),
+            unix_uri: format!("nbd+unix:///{EXPORT_NAME}?socket={}", socket.display()),
+            servers,
+            dir,
+        }
+    }
+
+    /// Shuts both servers down; fails if they do not drain in time.
+    async fn stop(self) {
+        for server in self.servers {
+            tokio::time::timeout(Duration::from_secs(30), server.shutdown())
+                .await
+                .expect("server shutdown timed out")
+                .expect("server shutdown");
+        }
+    }
+}
+
+/// Runs a tool to completion and returns its output; fails on a missing tool, a timeout
+/// or a non-zero exit.
+async fn run(program: &str, args: &[&str]) -> Output {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|error| {
+            panic!(
+                "cannot run {program}: {error}. The NBD interop tests need the Debian packages \
+                 libnbd-bin, nbdkit, fio and qemu-utils"
+            )
+        });
+    let output = tokio::time::timeout(TOOL_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within {TOOL_TIMEOUT:?}"))
+        .expect("wait for tool");
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    output
+}
+
+/// Runs qemu-io commands against `uri` and fails on any failed command or pattern
+/// mismatch (qemu-io reports some failures only on its output).
+async fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for command in commands {
+        args.extend(["-c", command]);
+    }
+    args.push(uri);
+    let output = run("qemu-io", &args).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for failure in ["Pattern verification failed", "failed:", "error"] {
+        assert!(
+            !text.contains(failure),
+            "qemu-io {commands:?} reported {failure:?}:\n{text}"
+        );
+    }
+    text
+}
+
+fn json_field<'a>(json: &'a serde_json::Value, field: &str) -> &'a serde_json::Value {
+    &json["exports"][0][field]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdinfo_shows_name_size_and_flags() {
+    // An odd size proves the exact size is reported, not a rounded one.
+    let size = 3 * MIB + 512 + 3;
+    let fixture = Fixture::start(MemoryExport::new(size)).await;
+    for uri in [&fixture.tcp_uri, &fixture.unix_uri] {
+        let output = run("nbdinfo", &["--json", uri]).await;
+        let json: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("nbdinfo prints JSON");
+        assert_eq!(json_field(&json, "export-name"), EXPORT_NAME, "{json}");
+        assert_eq!(json_field(&json, "export-size"), size as u64, "{json}");
+        assert_eq!(json_field(&json, "is_read_only"), false, "{json}");
+        assert_eq!(json_field(&json, "can_multi_conn"), true, "{json}");
+        assert_eq!(json_field(&json, "can_flush"), true, "{json}");
+        assert_eq!(json_field(&json, "can_fua"), true, "{json}");
+        assert_eq!(json_field(&json, "can_trim"), true, "{json}");
+        assert_eq!(json_field(&json, "can_zero"), true, "{json}");
+        assert_eq!(json_field(&json, "block_size_minimum"), 1, "{json}");
+        assert_eq!(json_field(&json, "block_size_preferred"), 4096, "{json}");
+        assert_eq!(
+            json_field(&json, "block_size_maximum"),
+            32 * MIB as u64,
+            "{json}"
+        );
+    }
+    let listing = run("nbdinfo", &["--list", "--json", &fixture.tcp_uri]).await;
+    let json: serde_json::Value = serde_json::from_slice(&listing.stdout).expect("JSON list");
+    assert_eq!(json_field(&json, "export-name"), EXPORT_NAME, "{json}");
+    fixture.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdinfo_sees_a_read_only_export_without_multi_conn() {
+    let export = MemoryExport::with_options(MIB, false, 512);
+    export.set_writable(false);
+    let fixture = Fixture::start(export).await;
+    let output = run("nbdinfo", &["--json", &fixture.tcp_uri]).await;
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(json_field(&json, "is_read_only"), true, "{json}");
+    assert_eq!(json_field(&json, "can_multi_conn"), false, "{json}");
+    assert_eq!(json_field(&json, "block_size_minimum"), 512, "{json}");
+    fixture.stop().await;
+}
+
+/// Aligned and unaligned writes, FUA, write-zeroes, discard and flush, each read back
+/// through qemu-io and checked against the export's memory.
+async fn qemu_io_patterns(uri_of: impl Fn(&Fixture) -> &str) {
+    let fixture = Fixture::start(MemoryExport::new(4 * MIB)).await;
+    let uri = uri_of(&fixture);
+    qemu_io(
+        uri,
+        &[
+            "write -P 0xab 0 64k",
+            "write -P 0xcd 4097 1000",
+            "write -f -P 0x11 1M 4k",
+            "write -f -P 0x22 1049599 3",
+            "write -P 0x33 2M 64k",
+            "write -z 2M 8k",
+            "discard 3M 64k",
+            "flush",
+        ],
+    )
+    .await;
+    qemu_io(
+        uri,
+        &[
+            "read -P 0xab 0 4097",
+            "read -P 0xcd 4097 1000",
+            "read -P 0xab 5097 60439",
+            "read -P 0x11 1M 1023",
+            "read -P 0x22 1049599 3",
+            "read -P 0x11 1049602 3070",
+            "read -P 0 2M 8k",
+            "read -P 0x33 2105344 56k",
+            "read -P 0 4194303 1",
+        ],
+    )
+    .await;
+    let memory = fixture.export.snapshot();
+    assert!(memory[..4097].iter().all(|&b| b == 0xab));
+    assert!(memory[4097..5097].iter().all(|&b| b == 0xcd));
+    assert!(memory[MIB..MIB + 1023].iter().all(|&b| b == 0x11));
+    assert!(memory[MIB + 1023..MIB + 1026].iter().all(|&b| b == 0x22));
+    assert!(memory[2 * MIB..2 * MIB + 8 * KIB].iter().all(|&b| b == 0));
+    fixture.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_io_over_tcp() {
+    qemu_io_patterns(|fixture| &fixture.tcp_uri).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_io_over_unix_socket() {
+    qemu_io_patterns(|fixture| &fixture.unix_uri).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_io_honours_a_512_byte_minimum_block_size() {
+    // qemu asks for the block size constraints and does read-modify-write itself, so
+    // unaligned I/O still works and the server only ever sees aligned requests.
+    let fixture = Fixture::start(MemoryExport::with_options(MIB, true, 512)).await;
+    qemu_io(
+        &fixture.tcp_uri,
+        &[
+            "write -P 0x5a 100 1000",
+            "read -P 0x5a 100 1000",
+            "read -P 0 0 100",
+        ],
+    )
+    .await;
+    let memory = fixture.export.snapshot();
+    assert!(memory[100..1100].iter().all(|&b| b == 0x5a));
+    fixture.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_qemu_io_clients_at_once() {
+    let fixture = Fixture::start(MemoryExport::new(4 * MIB)).await;
+    let first = qemu_io(
+        &fixture.tcp_uri,
+        &[
+            "write -P 0x61 0 1M",
+            "read -P 0x61 0 1M",
+            "write -P 0x62 0 4k",
+        ],
+    );
+    let second = qemu_io(
+        &fixture.unix_uri,
+        &[
+            "write -P 0x71 2M 1M",
+            "read -P 0x71 2M 1M",
+            "write -P 0x72 2M 4k",
+        ],
+    );
+    tokio::join!(first, second);
+    qemu_io(
+        &fixture.tcp_uri,
+        &[
+            "read -P 0x62 0 4k",
+            "read -P 0x61 4k 1020k",
+            "read -P 0x72 2M 4k",
+            "read -P 0x71 2052k 1020k",
+        ],
+    )
+    .await;
+    fixture.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdcopy_round_trips_64_mib_of_random_data() {
+    let size = 64 * MIB;
+    let fixture = Fixture::start(MemoryExport::new(size)).await;
+    let source = fixture.dir.path().join("source.img");
+    let copy = fixture.dir.path().join("copy.img");
+    let mut data = vec![0u8; size];
+    engine::rng::SplitMix64::new(0x006e_6264_636f_7079).fill(&mut data);
+    std::fs::write(&source, &data).expect("write source file");
+
+    let source_arg = source.to_str().expect("UTF-8 path");
+    let copy_arg = copy.to_str().expect("UTF-8 path");
+    run("nbdcopy", &[source_arg, &fixture.tcp_uri]).await;
+    assert!(
+        fixture.export.snapshot() == data,
+        "export differs from the source after nbdcopy"
+    );
+    run("nbdcopy", &[&fixture.unix_uri, copy_arg]).await;
+    run("cmp", &[source_arg, copy_arg]).await;
+    fixture.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fio_random_writes_verify() {
+    let fixture = Fixture::start(MemoryExport::new(16 * MIB)).await;
+    let uri_arg = format!("--uri={}", fixture.tcp_uri);
+    let output = run(
+        "fio",
+        &[
+            "--name=nbd-verify",
+            "--ioengine=nbd",
+            &uri_arg,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--output-format=json",
+        ],
+    )
+    .await;
+    // fio's nbd engine prints a line of its own before the JSON document.
+    let stdout = &output.stdout;
+    let start = stdout.iter().position(|&b| b == b'{').unwrap_or(0);
+    let json: serde_json::Value =
+        serde_json::from_slice(&stdout[start..]).expect("fio prints JSON");
+    let job = &json["jobs"][0];
+    assert_eq!(job["error"], 0, "{json}");
+    assert_eq!(job["write"]["io_bytes"], 16 * MIB as u64, "{job}");
+    // The verify phase reads everything back.
+    assert_eq!(job["read"]["io_bytes"], 16 * MIB as u64, "{job}");
+    fixture.stop().await;
+}
