@@ -16,6 +16,7 @@ pub mod error;
 pub mod gen;
 pub mod layout;
 pub mod record;
+pub mod repl;
 pub mod rng;
 pub mod superblock;
 pub mod testing;

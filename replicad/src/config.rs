@@ -47,27 +47,11 @@ pub enum ConfigError {
     NoSuchNode { node: String, known: String },
 }
 
-/// Replication mode (DRBD protocols C, B, A).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Acknowledged once in both nodes' journals (protocol C).
-    #[default]
-    Sync,
-    /// Acknowledged once in the local journal and received by the peer (protocol B).
-    SemiSync,
-    /// Acknowledged once in the local journal (protocol A).
-    Async,
-}
+pub use engine::repl::Mode;
 
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Sync => "sync",
-            Mode::SemiSync => "semi-sync",
-            Mode::Async => "async",
-        })
-    }
+fn mode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Mode, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    Mode::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not a mode (sync, semi-sync or async)")))
 }
 
 /// How the data area is accessed.
@@ -238,7 +222,7 @@ pub struct WitnessConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ResourceConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "mode")]
     pub mode: Mode,
     /// Resource UUID; by default derived from the resource's name.
     #[serde(default, deserialize_with = "uuid")]
