@@ -1,1 +1,3 @@
 //! replicad tools library.
+
+pub mod nbd_client;
