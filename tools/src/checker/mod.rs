@@ -9,10 +9,11 @@
 //! data that was never written to it.
 //!
 //! **Architecture invariant:** [`block`], [`log`] and [`verify`] are pure (no sockets,
-//! no clock).
+//! no clock). [`servers`] starts real NBD servers for tests and demos.
 
 pub mod block;
 pub mod log;
+pub mod servers;
 pub mod verify;
 
 pub use block::{classify_block, BlockContent, BLOCK_SIZE};
