@@ -9,13 +9,18 @@
 //! data that was never written to it.
 //!
 //! **Architecture invariant:** [`block`], [`log`] and [`verify`] are pure (no sockets,
-//! no clock). [`servers`] starts real NBD servers for tests and demos.
+//! no clock); [`run`] does the NBD I/O around them, and the CLI is a thin shell over
+//! it. [`servers`] starts real NBD servers for tests and demos.
 
 pub mod block;
 pub mod log;
+pub mod run;
 pub mod servers;
 pub mod verify;
 
 pub use block::{classify_block, BlockContent, BLOCK_SIZE};
 pub use log::{LogError, LogWriter, RunLog, StopReason};
+pub use run::{
+    read_blocks, run_writes, verify_export, CheckerError, WritePlan, WriteProgress, WriteSummary,
+};
 pub use verify::{verify, Finding, Mode, VerifyReport};
