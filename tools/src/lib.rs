@@ -1,1 +1,4 @@
 //! replicad tools library.
+
+pub mod checker;
+pub mod nbd_client;
