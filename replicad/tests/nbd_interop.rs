@@ -87,10 +87,12 @@ impl Fixture {
 }
 
 /// Runs a tool to completion and returns its output; fails on a missing tool, a timeout
-/// or a non-zero exit.
+/// or a non-zero exit. Tools run in the system's temporary directory, so that files they
+/// leave behind (fio's verify state) stay out of the source tree.
 async fn run(program: &str, args: &[&str]) -> Output {
     let child = Command::new(program)
         .args(args)
+        .current_dir(std::env::temp_dir())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -331,6 +333,7 @@ async fn fio_random_writes_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     )
