@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1007,11 +1008,13 @@ async fn demoted_export_refuses_writes_on_open_connections() {
 // ---------------------------------------------------------------------------------------
 
 /// A memory export whose operations at or past `gated_from` wait until the test opens
-/// the gate; every operation reports its offset when it starts.
+/// the gate, and whose operations at `panic_at` panic (an export bug); every operation
+/// reports its offset when it starts.
 struct GatedExport {
     inner: MemoryExport,
     gated_from: u64,
     gate: Semaphore,
+    panic_at: AtomicU64,
     started: mpsc::UnboundedSender<u64>,
 }
 
@@ -1022,6 +1025,7 @@ impl GatedExport {
             inner: MemoryExport::new(size_bytes),
             gated_from,
             gate: Semaphore::new(0),
+            panic_at: AtomicU64::new(u64::MAX),
             started,
         };
         (Arc::new(export), receiver)
@@ -1029,6 +1033,9 @@ impl GatedExport {
 
     async fn pass(&self, offset: u64) {
         let _ = self.started.send(offset);
+        if offset == self.panic_at.load(Ordering::SeqCst) {
+            panic!("export bug at offset {offset} (expected by the test)");
+        }
         if offset >= self.gated_from {
             self.gate.acquire().await.expect("gate open").forget();
         }
@@ -1170,4 +1177,18 @@ async fn shutdown_finishes_requests_in_flight_then_closes() {
     assert_eq!(&export.inner.snapshot()[..5], b"flush");
     // The listener is closed.
     assert!(TcpStream::connect(address).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_export_operation_gets_eio_and_the_connection_goes_on() {
+    let (export, _started) = GatedExport::new(1 << 20, u64::MAX);
+    export.panic_at.store(4096, Ordering::SeqCst);
+    let server = TestServer::start(Arc::clone(&export), ServerConfig::default()).await;
+    let mut client = server.client().await;
+    assert_eq!(client.read(4096, 512).await, Err(proto::NBD_EIO));
+    assert_eq!(client.write(4096, b"boom").await, proto::NBD_EIO);
+    assert_eq!(client.write(0, b"fine").await, 0);
+    assert_eq!(client.read(0, 4).await, Ok(b"fine".to_vec()));
+    client.disconnect().await;
+    server.stop().await;
 }

@@ -87,10 +87,12 @@ impl Fixture {
 }
 
 /// Runs a tool to completion and returns its output; fails on a missing tool, a timeout
-/// or a non-zero exit.
+/// or a non-zero exit. Tools run in the system's temporary directory, so that files they
+/// leave behind (fio's verify state) stay out of the source tree.
 async fn run(program: &str, args: &[&str]) -> Output {
     let child = Command::new(program)
         .args(args)
+        .current_dir(std::env::temp_dir())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -292,15 +294,21 @@ async fn two_qemu_io_clients_at_once() {
     fixture.stop().await;
 }
 
+/// Writes `size` bytes of seeded random data to `path` and returns them.
+fn random_file(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; size];
+    engine::rng::SplitMix64::new(seed).fill(&mut data);
+    std::fs::write(path, &data).expect("write random file");
+    data
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdcopy_round_trips_64_mib_of_random_data() {
     let size = 64 * MIB;
     let fixture = Fixture::start(MemoryExport::new(size)).await;
     let source = fixture.dir.path().join("source.img");
     let copy = fixture.dir.path().join("copy.img");
-    let mut data = vec![0u8; size];
-    engine::rng::SplitMix64::new(0x006e_6264_636f_7079).fill(&mut data);
-    std::fs::write(&source, &data).expect("write source file");
+    let data = random_file(&source, size, 0x006e_6264_636f_7079);
 
     let source_arg = source.to_str().expect("UTF-8 path");
     let copy_arg = copy.to_str().expect("UTF-8 path");
@@ -331,6 +339,7 @@ async fn fio_random_writes_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     )
@@ -345,5 +354,148 @@ async fn fio_random_writes_verify() {
     assert_eq!(job["write"]["io_bytes"], 16 * MIB as u64, "{job}");
     // The verify phase reads everything back.
     assert_eq!(job["read"]["io_bytes"], 16 * MIB as u64, "{job}");
+    fixture.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_img_info_convert_and_compare() {
+    let size = 8 * MIB;
+    let fixture = Fixture::start(MemoryExport::new(size)).await;
+    let output = run(
+        "qemu-img",
+        &["info", "--output=json", "-f", "raw", &fixture.tcp_uri],
+    )
+    .await;
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(json["virtual-size"], size as u64, "{json}");
+
+    let source = fixture.dir.path().join("source.img");
+    let data = random_file(&source, size, 0x0071_656d_7569_6d67);
+    let source_arg = source.to_str().expect("UTF-8 path");
+    let convert = ["convert", "-n", "-f", "raw", "-O", "raw", source_arg];
+    run("qemu-img", &[&convert[..], &[&fixture.unix_uri]].concat()).await;
+    assert!(
+        fixture.export.snapshot() == data,
+        "export differs after qemu-img convert"
+    );
+    // Exits non-zero if the images differ.
+    let compare = ["compare", "-f", "raw", "-F", "raw", source_arg];
+    run("qemu-img", &[&compare[..], &[&fixture.tcp_uri]].concat()).await;
+    fixture.stop().await;
+}
+
+/// An nbdfuse mount, unmounted (and its process killed) when dropped.
+struct FuseMount {
+    mountpoint: PathBuf,
+    process: tokio::process::Child,
+}
+
+impl FuseMount {
+    /// Mounts `uri` as the file `nbd` in `mountpoint` and waits until nbdfuse says it is
+    /// ready by writing its pid file.
+    async fn mount(uri: &str, mountpoint: PathBuf, pidfile: &Path) -> FuseMount {
+        std::fs::create_dir_all(&mountpoint).expect("create mountpoint");
+        let process = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(pidfile)
+            .arg(&mountpoint)
+            .arg(uri)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!("cannot run nbdfuse: {error}. Install the Debian package libnbd-bin")
+            });
+        let mut mount = FuseMount {
+            mountpoint,
+            process,
+        };
+        // nbdfuse has no other readiness signal than the pid file.
+        tokio::time::timeout(TOOL_TIMEOUT, async {
+            while !pidfile.exists() {
+                if let Ok(Some(status)) = mount.process.try_wait() {
+                    panic!("nbdfuse exited with {status} before it was ready");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("nbdfuse did not become ready");
+        mount
+    }
+
+    fn file(&self) -> PathBuf {
+        self.mountpoint.join("nbd")
+    }
+
+    /// Unmounts and waits for nbdfuse to exit cleanly.
+    async fn unmount(mut self) {
+        run(
+            "fusermount3",
+            &["-u", self.mountpoint.to_str().expect("UTF-8 path")],
+        )
+        .await;
+        let status = tokio::time::timeout(TOOL_TIMEOUT, self.process.wait())
+            .await
+            .expect("nbdfuse did not exit after unmount")
+            .expect("wait for nbdfuse");
+        assert!(status.success(), "nbdfuse exited with {status}");
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        // Harmless if already unmounted; keeps a failed test from leaving a mount behind.
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mountpoint)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdfuse_exposes_the_export_as_a_file() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    let size = 4 * MIB;
+    let fixture = Fixture::start(MemoryExport::new(size)).await;
+    let mount = FuseMount::mount(
+        &fixture.tcp_uri,
+        fixture.dir.path().join("mnt"),
+        &fixture.dir.path().join("nbdfuse.pid"),
+    )
+    .await;
+    let path = mount.file();
+    let written: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+    let expected = written.clone();
+    // File I/O on the FUSE mount blocks; keep it off the runtime's workers.
+    let contents = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open the nbdfuse file");
+        assert_eq!(file.metadata().expect("metadata").len(), size as u64);
+        file.seek(SeekFrom::Start(12_345)).expect("seek");
+        file.write_all(&written).expect("write");
+        file.sync_all().expect("fsync");
+        let mut contents = Vec::new();
+        file.seek(SeekFrom::Start(0)).expect("seek");
+        file.read_to_end(&mut contents).expect("read");
+        contents
+    });
+    let contents = tokio::time::timeout(TOOL_TIMEOUT, contents)
+        .await
+        .expect("file I/O on the nbdfuse mount timed out")
+        .expect("file I/O");
+    assert_eq!(contents.len(), size);
+    assert!(
+        contents[12_345..112_345] == expected[..],
+        "read back differs"
+    );
+    assert!(contents[..12_345].iter().all(|&b| b == 0));
+    assert!(fixture.export.snapshot()[12_345..112_345] == expected[..]);
+    mount.unmount().await;
     fixture.stop().await;
 }

@@ -47,6 +47,22 @@
 //! - [`Export::can_multi_conn`] is true only if a flush on one connection makes every
 //!   connection's completed writes durable (the `NBD_FLAG_CAN_MULTI_CONN` promise).
 //!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use replicad::nbd::{self, ExportMap, MemoryExport};
+//!
+//! # async fn example() -> std::io::Result<()> {
+//! let exports = Arc::new(ExportMap::single("r0", Arc::new(MemoryExport::new(1 << 30))));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:10809").await?;
+//! let shutdown = async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! };
+//! nbd::serve(listener, exports, shutdown).await
+//! # }
+//! ```
+//!
 //! # Fault model
 //!
 //! Clients are untrusted: malformed, truncated, oversized or out-of-range input gets the
@@ -118,11 +134,14 @@ pub trait Export: Send + Sync + 'static {
         1
     }
 
-    /// Reads exactly `length` bytes at `offset`.
+    /// Reads exactly `length` bytes at `offset`. The bytes are written to the socket
+    /// from the returned buffer without a copy; `Bytes::from_owner` turns any owned
+    /// buffer (e.g. an aligned O_DIRECT buffer) into `Bytes` without copying it.
     fn read(&self, offset: u64, length: u32) -> impl Future<Output = Result<Bytes, Errno>> + Send;
 
     /// Writes `data` at `offset`; with `fua`, the data is durable when the future
-    /// completes.
+    /// completes. `data` is the buffer the payload was received into (no copy); it has
+    /// no particular alignment.
     fn write(
         &self,
         offset: u64,

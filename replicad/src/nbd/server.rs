@@ -85,7 +85,9 @@ pub struct ServerConfig {
     pub max_in_flight_payload_bytes: u32,
     /// The longest a client may take from connecting to entering transmission.
     pub handshake_timeout: Duration,
-    /// How long shutdown waits for connections to drain before closing them.
+    /// How long shutdown waits for connections to drain before closing them. Export
+    /// operations already started are never cancelled: past this grace period their
+    /// connections close, but the operations run on in the background.
     pub shutdown_grace: Duration,
 }
 

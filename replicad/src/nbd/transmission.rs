@@ -231,6 +231,44 @@ impl Reply {
     }
 }
 
+/// The obligation to reply to a request: fulfilled with the export's result, or, if the
+/// request task ends without one (an export that panicked), with `EIO` when dropped, so
+/// that the client is never left waiting for a reply.
+struct ReplyPromise {
+    cookie: u64,
+    permits: Option<Permits>,
+    sender: mpsc::Sender<Reply>,
+}
+
+impl ReplyPromise {
+    fn fulfil(mut self, result: Result<Option<Bytes>, Errno>) {
+        self.send(result);
+    }
+
+    fn send(&mut self, result: Result<Option<Bytes>, Errno>) {
+        if let Some(permits) = self.permits.take() {
+            // The channel holds a place for every request slot, so it is never full; it
+            // is closed only when the writer is gone with the client, and then the reply
+            // has no reader.
+            let _ = self
+                .sender
+                .try_send(Reply::new(self.cookie, result, permits));
+        }
+    }
+}
+
+impl Drop for ReplyPromise {
+    fn drop(&mut self) {
+        if self.permits.is_some() {
+            tracing::error!(
+                cookie = self.cookie,
+                "request ended without a result; replying EIO"
+            );
+            self.send(Err(Errno::EIO));
+        }
+    }
+}
+
 /// An accepted request, payload included, ready to run against the export.
 enum Operation {
     Read { offset: u64, length: u32 },
@@ -374,11 +412,14 @@ where
                 permits,
             }) => {
                 let export = Arc::clone(&export);
-                let reply_sender = reply_sender.clone();
+                let promise = ReplyPromise {
+                    cookie,
+                    permits: Some(permits),
+                    sender: reply_sender.clone(),
+                };
                 tokio::spawn(async move {
                     let result = operation.execute(&*export).await;
-                    // The writer is gone only if the client is; the reply has no reader.
-                    let _ = reply_sender.send(Reply::new(cookie, result, permits)).await;
+                    promise.fulfil(result);
                 });
             }
         }
