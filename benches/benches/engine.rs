@@ -22,7 +22,9 @@ fn crc(c: &mut Criterion) {
     for size in [4096usize, 1 << 20] {
         let data = vec![0x5Au8; size];
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(size), &data, |b, data| b.iter(|| block_crc(black_box(data))));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &data, |b, data| {
+            b.iter(|| block_crc(black_box(data)))
+        });
     }
     group.finish();
 }
@@ -40,7 +42,9 @@ fn record_codec(c: &mut Criterion) {
         wire.extend_from_slice(&record.encoded_header);
         wire.extend_from_slice(&record.data);
         let wire = wire.freeze();
-        group.bench_with_input(BenchmarkId::new("parse", size), &wire, |b, wire| b.iter(|| Record::parse(black_box(wire.clone())).is_ok()));
+        group.bench_with_input(BenchmarkId::new("parse", size), &wire, |b, wire| {
+            b.iter(|| Record::parse(black_box(wire.clone())).is_ok())
+        });
     }
     group.finish();
 }
@@ -89,7 +93,8 @@ fn volume_paths(c: &mut Criterion) {
         assume_zeroed: true,
     };
     Volume::create(&store, &MetaStore::Internal, &create, &mut |_, _| {}).expect("create-md");
-    let (volume, _) = Volume::open(store, MetaStore::Internal, None, VolumeOptions::default()).expect("open volume");
+    let (volume, _) = Volume::open(store, MetaStore::Internal, None, VolumeOptions::default())
+        .expect("open volume");
     let blocks = volume.size_bytes() / 4096;
     let mut group = c.benchmark_group("volume");
     group.throughput(Throughput::Bytes(4096));
@@ -100,7 +105,13 @@ fn volume_paths(c: &mut Criterion) {
     group.bench_function("write_4k_journaled", |b| {
         b.iter(|| {
             let offset = rng.below(blocks) * 4096;
-            volume.write_blocking(WriteRequest { offset, kind: WriteKind::Data(data.clone()), fua: false }).expect("write")
+            volume
+                .write_blocking(WriteRequest {
+                    offset,
+                    kind: WriteKind::Data(data.clone()),
+                    fua: false,
+                })
+                .expect("write")
         })
     });
     // Overlay lookup: a read of a block written just before (not yet applied).

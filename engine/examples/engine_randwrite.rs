@@ -16,11 +16,21 @@ use engine::{Volume, VolumeOptions, WriteKind, WriteRequest};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let path = std::path::PathBuf::from(args.get(1).expect("usage: engine_randwrite FILE [SECONDS] [QD] [direct]"));
+    let path = std::path::PathBuf::from(
+        args.get(1)
+            .expect("usage: engine_randwrite FILE [SECONDS] [QD] [direct]"),
+    );
     let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
     let queue_depth: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(32);
     let direct = args.get(4).is_some_and(|s| s == "direct");
-    let store: Arc<dyn Backend> = backend::open(&path, OpenOptions { direct, ..OpenOptions::default() }).expect("open store");
+    let store: Arc<dyn Backend> = backend::open(
+        &path,
+        OpenOptions {
+            direct,
+            ..OpenOptions::default()
+        },
+    )
+    .expect("open store");
     let create = CreateOptions {
         resource_uuid: [3; 16],
         node_id: 0,
@@ -30,7 +40,13 @@ fn main() {
         assume_zeroed: false,
     };
     Volume::create(&store, &MetaStore::Internal, &create, &mut |_, _| {}).expect("create-md");
-    let (volume, _) = Volume::open(store.clone(), MetaStore::Internal, None, VolumeOptions::default()).expect("open");
+    let (volume, _) = Volume::open(
+        store.clone(),
+        MetaStore::Internal,
+        None,
+        VolumeOptions::default(),
+    )
+    .expect("open");
     let blocks = volume.size_bytes() / 4096;
     let data = Bytes::from(vec![0x42u8; 4096]);
     let mut rng = SplitMix64::new(9);
@@ -43,8 +59,14 @@ fn main() {
         while in_flight < queue_depth {
             let sender = sender.clone();
             let offset = rng.below(blocks) * 4096;
-            let request = WriteRequest { offset, kind: WriteKind::Data(data.clone()), fua: false };
-            volume.write(request, Box::new(move |r| drop(sender.send(r)))).expect("write");
+            let request = WriteRequest {
+                offset,
+                kind: WriteKind::Data(data.clone()),
+                fua: false,
+            };
+            volume
+                .write(request, Box::new(move |r| drop(sender.send(r))))
+                .expect("write");
             in_flight += 1;
         }
         receiver.recv().expect("completion").expect("write ok");
@@ -57,7 +79,10 @@ fn main() {
         done += 1;
     }
     let acked = start.elapsed();
-    assert!(volume.checkpoint_blocking(Duration::from_secs(300)), "checkpoint");
+    assert!(
+        volume.checkpoint_blocking(Duration::from_secs(300)),
+        "checkpoint"
+    );
     let applied = start.elapsed();
     let stats = volume.stats();
     println!(

@@ -21,6 +21,7 @@ pub mod rng;
 pub mod superblock;
 pub mod testing;
 pub mod volume;
+pub mod wire;
 
 pub use error::{EngineError, IoError};
 pub use volume::{Volume, VolumeOptions, WriteKind, WriteRequest};

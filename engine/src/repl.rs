@@ -125,7 +125,9 @@ pub enum PromoteRefusal {
     DiskNotUpToDate(DiskState),
     #[error("local disk is {0}: there is no data to serve")]
     NoDisk(DiskState),
-    #[error("the peer is not connected and might still be Primary; if you know it is gone, use --force")]
+    #[error(
+        "the peer is not connected and might still be Primary; if you know it is gone, use --force"
+    )]
     PeerUnreachable,
 }
 
@@ -145,7 +147,9 @@ pub fn decide_promote(facts: &PromoteFacts) -> Result<PromoteAction, PromoteRefu
         return Ok(PromoteAction::AlreadyPrimary);
     }
     match facts.disk {
-        DiskState::Diskless | DiskState::Failed | DiskState::Attaching => return Err(PromoteRefusal::NoDisk(facts.disk)),
+        DiskState::Diskless | DiskState::Failed | DiskState::Attaching => {
+            return Err(PromoteRefusal::NoDisk(facts.disk))
+        }
         _ => {}
     }
     let connected = facts.connection == ConnectionState::Connected;
@@ -161,7 +165,10 @@ pub fn decide_promote(facts: &PromoteFacts) -> Result<PromoteAction, PromoteRefu
     if !connected && !facts.single_node && !facts.force && !facts.witness_says_peer_gone {
         return Err(PromoteRefusal::PeerUnreachable);
     }
-    Ok(PromoteAction::Promote { detached: !connected, forced_disk: !disk_ok })
+    Ok(PromoteAction::Promote {
+        detached: !connected,
+        forced_disk: !disk_ok,
+    })
 }
 
 /// Which acknowledgements a client write waits for, per mode.
@@ -177,9 +184,18 @@ pub struct AckNeeds {
 /// FUA (and FLUSH) are durable on both nodes in sync and semi-sync.
 pub fn ack_needs(mode: Mode, fua: bool) -> AckNeeds {
     match mode {
-        Mode::Sync => AckNeeds { peer_received: true, peer_written: true },
-        Mode::SemiSync => AckNeeds { peer_received: true, peer_written: fua },
-        Mode::Async => AckNeeds { peer_received: false, peer_written: false },
+        Mode::Sync => AckNeeds {
+            peer_received: true,
+            peer_written: true,
+        },
+        Mode::SemiSync => AckNeeds {
+            peer_received: true,
+            peer_written: fua,
+        },
+        Mode::Async => AckNeeds {
+            peer_received: false,
+            peer_written: false,
+        },
     }
 }
 
@@ -216,7 +232,8 @@ impl AckTracker {
     }
 
     fn satisfied(&self, seq: u64, needs: AckNeeds) -> bool {
-        (!needs.peer_received || self.received_seq >= seq) && (!needs.peer_written || self.written_seq >= seq)
+        (!needs.peer_received || self.received_seq >= seq)
+            && (!needs.peer_written || self.written_seq >= seq)
     }
 
     /// The peer acknowledged everything up to `seq`; returns the waiters now complete.
@@ -231,7 +248,9 @@ impl AckTracker {
         let mut done = Vec::new();
         let mut still = VecDeque::with_capacity(self.waiting.len());
         for (seq, needs, waiter) in self.waiting.drain(..) {
-            if (!needs.peer_received || self.received_seq >= seq) && (!needs.peer_written || self.written_seq >= seq) {
+            if (!needs.peer_received || self.received_seq >= seq)
+                && (!needs.peer_written || self.written_seq >= seq)
+            {
                 done.push(waiter);
             } else {
                 still.push_back((seq, needs, waiter));
@@ -244,7 +263,10 @@ impl AckTracker {
     /// The peer is gone: every waiter completes (its records are marked out of sync
     /// and the node goes on alone, as DRBD does).
     pub fn detach(&mut self) -> Vec<u64> {
-        self.waiting.drain(..).map(|(_, _, waiter)| waiter).collect()
+        self.waiting
+            .drain(..)
+            .map(|(_, _, waiter)| waiter)
+            .collect()
     }
 
     pub fn waiting(&self) -> usize {
@@ -275,30 +297,107 @@ mod tests {
 
     #[test]
     fn promote_rules() {
-        assert_eq!(decide_promote(&facts()), Ok(PromoteAction::Promote { detached: false, forced_disk: false }));
+        assert_eq!(
+            decide_promote(&facts()),
+            Ok(PromoteAction::Promote {
+                detached: false,
+                forced_disk: false
+            })
+        );
         let cases: Vec<(PromoteFacts, Result<PromoteAction, PromoteRefusal>)> = vec![
-            (PromoteFacts { peer_role: Some(Role::Primary), ..facts() }, Err(PromoteRefusal::PeerIsPrimary)),
-            (PromoteFacts { peer_role: Some(Role::Primary), force: true, ..facts() }, Err(PromoteRefusal::PeerIsPrimary)),
-            (PromoteFacts { disk: DiskState::Inconsistent, ..facts() }, Err(PromoteRefusal::DiskNotUpToDate(DiskState::Inconsistent))),
             (
-                PromoteFacts { disk: DiskState::Inconsistent, force: true, ..facts() },
-                Ok(PromoteAction::Promote { detached: false, forced_disk: true }),
-            ),
-            (PromoteFacts { connection: ConnectionState::Connecting, peer_role: None, ..facts() }, Err(PromoteRefusal::PeerUnreachable)),
-            (
-                PromoteFacts { connection: ConnectionState::Connecting, peer_role: None, force: true, ..facts() },
-                Ok(PromoteAction::Promote { detached: true, forced_disk: false }),
+                PromoteFacts {
+                    peer_role: Some(Role::Primary),
+                    ..facts()
+                },
+                Err(PromoteRefusal::PeerIsPrimary),
             ),
             (
-                PromoteFacts { connection: ConnectionState::StandAlone, peer_role: None, witness_says_peer_gone: true, ..facts() },
-                Ok(PromoteAction::Promote { detached: true, forced_disk: false }),
+                PromoteFacts {
+                    peer_role: Some(Role::Primary),
+                    force: true,
+                    ..facts()
+                },
+                Err(PromoteRefusal::PeerIsPrimary),
             ),
             (
-                PromoteFacts { single_node: true, connection: ConnectionState::StandAlone, peer_role: None, disk: DiskState::Inconsistent, ..facts() },
-                Ok(PromoteAction::Promote { detached: true, forced_disk: true }),
+                PromoteFacts {
+                    disk: DiskState::Inconsistent,
+                    ..facts()
+                },
+                Err(PromoteRefusal::DiskNotUpToDate(DiskState::Inconsistent)),
             ),
-            (PromoteFacts { disk: DiskState::Diskless, force: true, ..facts() }, Err(PromoteRefusal::NoDisk(DiskState::Diskless))),
-            (PromoteFacts { role: Role::Primary, ..facts() }, Ok(PromoteAction::AlreadyPrimary)),
+            (
+                PromoteFacts {
+                    disk: DiskState::Inconsistent,
+                    force: true,
+                    ..facts()
+                },
+                Ok(PromoteAction::Promote {
+                    detached: false,
+                    forced_disk: true,
+                }),
+            ),
+            (
+                PromoteFacts {
+                    connection: ConnectionState::Connecting,
+                    peer_role: None,
+                    ..facts()
+                },
+                Err(PromoteRefusal::PeerUnreachable),
+            ),
+            (
+                PromoteFacts {
+                    connection: ConnectionState::Connecting,
+                    peer_role: None,
+                    force: true,
+                    ..facts()
+                },
+                Ok(PromoteAction::Promote {
+                    detached: true,
+                    forced_disk: false,
+                }),
+            ),
+            (
+                PromoteFacts {
+                    connection: ConnectionState::StandAlone,
+                    peer_role: None,
+                    witness_says_peer_gone: true,
+                    ..facts()
+                },
+                Ok(PromoteAction::Promote {
+                    detached: true,
+                    forced_disk: false,
+                }),
+            ),
+            (
+                PromoteFacts {
+                    single_node: true,
+                    connection: ConnectionState::StandAlone,
+                    peer_role: None,
+                    disk: DiskState::Inconsistent,
+                    ..facts()
+                },
+                Ok(PromoteAction::Promote {
+                    detached: true,
+                    forced_disk: true,
+                }),
+            ),
+            (
+                PromoteFacts {
+                    disk: DiskState::Diskless,
+                    force: true,
+                    ..facts()
+                },
+                Err(PromoteRefusal::NoDisk(DiskState::Diskless)),
+            ),
+            (
+                PromoteFacts {
+                    role: Role::Primary,
+                    ..facts()
+                },
+                Ok(PromoteAction::AlreadyPrimary),
+            ),
         ];
         for (case, expected) in cases {
             assert_eq!(decide_promote(&case), expected, "{case:?}");
@@ -307,10 +406,34 @@ mod tests {
 
     #[test]
     fn ack_rules_per_mode() {
-        assert_eq!(ack_needs(Mode::Sync, false), AckNeeds { peer_received: true, peer_written: true });
-        assert_eq!(ack_needs(Mode::SemiSync, false), AckNeeds { peer_received: true, peer_written: false });
-        assert_eq!(ack_needs(Mode::SemiSync, true), AckNeeds { peer_received: true, peer_written: true });
-        assert_eq!(ack_needs(Mode::Async, true), AckNeeds { peer_received: false, peer_written: false });
+        assert_eq!(
+            ack_needs(Mode::Sync, false),
+            AckNeeds {
+                peer_received: true,
+                peer_written: true
+            }
+        );
+        assert_eq!(
+            ack_needs(Mode::SemiSync, false),
+            AckNeeds {
+                peer_received: true,
+                peer_written: false
+            }
+        );
+        assert_eq!(
+            ack_needs(Mode::SemiSync, true),
+            AckNeeds {
+                peer_received: true,
+                peer_written: true
+            }
+        );
+        assert_eq!(
+            ack_needs(Mode::Async, true),
+            AckNeeds {
+                peer_received: false,
+                peer_written: false
+            }
+        );
     }
 
     #[test]
@@ -323,7 +446,10 @@ mod tests {
         assert_eq!(tracker.ack(PeerAck::Written, 1), vec![10]);
         assert_eq!(tracker.ack(PeerAck::Received, 3), Vec::<u64>::new());
         assert_eq!(tracker.ack(PeerAck::Written, 3), vec![30]);
-        assert!(tracker.track(3, ack_needs(Mode::Sync, false), 40), "already acknowledged");
+        assert!(
+            tracker.track(3, ack_needs(Mode::Sync, false), 40),
+            "already acknowledged"
+        );
         assert!(!tracker.track(4, ack_needs(Mode::Sync, false), 50));
         assert_eq!(tracker.detach(), vec![50]);
         assert_eq!(tracker.waiting(), 0);
@@ -331,7 +457,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for state in [ReplicationState::Off, ReplicationState::PausedSyncT, ReplicationState::VerifyS] {
+        for state in [
+            ReplicationState::Off,
+            ReplicationState::PausedSyncT,
+            ReplicationState::VerifyS,
+        ] {
             assert_eq!(ReplicationState::parse(state.name()), Some(state));
         }
         assert_eq!(DiskState::parse("UpToDate"), Some(DiskState::UpToDate));

@@ -43,7 +43,9 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
     #[error("no resource named {0:?} in the config")]
     NoSuchResource(String),
-    #[error("node {node:?} is not part of any resource in the config (nodes: {known}); pass --node")]
+    #[error(
+        "node {node:?} is not part of any resource in the config (nodes: {known}); pass --node"
+    )]
     NoSuchNode { node: String, known: String },
 }
 
@@ -51,7 +53,9 @@ pub use engine::repl::Mode;
 
 fn mode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Mode, D::Error> {
     let text = String::deserialize(deserializer)?;
-    Mode::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not a mode (sync, semi-sync or async)")))
+    Mode::parse(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!("{text:?} is not a mode (sync, semi-sync or async)"))
+    })
 }
 
 /// How the data area is accessed.
@@ -100,9 +104,11 @@ impl<'de> Deserialize<'de> for NbdAddress {
             }
             return Ok(NbdAddress::Unix(PathBuf::from(path)));
         }
-        text.parse()
-            .map(NbdAddress::Tcp)
-            .map_err(|_| serde::de::Error::custom(format!("{text:?} is neither HOST:PORT (an IP address and port) nor unix:PATH")))
+        text.parse().map(NbdAddress::Tcp).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is neither HOST:PORT (an IP address and port) nor unix:PATH"
+            ))
+        })
     }
 }
 
@@ -124,8 +130,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             (&text[..index], multiplier)
         }
     };
-    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (use e.g. 512K, 128M, 1G)"))?;
-    value.checked_mul(multiplier).ok_or_else(|| format!("{text:?} is too large"))
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (use e.g. 512K, 128M, 1G)"))?;
+    value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// A duration like `2s`, `500ms`, `1m`.
@@ -152,14 +162,18 @@ fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Er
     match Option::<Raw>::deserialize(deserializer)? {
         None => Ok(None),
         Some(Raw::Number(value)) => Ok(Some(value)),
-        Some(Raw::Text(text)) => parse_size(&text).map(Some).map_err(serde::de::Error::custom),
+        Some(Raw::Text(text)) => parse_size(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
     }
 }
 
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
     match Option::<String>::deserialize(deserializer)? {
         None => Ok(None),
-        Some(text) => parse_duration(&text).map(Some).map_err(serde::de::Error::custom),
+        Some(text) => parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
     }
 }
 
@@ -169,11 +183,14 @@ fn uuid<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<[u8; 16]>, 
     };
     let hex: String = text.chars().filter(|c| *c != '-').collect();
     if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(serde::de::Error::custom(format!("{text:?} is not a UUID (32 hex digits)")));
+        return Err(serde::de::Error::custom(format!(
+            "{text:?} is not a UUID (32 hex digits)"
+        )));
     }
     let mut uuid = [0u8; 16];
     for (index, byte) in uuid.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * index..2 * index + 2], 16).map_err(serde::de::Error::custom)?;
+        *byte = u8::from_str_radix(&hex[2 * index..2 * index + 2], 16)
+            .map_err(serde::de::Error::custom)?;
     }
     Ok(Some(uuid))
 }
@@ -263,13 +280,26 @@ impl ResourceConfig {
         self.ping_interval.unwrap_or(Duration::from_millis(500))
     }
 
+    /// Journal size for a store of `store_bytes`: the configured one, else an eighth
+    /// of the store between 1 MiB and the default (128 MiB).
+    pub fn journal_bytes_for(&self, store_bytes: u64) -> u64 {
+        self.journal_size.unwrap_or_else(|| {
+            (store_bytes / 8).clamp(1 << 20, engine::layout::DEFAULT_JOURNAL_BYTES) & !4095
+        })
+    }
+
+    /// Journal size when the store size is not at hand (in-flight limits).
     pub fn journal_bytes(&self) -> u64 {
-        self.journal_size.unwrap_or(engine::layout::DEFAULT_JOURNAL_BYTES)
+        self.journal_size
+            .unwrap_or(engine::layout::DEFAULT_JOURNAL_BYTES)
     }
 
     /// Node id: the node's index among the sorted node names.
     pub fn node_id(&self, node: &str) -> Option<u32> {
-        self.nodes.keys().position(|name| name == node).map(|index| index as u32)
+        self.nodes
+            .keys()
+            .position(|name| name == node)
+            .map(|index| index as u32)
     }
 
     /// The other node of a two-node resource, if any.
@@ -278,7 +308,8 @@ impl ResourceConfig {
     }
 
     pub fn resource_uuid(&self, name: &str) -> [u8; 16] {
-        self.uuid.unwrap_or_else(|| engine::volume::uuid_from_name(name))
+        self.uuid
+            .unwrap_or_else(|| engine::volume::uuid_from_name(name))
     }
 }
 
@@ -293,31 +324,49 @@ pub struct Config {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
     /// Parses and validates config text (`path` is for messages).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let display = path.display().to_string();
-        let mut config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse { path: display.clone(), message: error.to_string().trim_end().to_string() })?;
+        let mut config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: display.clone(),
+            message: error.to_string().trim_end().to_string(),
+        })?;
         config.path = path.to_path_buf();
-        let invalid = |message: String| ConfigError::Invalid { path: display.clone(), message };
+        let invalid = |message: String| ConfigError::Invalid {
+            path: display.clone(),
+            message,
+        };
         if config.resource.is_empty() {
             return Err(invalid("no [resource.NAME] section".into()));
         }
         for (name, resource) in &config.resource {
             if !valid_name(name) {
-                return Err(invalid(format!("resource name {name:?}: use letters, digits, '-', '_', '.' (at most 63)")));
+                return Err(invalid(format!(
+                    "resource name {name:?}: use letters, digits, '-', '_', '.' (at most 63)"
+                )));
             }
             if resource.nodes.is_empty() || resource.nodes.len() > 2 {
-                return Err(invalid(format!("resource.{name}.nodes: needs one or two nodes, found {}", resource.nodes.len())));
+                return Err(invalid(format!(
+                    "resource.{name}.nodes: needs one or two nodes, found {}",
+                    resource.nodes.len()
+                )));
             }
             for node in resource.nodes.keys() {
                 if !valid_name(node) {
@@ -332,12 +381,18 @@ impl Config {
                     )));
                 }
             }
-            if resource.timeout() < Duration::from_millis(100) || resource.ping_interval() >= resource.timeout() || resource.ping_interval().is_zero() {
+            if resource.timeout() < Duration::from_millis(100)
+                || resource.ping_interval() >= resource.timeout()
+                || resource.ping_interval().is_zero()
+            {
                 return Err(invalid(format!("resource.{name}: ping-interval must be above zero and below timeout (at least 100ms)")));
             }
             let nodes: Vec<_> = resource.nodes.values().collect();
             if nodes.len() == 2 && nodes[0].address == nodes[1].address {
-                return Err(invalid(format!("resource.{name}: both nodes use replication address {}", nodes[0].address)));
+                return Err(invalid(format!(
+                    "resource.{name}: both nodes use replication address {}",
+                    nodes[0].address
+                )));
             }
         }
         Ok(config)
@@ -345,17 +400,27 @@ impl Config {
 
     /// The resource named `name`.
     pub fn resource(&self, name: &str) -> Result<&ResourceConfig, ConfigError> {
-        self.resource.get(name).ok_or_else(|| ConfigError::NoSuchResource(name.to_string()))
+        self.resource
+            .get(name)
+            .ok_or_else(|| ConfigError::NoSuchResource(name.to_string()))
     }
 
     /// Names of the resources `node` takes part in.
     pub fn resources_of(&self, node: &str) -> Vec<String> {
-        self.resource.iter().filter(|(_, resource)| resource.nodes.contains_key(node)).map(|(name, _)| name.clone()).collect()
+        self.resource
+            .iter()
+            .filter(|(_, resource)| resource.nodes.contains_key(node))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Every node name that appears in the config.
     pub fn node_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.resource.values().flat_map(|r| r.nodes.keys().cloned()).collect();
+        let mut names: Vec<String> = self
+            .resource
+            .values()
+            .flat_map(|r| r.nodes.keys().cloned())
+            .collect();
         names.sort();
         names.dedup();
         names
@@ -366,18 +431,23 @@ impl Config {
     pub fn control_socket(&self, node: &str) -> Result<PathBuf, ConfigError> {
         let resources = self.resources_of(node);
         if resources.is_empty() {
-            return Err(ConfigError::NoSuchNode { node: node.to_string(), known: self.node_names().join(", ") });
+            return Err(ConfigError::NoSuchNode {
+                node: node.to_string(),
+                known: self.node_names().join(", "),
+            });
         }
         let mut chosen: Option<PathBuf> = None;
         for name in &resources {
             if let Some(path) = &self.resource[name].nodes[node].control {
                 match &chosen {
-                    Some(existing) if existing != path => {
-                        return Err(ConfigError::Invalid {
-                            path: self.path.display().to_string(),
-                            message: format!("node {node} names two control sockets ({} and {}); a daemon has one", existing.display(), path.display()),
-                        })
-                    }
+                    Some(existing) if existing != path => return Err(ConfigError::Invalid {
+                        path: self.path.display().to_string(),
+                        message: format!(
+                            "node {node} names two control sockets ({} and {}); a daemon has one",
+                            existing.display(),
+                            path.display()
+                        ),
+                    }),
                     _ => chosen = Some(path.clone()),
                 }
             }
@@ -395,7 +465,11 @@ pub fn hostname() -> String {
         return "localhost".into();
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).split('.').next().unwrap_or("localhost").to_string()
+    String::from_utf8_lossy(&buf[..end])
+        .split('.')
+        .next()
+        .unwrap_or("localhost")
+        .to_string()
 }
 
 #[cfg(test)]
@@ -427,26 +501,50 @@ nbd = "unix:/run/replicad/r0.nbd"
         assert_eq!(r0.mode, Mode::Sync);
         assert_eq!(r0.node_id("alpha"), Some(0));
         assert_eq!(r0.node_id("beta"), Some(1));
-        assert_eq!(r0.nodes["beta"].nbd, NbdAddress::Unix("/run/replicad/r0.nbd".into()));
-        assert_eq!(config.control_socket("alpha").unwrap(), PathBuf::from("/run/replicad/alpha.ctl"));
-        assert_eq!(config.control_socket("beta").unwrap(), PathBuf::from("/run/replicad/beta.ctl"));
-        assert!(matches!(config.control_socket("gamma"), Err(ConfigError::NoSuchNode { .. })));
+        assert_eq!(
+            r0.nodes["beta"].nbd,
+            NbdAddress::Unix("/run/replicad/r0.nbd".into())
+        );
+        assert_eq!(
+            config.control_socket("alpha").unwrap(),
+            PathBuf::from("/run/replicad/alpha.ctl")
+        );
+        assert_eq!(
+            config.control_socket("beta").unwrap(),
+            PathBuf::from("/run/replicad/beta.ctl")
+        );
+        assert!(matches!(
+            config.control_socket("gamma"),
+            Err(ConfigError::NoSuchNode { .. })
+        ));
     }
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         let cases = [
-            (GOOD.replace("mode = \"sync\"", "mode = \"sync\"\nspeed = 3"), "speed"),
+            (
+                GOOD.replace("mode = \"sync\"", "mode = \"sync\"\nspeed = 3"),
+                "speed",
+            ),
             (GOOD.replace("mode = \"sync\"", "mode = \"fast\""), "mode"),
             (GOOD.replace("10.0.0.1:7788", "not-an-address"), "address"),
             (GOOD.replace("127.0.0.1:10809", "localhost"), "nbd"),
-            (GOOD.replace("mode = \"sync\"", "journal-size = \"12Q\""), "journal-size"),
-            (GOOD.replace("mode = \"sync\"", "timeout = \"soon\""), "timeout"),
+            (
+                GOOD.replace("mode = \"sync\"", "journal-size = \"12Q\""),
+                "journal-size",
+            ),
+            (
+                GOOD.replace("mode = \"sync\"", "timeout = \"soon\""),
+                "timeout",
+            ),
             (GOOD.replace("mode = \"sync\"", "uuid = \"xyz\""), "uuid"),
         ];
         for (text, key) in cases {
             let error = parse(&text).unwrap_err().to_string();
-            assert!(error.contains(key), "error for {key} does not name it: {error}");
+            assert!(
+                error.contains(key),
+                "error for {key} does not name it: {error}"
+            );
         }
     }
 
@@ -454,11 +552,20 @@ nbd = "unix:/run/replicad/r0.nbd"
     fn semantic_errors_are_reported() {
         assert!(parse("").is_err());
         let three = format!("{GOOD}\n[resource.r0.nodes.gamma]\naddress = \"10.0.0.3:7788\"\ndisk = \"/x\"\nnbd = \"127.0.0.1:1\"\n");
-        assert!(parse(&three).unwrap_err().to_string().contains("one or two nodes"));
+        assert!(parse(&three)
+            .unwrap_err()
+            .to_string()
+            .contains("one or two nodes"));
         let small_journal = GOOD.replace("mode = \"sync\"", "journal-size = \"4K\"");
-        assert!(parse(&small_journal).unwrap_err().to_string().contains("journal-size"));
+        assert!(parse(&small_journal)
+            .unwrap_err()
+            .to_string()
+            .contains("journal-size"));
         let same_address = GOOD.replace("10.0.0.2:7788", "10.0.0.1:7788");
-        assert!(parse(&same_address).unwrap_err().to_string().contains("both nodes"));
+        assert!(parse(&same_address)
+            .unwrap_err()
+            .to_string()
+            .contains("both nodes"));
     }
 
     #[test]

@@ -88,13 +88,21 @@ pub struct Response {
 
 impl Response {
     pub fn ok(result: impl Serialize) -> Response {
-        Response { ok: true, result: serde_json::to_value(result).ok(), error: None }
+        Response {
+            ok: true,
+            result: serde_json::to_value(result).ok(),
+            error: None,
+        }
     }
 
     pub fn error(message: impl Into<String>) -> Response {
         let message: String = message.into();
         // One line: the contract of replctl's stderr.
-        Response { ok: false, result: None, error: Some(message.replace('\n', " ")) }
+        Response {
+            ok: false,
+            result: None,
+            error: Some(message.replace('\n', " ")),
+        }
     }
 }
 
@@ -186,10 +194,14 @@ pub trait Handler: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<String>;
 }
 
-/// Serves the control socket at `path` until `shutdown` resolves. Removes a stale
-/// socket file first; refuses to start if another daemon answers there.
-pub async fn serve<H: Handler>(path: &Path, handler: Arc<H>, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
-    let listener = bind(path).await?;
+/// Serves the control socket (bound with [`bind`] at `path`) until `shutdown`
+/// resolves, then removes the socket file.
+pub async fn serve<H: Handler>(
+    listener: UnixListener,
+    path: &Path,
+    handler: Arc<H>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -223,7 +235,10 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
         if UnixStream::connect(path).await.is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!("another daemon is serving the control socket {}", path.display()),
+                format!(
+                    "another daemon is serving the control socket {}",
+                    path.display()
+                ),
             ));
         }
         std::fs::remove_file(path)?;
@@ -246,14 +261,19 @@ async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> st
             return Ok(());
         }
         if !line.ends_with('\n') && n as u64 >= MAX_REQUEST_BYTES {
-            let response = Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+            let response =
+                Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
             write_line(&mut writer, &response).await?;
             return Ok(());
         }
         let request: Request = match serde_json::from_str(line.trim()) {
             Ok(request) => request,
             Err(error) => {
-                write_line(&mut writer, &Response::error(format!("bad request: {error}"))).await?;
+                write_line(
+                    &mut writer,
+                    &Response::error(format!("bad request: {error}")),
+                )
+                .await?;
                 continue;
             }
         };
@@ -267,7 +287,9 @@ async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> st
                         writer.write_all(b"\n").await?;
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        writer.write_all(format!("(missed {missed} events)\n").as_bytes()).await?;
+                        writer
+                            .write_all(format!("(missed {missed} events)\n").as_bytes())
+                            .await?;
                     }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 }
@@ -278,8 +300,12 @@ async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> st
     }
 }
 
-async fn write_line(writer: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
-    let mut text = serde_json::to_string(response).unwrap_or_else(|_| r#"{"ok":false,"error":"unencodable response"}"#.into());
+async fn write_line(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(response)
+        .unwrap_or_else(|_| r#"{"ok":false,"error":"unencodable response"}"#.into());
     text.push('\n');
     writer.write_all(text.as_bytes()).await
 }
@@ -311,11 +337,18 @@ pub struct Client {
 impl Client {
     /// Connects with a timeout on every later read and write.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
-        let stream = StdUnixStream::connect(path).map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
+        let stream = StdUnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         let writer = stream.try_clone()?;
-        Ok(Client { path: path.to_path_buf(), reader: BufReader::new(stream), writer })
+        Ok(Client {
+            path: path.to_path_buf(),
+            reader: BufReader::new(stream),
+            writer,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -324,28 +357,35 @@ impl Client {
 
     /// Sends a request and returns its result, or the daemon's refusal.
     pub fn call(&mut self, request: &Request) -> Result<serde_json::Value, ClientError> {
-        let mut line = serde_json::to_string(request).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let mut line =
+            serde_json::to_string(request).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
         line.push('\n');
         self.writer.write_all(line.as_bytes())?;
         let response = self.read_response()?;
         if response.ok {
             Ok(response.result.unwrap_or(serde_json::Value::Null))
         } else {
-            Err(ClientError::Refused(response.error.unwrap_or_else(|| "refused".into())))
+            Err(ClientError::Refused(
+                response.error.unwrap_or_else(|| "refused".into()),
+            ))
         }
     }
 
     fn read_response(&mut self) -> Result<Response, ClientError> {
         let mut answer = String::new();
         if self.reader.read_line(&mut answer)? == 0 {
-            return Err(ClientError::BadAnswer("daemon closed the connection".into()));
+            return Err(ClientError::BadAnswer(
+                "daemon closed the connection".into(),
+            ));
         }
         serde_json::from_str(&answer).map_err(|e| ClientError::BadAnswer(format!("{e}: {answer}")))
     }
 
     /// Status of one or all resources.
     pub fn status(&mut self, resource: Option<&str>) -> Result<Vec<ResourceStatus>, ClientError> {
-        let value = self.call(&Request::Status { resource: resource.map(str::to_string) })?;
+        let value = self.call(&Request::Status {
+            resource: resource.map(str::to_string),
+        })?;
         serde_json::from_value(value).map_err(|e| ClientError::BadAnswer(e.to_string()))
     }
 
@@ -371,10 +411,22 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_json_form() {
-        let request = Request::Promote { resource: "r0".into(), force: true };
+        let request = Request::Promote {
+            resource: "r0".into(),
+            force: true,
+        };
         let text = serde_json::to_string(&request).unwrap();
-        assert_eq!(text, r#"{"command":"promote","resource":"r0","force":true}"#);
-        assert_eq!(serde_json::from_str::<Request>(r#"{"command":"promote","resource":"r0"}"#).unwrap(), Request::Promote { resource: "r0".into(), force: false });
+        assert_eq!(
+            text,
+            r#"{"command":"promote","resource":"r0","force":true}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"promote","resource":"r0"}"#).unwrap(),
+            Request::Promote {
+                resource: "r0".into(),
+                force: false
+            }
+        );
         assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"command":"status","bogus":1}"#).is_err());
     }

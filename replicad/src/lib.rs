@@ -1,2 +1,35 @@
-//! replicad daemon library.
+//! The replicad daemon: configuration, the NBD front door, the replication link, the
+//! control socket. The binary (`src/main.rs`) only parses arguments and calls
+//! [`daemon::run`].
+//!
+//! **Architecture Invariant:** every decision about data (handshake outcome, role
+//! rules, ack rules, journal, recovery) lives in the `engine` crate; this crate moves
+//! bytes between sockets and the engine and keeps runtime state.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod nbd;
+pub mod peer;
+pub mod resource;
+
+/// Current time as RFC 3339 (UTC, seconds), for event lines.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86400;
+    let (hour, minute, second) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+}

@@ -1,1 +1,48 @@
-fn main() {}
+//! `replicad` — the node daemon.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use replicad::config::{self, Config};
+
+/// replicad: block-level replication and hot-spare daemon.
+#[derive(Debug, Parser)]
+#[command(name = "replicad", version, about, long_about = None)]
+struct Args {
+    /// Config file (the same on every node).
+    #[arg(long, default_value = config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// This node's name in the config (default: the hostname).
+    #[arg(long)]
+    node: Option<String>,
+    /// Log filter (as RUST_LOG), e.g. `info` or `replicad=debug`.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = (|| {
+        let config = Config::load(&args.config)?;
+        let node = args.node.clone().unwrap_or_else(config::hostname);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("replicad")
+            .build()?;
+        runtime.block_on(replicad::daemon::run(config, node))
+    })();
+    if let Err(error) = result {
+        eprintln!("replicad: {error:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,4 +1,8 @@
-//! replicad tools library.
+//! replicad's tools: `replctl` (admin CLI, demo, bench) and the write-verify checker
+//! (`replcheck`), with the async NBD client both use.
 
+pub mod admin;
+pub mod bench;
 pub mod checker;
+pub mod demo;
 pub mod nbd_client;

@@ -964,20 +964,50 @@ impl Volume {
         self.shared.lock().bitmap.clone()
     }
 
-    /// Adds the peer's out-of-sync blocks to ours (both sides resync the union).
-    pub fn merge_bitmap(&self, words: &[u64]) {
+    /// Adds the peer's out-of-sync blocks (bitmap words starting at word
+    /// `first_word`) to ours: both sides resync the union.
+    pub fn merge_bitmap_at(&self, first_word: u64, words: &[u64]) {
         let mut state = self.shared.lock();
         let bits = state.bitmap.bits();
-        let mut other = Bitmap::new(bits);
-        for (word_index, word) in words.iter().enumerate() {
-            let mut bits_left = *word;
-            while bits_left != 0 {
-                let bit = word_index as u64 * 64 + u64::from(bits_left.trailing_zeros());
-                other.set_range(bit, 1);
-                bits_left &= bits_left - 1;
+        for (index, word) in words.iter().enumerate() {
+            let mut rest = *word;
+            while rest != 0 {
+                let bit = (first_word + index as u64) * 64 + u64::from(rest.trailing_zeros());
+                if bit < bits {
+                    state.bitmap.set_range(bit, 1);
+                }
+                rest &= rest - 1;
             }
         }
-        state.bitmap.union_with(&other);
+    }
+
+    /// The next run of out-of-sync blocks at or after `from`, at most `max_blocks` long.
+    pub fn next_out_of_sync_run(&self, from: u64, max_blocks: u64) -> Option<(u64, u64)> {
+        self.shared.lock().bitmap.next_run(from, max_blocks)
+    }
+
+    /// For online verify: per block, the stored checksum and the checksum of the data
+    /// actually on the store (overlay blocks: both are the overlay's). Reads bypass the
+    /// checksum check, so a corrupt block shows as `stored != actual`.
+    pub fn verify_checksums(
+        &self,
+        first_block: u64,
+        blocks: u64,
+    ) -> Result<(Vec<u32>, Vec<u32>), IoError> {
+        let size_blocks = self.shared.geometry.data_blocks();
+        if blocks == 0
+            || first_block
+                .checked_add(blocks)
+                .is_none_or(|end| end > size_blocks)
+        {
+            return Err(IoError::OutOfRange {
+                op: "verify",
+                offset: first_block * BLOCK_BYTES,
+                length: blocks * BLOCK_BYTES,
+                size_bytes: self.size_bytes(),
+            });
+        }
+        read::verify_checksums(&self.shared, first_block, blocks)
     }
 
     /// Marks `[first_block, first_block+blocks)` out of sync (verify findings, invalidate).

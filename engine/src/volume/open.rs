@@ -50,7 +50,9 @@ impl MetaStore {
 
     fn geometry(&self, data: &dyn Backend, journal_bytes: u64) -> Result<Geometry, EngineError> {
         Ok(match self {
-            MetaStore::Internal | MetaStore::InternalHandle(_) => Geometry::internal(data.size_bytes(), journal_bytes)?,
+            MetaStore::Internal | MetaStore::InternalHandle(_) => {
+                Geometry::internal(data.size_bytes(), journal_bytes)?
+            }
             MetaStore::External(meta) => {
                 Geometry::external(data.size_bytes(), meta.size_bytes(), journal_bytes)?
             }

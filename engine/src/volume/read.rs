@@ -116,6 +116,47 @@ fn read_blocks(
     Ok(())
 }
 
+/// See `Volume::verify_checksums`.
+pub(super) fn verify_checksums(
+    shared: &Shared,
+    first_block: u64,
+    blocks: u64,
+) -> Result<(Vec<u32>, Vec<u32>), IoError> {
+    // Hold the apply lock so no in-place write is half done while we look.
+    let _apply = shared.apply_lock.read().unwrap_or_else(|p| p.into_inner());
+    let overlay: Vec<Option<u32>> = {
+        let state = shared.lock();
+        (0..blocks)
+            .map(|index| {
+                state
+                    .overlay
+                    .get(&(first_block + index))
+                    .map(|entry| match &entry.data {
+                        Some(data) => block_crc(data),
+                        None => crate::checksum::zero_block_crc(),
+                    })
+            })
+            .collect()
+    };
+    let mut buf = vec![0u8; (blocks * BLOCK_BYTES) as usize];
+    shared.data.read_at(first_block * BLOCK_BYTES, &mut buf)?;
+    let mut stored = Vec::with_capacity(blocks as usize);
+    let mut actual = Vec::with_capacity(blocks as usize);
+    for (index, block) in buf.chunks(BLOCK_BYTES as usize).enumerate() {
+        match overlay[index] {
+            Some(crc) => {
+                stored.push(crc);
+                actual.push(crc);
+            }
+            None => {
+                stored.push(shared.checksums.get(first_block + index as u64));
+                actual.push(block_crc(block));
+            }
+        }
+    }
+    Ok((stored, actual))
+}
+
 /// A reader thread's body: serve queued reads until the volume closes.
 pub(super) fn run(shared: Arc<Shared>) {
     loop {

@@ -1,0 +1,354 @@
+//! The node daemon: resources, NBD and replication listeners, the control socket, and
+//! graceful shutdown (stop accepting, drain in-flight requests, flush, close stores).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{broadcast, watch};
+
+use crate::config::{Config, NbdAddress};
+use crate::control::{self, Handler, Request, Response};
+use crate::nbd::{self, ExportSet};
+use crate::peer::{self, Link};
+use crate::resource::Resource;
+
+/// The resources served on one NBD address.
+pub struct ExportGroup {
+    resources: BTreeMap<String, Arc<Resource>>,
+}
+
+impl ExportSet for ExportGroup {
+    type Export = Resource;
+
+    fn get(&self, name: &str) -> Option<Arc<Resource>> {
+        let resource = if name.is_empty() && self.resources.len() == 1 {
+            self.resources.values().next()
+        } else {
+            self.resources.get(name)
+        }?;
+        resource.exportable().then(|| resource.clone())
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.resources
+            .iter()
+            .filter(|(_, r)| r.exportable())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+/// See the module documentation.
+pub struct Daemon {
+    pub node: String,
+    pub config: Config,
+    pub resources: BTreeMap<String, Arc<Resource>>,
+    events: broadcast::Sender<String>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Daemon {
+    fn resource(&self, name: &str) -> Result<&Arc<Resource>, String> {
+        self.resources
+            .get(name)
+            .ok_or_else(|| format!("no resource {name:?} on node {}", self.node))
+    }
+
+    fn link(&self, name: &str) -> Result<(&Arc<Resource>, Arc<Link>), String> {
+        let resource = self.resource(name)?;
+        let link = resource
+            .link()
+            .cloned()
+            .ok_or_else(|| format!("resource {name} has no peer in the config"))?;
+        Ok((resource, link))
+    }
+
+    async fn dispatch(&self, request: Request) -> Result<serde_json::Value, String> {
+        let text = |message: String| serde_json::Value::String(message);
+        match request {
+            Request::Status { resource } => {
+                let statuses: Vec<_> = match resource {
+                    Some(name) => vec![self.resource(&name)?.status()],
+                    None => self.resources.values().map(|r| r.status()).collect(),
+                };
+                serde_json::to_value(statuses).map_err(|e| e.to_string())
+            }
+            Request::Promote { resource, force } => {
+                self.resource(&resource)?.promote(force).await.map(text)
+            }
+            Request::Demote { resource } => self.resource(&resource)?.demote().await.map(text),
+            Request::Connect {
+                resource,
+                discard_my_data,
+            } => {
+                let (resource, link) = self.link(&resource)?;
+                if discard_my_data && resource.role() == engine::repl::Role::Primary {
+                    return Err("refusing to discard the data of a Primary: demote it first".into());
+                }
+                link.connect(discard_my_data);
+                Ok(text(format!(
+                    "{}: connecting to {}{}",
+                    resource.name,
+                    link.peer_name,
+                    if discard_my_data {
+                        " (discarding local changes)"
+                    } else {
+                        ""
+                    }
+                )))
+            }
+            Request::Disconnect { resource } => {
+                let (resource, link) = self.link(&resource)?;
+                link.disconnect();
+                Ok(text(format!(
+                    "{}: disconnected from {}",
+                    resource.name, link.peer_name
+                )))
+            }
+            Request::Attach { resource } => {
+                let resource = self.resource(&resource)?;
+                let report = resource.attach().await?;
+                Ok(text(format!(
+                    "{}: attached ({} journal records replayed)",
+                    resource.name, report.records_replayed
+                )))
+            }
+            Request::Detach { resource } => {
+                let resource = self.resource(&resource)?;
+                resource.detach().await?;
+                Ok(text(format!("{}: detached, disk:Diskless", resource.name)))
+            }
+            Request::PauseSync { resource } => {
+                let (resource, link) = self.link(&resource)?;
+                link.pause_sync(true);
+                Ok(text(format!("{}: resync paused", resource.name)))
+            }
+            Request::ResumeSync { resource } => {
+                let (resource, link) = self.link(&resource)?;
+                link.pause_sync(false);
+                Ok(text(format!("{}: resync resumed", resource.name)))
+            }
+            Request::Verify { resource, repair } => {
+                let (resource, link) = self.link(&resource)?;
+                let found = link.verify(repair).await?;
+                Ok(serde_json::json!({
+                    "resource": resource.name,
+                    "out_of_sync_blocks": found,
+                    "out_of_sync_bytes": found * engine::BLOCK_BYTES,
+                    "repair": repair,
+                }))
+            }
+            Request::Invalidate { resource } => {
+                let (resource, link) = self.link(&resource)?;
+                link.invalidate().await?;
+                Ok(text(format!(
+                    "{}: invalidated; pulling everything from {}",
+                    resource.name, link.peer_name
+                )))
+            }
+            Request::NewCurrentUuid {
+                resource,
+                clear_bitmap,
+            } => {
+                let resource = self.resource(&resource)?.clone();
+                resource.new_current_uuid(clear_bitmap).await.map(text)
+            }
+            Request::Events => Err("events must be the only request on its connection".into()),
+            Request::Shutdown => {
+                let _ = self.shutdown.send(true);
+                Ok(text(format!("node {} shutting down", self.node)))
+            }
+        }
+    }
+}
+
+impl Handler for Daemon {
+    async fn handle(&self, request: Request) -> Response {
+        match self.dispatch(request).await {
+            Ok(result) => Response::ok(result),
+            Err(error) => Response::error(error),
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+}
+
+async fn bind_nbd(address: &NbdAddress) -> anyhow::Result<nbd::Listener> {
+    Ok(match address {
+        NbdAddress::Tcp(addr) => nbd::Listener::Tcp(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {addr}"))?,
+        ),
+        NbdAddress::Unix(path) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            if path.exists() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    anyhow::bail!("NBD socket {} is in use by another server", path.display());
+                }
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            }
+            nbd::Listener::Unix(
+                UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen for NBD on {}", path.display()))?,
+            )
+        }
+    })
+}
+
+/// Runs the daemon for `node` until SIGTERM, SIGINT or a `shutdown` request.
+pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
+    let control_path = config.control_socket(&node)?;
+    let (events, _) = broadcast::channel(1024);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut resources = BTreeMap::new();
+    for name in config.resources_of(&node) {
+        let resource_config = config.resource(&name)?;
+        let resource = Arc::new(
+            Resource::new(&name, &node, resource_config, events.clone())
+                .map_err(anyhow::Error::msg)?,
+        );
+        if let Some(link) = Link::new(&resource) {
+            resource.set_link(link);
+        }
+        resources.insert(name, resource);
+    }
+    // Attach every store (recovery runs now); a store that fails stays Diskless.
+    for resource in resources.values() {
+        if let Err(error) = resource.attach().await {
+            tracing::error!(
+                "{}: cannot attach {}: {error}",
+                resource.name,
+                resource.node_config.disk.display()
+            );
+        }
+    }
+    let daemon = Arc::new(Daemon {
+        node: node.clone(),
+        config: config.clone(),
+        resources: resources.clone(),
+        events,
+        shutdown: shutdown_tx,
+    });
+
+    // NBD listeners, one per distinct address.
+    let mut groups: Vec<(NbdAddress, BTreeMap<String, Arc<Resource>>)> = Vec::new();
+    for (name, resource) in &resources {
+        let address = resource.node_config.nbd.clone();
+        match groups.iter_mut().find(|(a, _)| *a == address) {
+            Some((_, group)) => {
+                group.insert(name.clone(), resource.clone());
+            }
+            None => groups.push((address, BTreeMap::from([(name.clone(), resource.clone())]))),
+        }
+    }
+    let mut nbd_servers = Vec::new();
+    let mut unix_sockets = Vec::new();
+    for (address, group) in groups {
+        let listener = bind_nbd(&address).await?;
+        if let NbdAddress::Unix(path) = &address {
+            unix_sockets.push(path.clone());
+        }
+        let exports = Arc::new(ExportGroup { resources: group });
+        let mut stop = shutdown_rx.clone();
+        nbd_servers.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            if let Err(error) = nbd::serve(listener, exports, shutdown).await {
+                tracing::error!("NBD server on {address} failed: {error}");
+            }
+        }));
+    }
+
+    // Replication listeners, one per distinct node address.
+    let mut by_address: HashMap<SocketAddr, HashMap<String, Arc<Link>>> = HashMap::new();
+    for resource in resources.values() {
+        if let Some(link) = resource.link() {
+            by_address
+                .entry(resource.node_config.address)
+                .or_default()
+                .insert(resource.name.clone(), link.clone());
+        }
+    }
+    let mut background = Vec::new();
+    for (address, links) in by_address {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen for replication on {address}"))?;
+        background.push(tokio::spawn(peer::listener::run(
+            listener,
+            links,
+            shutdown_rx.clone(),
+        )));
+    }
+    for resource in resources.values() {
+        if let Some(link) = resource.link() {
+            background.push(peer::spawn(link.clone(), shutdown_rx.clone()));
+        }
+    }
+
+    // Control socket last: once it answers, everything else listens.
+    let control_listener = control::bind(&control_path)
+        .await
+        .with_context(|| format!("cannot create control socket {}", control_path.display()))?;
+    let control_daemon = daemon.clone();
+    let mut control_stop = shutdown_rx.clone();
+    let control_socket = control_path.clone();
+    let control_task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = control_stop.wait_for(|stop| *stop).await;
+        };
+        if let Err(error) =
+            control::serve(control_listener, &control_socket, control_daemon, shutdown).await
+        {
+            tracing::error!("control socket failed: {error}");
+        }
+    });
+    tracing::info!(
+        "replicad node {node} ready: {} resource(s), control socket {}",
+        resources.len(),
+        control_path.display()
+    );
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut stop = shutdown_rx.clone();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = stop.wait_for(|stop| *stop) => tracing::info!("shutdown requested"),
+    }
+    let _ = daemon.shutdown.send(true);
+    // Drain NBD first (in-flight requests finish and reply), then stop replication.
+    for server in nbd_servers {
+        let _ = tokio::time::timeout(Duration::from_secs(40), server).await;
+    }
+    for task in background {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), control_task).await;
+    let mut failures = Vec::new();
+    for resource in resources.values() {
+        if let Err(error) = resource.close_volume().await {
+            failures.push(format!("{}: {error}", resource.name));
+        }
+    }
+    for path in unix_sockets {
+        let _ = std::fs::remove_file(path);
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("closing stores failed: {}", failures.join("; "));
+    }
+    tracing::info!("replicad node {node} stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,576 @@
+//! Connection management, the handshake, and one connected session.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use engine::gen::{decide, Decision, SideState, SyncScope};
+use engine::repl::{ConnectionState, DiskState, ReplicationState, Role};
+use engine::wire::{self, Channel, Frame, Hello, PeerState, FRAME_HEADER_BYTES, PROTOCOL_VERSION};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use super::{resync, Link};
+
+/// Both connections of a session, with the peer's HELLO.
+pub struct Connections {
+    pub data: TcpStream,
+    pub meta: TcpStream,
+    pub hello: Hello,
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Reads one frame. Errors are strings for logs and status.
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, String> {
+    let mut head = [0u8; FRAME_HEADER_BYTES];
+    reader
+        .read_exact(&mut head)
+        .await
+        .map_err(|error| format!("connection lost: {error}"))?;
+    let header =
+        wire::decode_header(&head).map_err(|error| format!("bad frame from peer: {error}"))?;
+    let mut body = BytesMut::zeroed(header.body_bytes as usize);
+    reader
+        .read_exact(&mut body)
+        .await
+        .map_err(|error| format!("connection lost mid-frame: {error}"))?;
+    wire::decode_body(&header, body.freeze())
+        .map_err(|error| format!("bad frame from peer: {error}"))
+}
+
+/// Writes frames (gathered into one vectored write where possible).
+pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    frames: &[Frame],
+) -> std::io::Result<()> {
+    let mut parts: Vec<Bytes> = Vec::with_capacity(frames.len() * 3);
+    for frame in frames {
+        parts.extend(frame.encode());
+    }
+    let mut index = 0;
+    let mut offset = 0;
+    while index < parts.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&parts[index][offset..])
+            .chain(parts[index + 1..].iter().map(|p| &p[..]))
+            .take(64)
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut written = writer.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "peer closed",
+            ));
+        }
+        while written > 0 && index < parts.len() {
+            let left = parts[index].len() - offset;
+            if written >= left {
+                written -= left;
+                index += 1;
+                offset = 0;
+            } else {
+                offset += written;
+                written = 0;
+            }
+        }
+    }
+    writer.flush().await
+}
+
+pub(crate) fn our_hello(link: &Link, channel: Channel) -> Option<Hello> {
+    let resource = link.resource()?;
+    Some(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        channel,
+        resource_uuid: resource.uuid,
+        node_id: resource.node_id,
+        resource: resource.name.clone(),
+        node: resource.node.clone(),
+    })
+}
+
+/// Checks a peer's HELLO against what this resource expects.
+pub(crate) fn check_hello(link: &Link, hello: &Hello) -> Result<(), String> {
+    let resource = link.resource().ok_or("shutting down")?;
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(format!(
+            "peer speaks replication protocol {}, this node speaks {PROTOCOL_VERSION}",
+            hello.protocol_version
+        ));
+    }
+    if hello.resource != resource.name {
+        return Err(format!(
+            "peer offers resource {:?}, expected {:?}",
+            hello.resource, resource.name
+        ));
+    }
+    if hello.resource_uuid != resource.uuid {
+        return Err(format!(
+            "peer's resource UUID {} differs from ours {} (a peer of another resource?)",
+            engine::volume::format_uuid(&hello.resource_uuid),
+            engine::volume::format_uuid(&resource.uuid)
+        ));
+    }
+    if hello.node != link.peer_name || hello.node_id != link.peer_node_id {
+        return Err(format!(
+            "peer calls itself {} (id {}), expected {} (id {})",
+            hello.node, hello.node_id, link.peer_name, link.peer_node_id
+        ));
+    }
+    Ok(())
+}
+
+async fn dial_one(link: &Link, channel: Channel) -> Result<(TcpStream, Hello), String> {
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(link.peer_address))
+        .await
+        .map_err(|_| format!("connecting to {} timed out", link.peer_address))?
+        .map_err(|error| format!("connecting to {}: {error}", link.peer_address))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let hello = our_hello(link, channel).ok_or("shutting down")?;
+    write_frames(&mut stream, &[Frame::Hello(hello)])
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream))
+        .await
+        .map_err(|_| "peer did not answer HELLO".to_string())??;
+    match reply {
+        Frame::Hello(hello) => {
+            check_hello(link, &hello)?;
+            Ok((stream, hello))
+        }
+        Frame::Reject(reason) => Err(format!("peer refused the connection: {reason}")),
+        other => Err(format!("peer answered HELLO with {}", other.name())),
+    }
+}
+
+async fn dial(link: &Link) -> Result<Connections, String> {
+    let (data, hello) = dial_one(link, Channel::Data).await?;
+    let (meta, _) = dial_one(link, Channel::Meta).await?;
+    Ok(Connections { data, meta, hello })
+}
+
+async fn accept(link: &Link, shutdown: &mut watch::Receiver<bool>) -> Option<Connections> {
+    loop {
+        if let Some(connections) = link
+            .incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Some(connections);
+        }
+        tokio::select! {
+            _ = link.incoming_wake.notified() => {}
+            _ = link.wake.notified() => return None,
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
+
+/// The connection manager: connect, run a session, back off, repeat.
+pub(super) async fn manage(link: Arc<Link>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let standalone = link.lock().standalone;
+        if standalone {
+            set_connection(&link, ConnectionState::StandAlone, None);
+            tokio::select! {
+                _ = link.wake.notified() => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
+        set_connection(&link, ConnectionState::Connecting, None);
+        let connections = if link.dialer {
+            match dial(&link).await {
+                Ok(connections) => Some(connections),
+                Err(error) => {
+                    note_error(&link, &error);
+                    None
+                }
+            }
+        } else {
+            accept(&link, &mut shutdown).await
+        };
+        if let Some(connections) = connections {
+            backoff = Duration::from_millis(100);
+            let ended = run_session(&link, connections, &mut shutdown).await;
+            end_session(&link, &ended);
+        }
+        if !link.dialer {
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = link.wake.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn note_error(link: &Link, error: &str) {
+    let mut inner = link.lock();
+    if inner.last_error.as_deref() != Some(error) {
+        tracing::debug!("{}: {error}", link.peer_name);
+    }
+    inner.last_error = Some(error.to_string());
+}
+
+fn set_connection(link: &Link, connection: ConnectionState, reason: Option<&str>) {
+    let mut inner = link.lock();
+    if inner.connection == connection {
+        return;
+    }
+    inner.connection = connection;
+    drop(inner);
+    if let Some(resource) = link.resource() {
+        match reason {
+            Some(reason) => resource.emit(&format!(
+                "peer {} connection:{connection} ({reason})",
+                link.peer_name
+            )),
+            None => resource.emit(&format!("peer {} connection:{connection}", link.peer_name)),
+        }
+    }
+}
+
+fn side(state: &PeerState, node_id: u32) -> SideState {
+    SideState {
+        generations: state.generations,
+        primary: state.role == Role::Primary,
+        crashed_primary: state.crashed_primary,
+        inconsistent: state.disk == DiskState::Inconsistent,
+        dirty_blocks: state.dirty_blocks,
+        discard_my_data: state.discard_my_data,
+        node_id,
+    }
+}
+
+/// Why a session ended.
+pub(crate) struct Ended {
+    pub reason: String,
+    /// Stay StandAlone (refused peer, split brain, operator disconnect).
+    pub standalone: bool,
+}
+
+async fn run_session(
+    link: &Arc<Link>,
+    connections: Connections,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Ended {
+    let Some(resource) = link.resource() else {
+        return Ended {
+            reason: "shutting down".into(),
+            standalone: false,
+        };
+    };
+    let Some(volume) = resource.volume() else {
+        return Ended {
+            reason: "no local disk".into(),
+            standalone: false,
+        };
+    };
+    let (data_read, mut data_write) = connections.data.into_split();
+    let (meta_read, meta_write) = connections.meta.into_split();
+    let mut data_read = BufReader::with_capacity(256 << 10, data_read);
+    let meta_read = BufReader::with_capacity(16 << 10, meta_read);
+
+    // Handshake: exchange STATE, decide.
+    let Some(local) = link.local_state() else {
+        return Ended {
+            reason: "shutting down".into(),
+            standalone: false,
+        };
+    };
+    if let Err(error) = write_frames(&mut data_write, &[Frame::State(local)]).await {
+        return Ended {
+            reason: format!("handshake failed: {error}"),
+            standalone: false,
+        };
+    }
+    let peer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut data_read)).await {
+        Ok(Ok(Frame::State(state))) => state,
+        Ok(Ok(Frame::Reject(reason))) => {
+            return Ended {
+                reason: format!("peer refused: {reason}"),
+                standalone: true,
+            }
+        }
+        Ok(Ok(other)) => {
+            return Ended {
+                reason: format!("peer sent {} instead of STATE", other.name()),
+                standalone: false,
+            }
+        }
+        Ok(Err(error)) => {
+            return Ended {
+                reason: error,
+                standalone: false,
+            }
+        }
+        Err(_) => {
+            return Ended {
+                reason: "peer sent no STATE".into(),
+                standalone: false,
+            }
+        }
+    };
+    if peer.size_bytes != local.size_bytes {
+        let reason = format!(
+            "peer's volume is {} bytes, ours is {}: refusing to replicate",
+            peer.size_bytes, local.size_bytes
+        );
+        let _ = write_frames(&mut data_write, &[Frame::Reject(reason.clone())]).await;
+        return Ended {
+            reason,
+            standalone: true,
+        };
+    }
+    let decision = decide(
+        &side(&local, resource.node_id),
+        &side(&peer, link.peer_node_id),
+    );
+    link.lock().discard_my_data = false;
+    let refusal = match decision {
+        Decision::SplitBrain => Some("split brain: both nodes wrote since they last saw each other; no data exchanged. Resolve with `replctl connect RES --discard-my-data` on the node whose changes to drop"),
+        Decision::Unrelated => Some("the peer holds unrelated data (no common generation); refusing"),
+        Decision::BothPrimary => Some("both nodes are Primary; refusing (never two primaries)"),
+        Decision::PrimaryWouldBeTarget => Some("the Primary holds older data than its peer; refusing to overwrite it under its users (demote it, or resolve by hand)"),
+        Decision::NoGoodData => Some("the node with newer data is Inconsistent; nothing to sync from"),
+        _ => None,
+    };
+    if let Some(reason) = refusal {
+        let mut inner = link.lock();
+        inner.split_brain = decision == Decision::SplitBrain;
+        drop(inner);
+        if decision == Decision::SplitBrain {
+            tracing::error!("{}: {reason}", resource.name);
+            resource.run_hook(
+                resource.config.hooks.split_brain.clone(),
+                "split-brain",
+                &[("REPLICAD_PEER", &link.peer_name)],
+            );
+        }
+        return Ended {
+            reason: reason.to_string(),
+            standalone: true,
+        };
+    }
+    volume.advance_seq(local.next_seq.max(peer.next_seq));
+
+    let (data_tx, data_rx) = mpsc::unbounded_channel::<Frame>();
+    let (meta_tx, meta_rx) = mpsc::unbounded_channel::<Frame>();
+    let session = {
+        let mut inner = link.lock();
+        inner.session += 1;
+        inner.peer = Some(peer);
+        inner.data_tx = Some(data_tx.clone());
+        inner.meta_tx = Some(meta_tx.clone());
+        inner.last_error = None;
+        inner.split_brain = false;
+        inner.tracker = engine::repl::AckTracker::new();
+        inner.replication = ReplicationState::Established;
+        inner.session
+    };
+    set_connection(
+        link,
+        ConnectionState::Connected,
+        Some(&format!("{decision:?}")),
+    );
+    let last_heard = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(writer_task(data_write, data_rx));
+    tasks.spawn(writer_task(meta_write, meta_rx));
+    tasks.spawn(reader_task(
+        link.clone(),
+        data_read,
+        last_heard.clone(),
+        epoch,
+        session,
+    ));
+    tasks.spawn(reader_task(
+        link.clone(),
+        meta_read,
+        last_heard.clone(),
+        epoch,
+        session,
+    ));
+    tasks.spawn(watchdog(
+        link.clone(),
+        last_heard,
+        epoch,
+        resource.config.ping_interval(),
+        resource.config.timeout(),
+    ));
+
+    // What to do right after connecting.
+    let primary = resource.role() == Role::Primary;
+    match decision {
+        Decision::InSync | Decision::BothFresh => {
+            if primary {
+                resource.attach_peer(link);
+                if volume.out_of_sync_blocks() > 0 {
+                    resync::start_as_source(link, false);
+                }
+            }
+        }
+        Decision::SyncSource(scope) => {
+            if primary {
+                resource.attach_peer(link);
+            }
+            if scope == SyncScope::Full {
+                volume.set_out_of_sync(0, volume.geometry().data_blocks());
+            }
+            resync::start_as_source(link, true);
+        }
+        Decision::SyncTarget(_) => {
+            resync::send_bitmap(link, &volume);
+        }
+        _ => {}
+    }
+
+    let reason = tokio::select! {
+        result = tasks.join_next() => match result {
+            Some(Ok(Err(reason))) => reason,
+            Some(Ok(Ok(()))) => "connection closed".to_string(),
+            Some(Err(error)) => format!("session task failed: {error}"),
+            None => "no session tasks".to_string(),
+        },
+        _ = link.session_kill.notified() => {
+            let inner = link.lock();
+            if inner.standalone { "disconnected by the operator".to_string() } else { inner.last_error.clone().unwrap_or_else(|| "session restarted".to_string()) }
+        }
+        _ = shutdown.changed() => "daemon shutting down".to_string(),
+    };
+    tasks.abort_all();
+    let standalone = link.lock().standalone;
+    Ended { reason, standalone }
+}
+
+/// Tears a session down: the node goes on alone.
+fn end_session(link: &Arc<Link>, ended: &Ended) {
+    let resource = link.resource();
+    let was_attached;
+    let was_target;
+    {
+        let mut inner = link.lock();
+        inner.session += 1;
+        was_attached = inner.attached;
+        was_target = matches!(
+            inner.replication,
+            ReplicationState::SyncTarget | ReplicationState::PausedSyncT
+        );
+        inner.attached = false;
+        inner.data_tx = None;
+        inner.meta_tx = None;
+        inner.peer = None;
+        inner.replication = ReplicationState::Off;
+        inner.resync = None;
+        inner.shipped_seq = 0;
+        inner.received_seq = 0;
+        if ended.standalone {
+            inner.standalone = true;
+        }
+        inner.last_error = Some(ended.reason.clone());
+    }
+    if let Some(volume) = resource.as_ref().and_then(|r| r.volume()) {
+        if was_attached {
+            // Under the order lock, so no write slips between "shipped" and "marked".
+            if let Some(resource) = &resource {
+                resource.detach_peer(&volume);
+            }
+        }
+        if was_target {
+            volume.end_resync_target();
+        }
+    }
+    link.release_waiters();
+    let state = if ended.standalone {
+        ConnectionState::StandAlone
+    } else {
+        ConnectionState::Connecting
+    };
+    set_connection(link, state, Some(&ended.reason));
+    if ended.standalone {
+        tracing::warn!(
+            "{}: peer {} StandAlone: {}",
+            resource.as_ref().map_or("?", |r| r.name.as_str()),
+            link.peer_name,
+            ended.reason
+        );
+    }
+}
+
+async fn writer_task<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
+) -> Result<(), String> {
+    let mut batch = Vec::with_capacity(64);
+    while let Some(frame) = frames.recv().await {
+        batch.push(frame);
+        while batch.len() < 256 {
+            match frames.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
+        write_frames(&mut writer, &batch)
+            .await
+            .map_err(|error| format!("connection lost: {error}"))?;
+        batch.clear();
+    }
+    Ok(())
+}
+
+async fn reader_task<R: AsyncRead + Unpin>(
+    link: Arc<Link>,
+    mut reader: R,
+    last_heard: Arc<AtomicU64>,
+    epoch: Instant,
+    session: u64,
+) -> Result<(), String> {
+    loop {
+        let frame = read_frame(&mut reader).await?;
+        last_heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if link.lock().session != session {
+            return Ok(());
+        }
+        super::resync::handle_frame(&link, frame).await?;
+    }
+}
+
+async fn watchdog(
+    link: Arc<Link>,
+    last_heard: Arc<AtomicU64>,
+    epoch: Instant,
+    ping_interval: Duration,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut ticker = tokio::time::interval(ping_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    loop {
+        ticker.tick().await;
+        nonce += 1;
+        link.send_meta(Frame::Ping(nonce));
+        let heard = Duration::from_millis(last_heard.load(Ordering::Relaxed));
+        let silent = epoch.elapsed().saturating_sub(heard);
+        if silent > timeout {
+            return Err(format!(
+                "peer silent for {} ms (timeout {} ms)",
+                silent.as_millis(),
+                timeout.as_millis()
+            ));
+        }
+    }
+}

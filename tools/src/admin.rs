@@ -1,0 +1,190 @@
+//! Commands that work on a store directly, and the status renderer.
+
+use std::path::Path;
+
+use engine::volume::{format_uuid, read_superblock, CreateOptions};
+use engine::Volume;
+use replicad::config::Config;
+use replicad::control::ResourceStatus;
+use replicad::resource::{lock_store, open_stores};
+
+/// Human-readable bytes (IEC).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{value:.2}{}", UNITS[unit])
+    }
+}
+
+/// `replctl create-md RES`: fresh metadata on this node's store.
+pub fn create_md(
+    config_path: &Path,
+    node: &str,
+    resource: &str,
+    force: bool,
+    zeroed: bool,
+) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let resource_config = config.resource(resource)?;
+    let node_config = resource_config.nodes.get(node).ok_or_else(|| {
+        anyhow::anyhow!("node {node} is not part of resource {resource} (pass --node)")
+    })?;
+    let _lock = lock_store(&node_config.disk).map_err(anyhow::Error::msg)?;
+    let (data, meta) = open_stores(node_config, resource_config.io).map_err(anyhow::Error::msg)?;
+    let options = CreateOptions {
+        resource_uuid: resource_config.resource_uuid(resource),
+        node_id: resource_config.node_id(node).unwrap_or(0),
+        node_name: node.to_string(),
+        journal_bytes: resource_config.journal_bytes_for(data.size_bytes()),
+        force,
+        assume_zeroed: zeroed,
+    };
+    let bar = indicatif::ProgressBar::new(data.size_bytes());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "checksumming {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .map_err(|e| anyhow::anyhow!(e.to_string()))?
+        .progress_chars("=> "),
+    );
+    if zeroed {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let superblock = Volume::create(&data, &meta, &options, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .map_err(|error| anyhow::anyhow!("{}: {error}", node_config.disk.display()))?;
+    bar.finish_and_clear();
+    let geometry = superblock.geometry;
+    println!(
+        "{resource}: metadata written on {} for node {node}: {} usable, journal {}, resource uuid {}",
+        node_config.disk.display(),
+        human_bytes(geometry.data_bytes),
+        human_bytes(geometry.journal_bytes),
+        format_uuid(&superblock.resource_uuid)
+    );
+    Ok(())
+}
+
+/// `replctl dump-md RES`: the superblock, read straight from the store.
+pub fn dump_md(config_path: &Path, node: &str, resource: &str, json: bool) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let resource_config = config.resource(resource)?;
+    let node_config = resource_config.nodes.get(node).ok_or_else(|| {
+        anyhow::anyhow!("node {node} is not part of resource {resource} (pass --node)")
+    })?;
+    let (data, meta) =
+        open_stores(node_config, replicad::config::IoMode::Buffered).map_err(anyhow::Error::msg)?;
+    let loaded = read_superblock(&data, &meta)?;
+    let sb = &loaded.superblock;
+    let value = serde_json::json!({
+        "resource_uuid": format_uuid(&sb.resource_uuid),
+        "node_id": sb.node_id,
+        "node_name": sb.node_name,
+        "sequence": sb.sequence,
+        "copy": if loaded.copy == 0 { "A" } else { "B" },
+        "other_copy_error": loaded.other_copy_error.map(|e| e.to_string()),
+        "data_bytes": sb.geometry.data_bytes,
+        "journal_bytes": sb.geometry.journal_bytes,
+        "disk_state": format!("{:?}", sb.disk_state),
+        "generation": {
+            "current": format!("{:016X}", sb.generations.current),
+            "bitmap": format!("{:016X}", sb.generations.bitmap),
+            "history": sb.generations.history.iter().map(|h| format!("{h:016X}")).collect::<Vec<_>>(),
+        },
+        "checkpoint_seq": sb.checkpoint_seq,
+        "clean": sb.flags & engine::superblock::flags::CLEAN != 0,
+        "was_primary": sb.flags & engine::superblock::flags::PRIMARY != 0,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else if let serde_json::Value::Object(map) = value {
+        for (key, value) in map {
+            println!("{key}: {value}");
+        }
+    }
+    Ok(())
+}
+
+/// The DRBD-like status tree.
+pub fn render_status(status: &ResourceStatus) -> String {
+    let mut out = format!("{} role:{}\n", status.name, status.role);
+    out.push_str(&format!("  disk:{}", status.disk));
+    if status.size_bytes > 0 {
+        out.push_str(&format!(
+            " size:{} mode:{}",
+            human_bytes(status.size_bytes),
+            status.mode
+        ));
+    }
+    if status.out_of_sync_bytes > 0 {
+        out.push_str(&format!(
+            " out-of-sync:{}",
+            human_bytes(status.out_of_sync_bytes)
+        ));
+    }
+    out.push('\n');
+    if let Some(error) = &status.disk_error {
+        out.push_str(&format!("    error: {error}\n"));
+    }
+    if let Some(peer) = &status.peer {
+        out.push_str(&format!(
+            "  {} role:{} connection:{}\n",
+            peer.name,
+            peer.role.as_deref().unwrap_or("Unknown"),
+            peer.connection
+        ));
+        if peer.connection == "Connected" {
+            out.push_str(&format!(
+                "    replication:{} peer-disk:{}",
+                peer.replication,
+                peer.peer_disk.as_deref().unwrap_or("DUnknown")
+            ));
+            if let Some(done) = peer.done_percent {
+                out.push_str(&format!(" done:{done:.2}"));
+            }
+            if let Some(eta) = peer.eta_seconds {
+                out.push_str(&format!(" eta:{eta}s"));
+            }
+            if let Some(rate) = peer.resync_rate_bytes {
+                out.push_str(&format!(" rate:{}/s", human_bytes(rate)));
+            }
+            out.push('\n');
+            out.push_str(&format!(
+                "    in-flight:{} unacked:{}\n",
+                peer.in_flight, peer.unacked
+            ));
+        }
+        if peer.split_brain {
+            out.push_str("    SPLIT BRAIN: resolve with `replctl connect RES --discard-my-data` on the node whose changes to drop\n");
+        }
+        if let Some(error) = peer
+            .last_error
+            .as_ref()
+            .filter(|_| peer.connection != "Connected")
+        {
+            out.push_str(&format!("    last error: {error}\n"));
+        }
+    }
+    let io = &status.io;
+    out.push_str(&format!(
+        "  io: reads:{} ({}) writes:{} ({}) flushes:{} checksum-errors:{} repaired:{}\n",
+        io.reads,
+        human_bytes(io.read_bytes),
+        io.writes,
+        human_bytes(io.write_bytes),
+        io.flushes,
+        io.checksum_errors,
+        io.repaired_blocks
+    ));
+    out
+}
