@@ -211,8 +211,12 @@ pub struct Hooks {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct NodeConfig {
-    /// Replication listener, `IP:PORT`.
+    /// Replication address, `IP:PORT`: where the peer connects.
     pub address: SocketAddr,
+    /// Local bind address for replication when it differs from `address` (NAT, a
+    /// port-forward or a test proxy in between). Default: `address`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
     /// Backing store: block device or image file.
     pub disk: PathBuf,
     /// `"internal"` (default) or the path of an external metadata file/device.
@@ -269,6 +273,13 @@ pub struct ResourceConfig {
     pub nodes: BTreeMap<String, NodeConfig>,
     #[serde(default)]
     pub witness: Option<WitnessConfig>,
+}
+
+impl NodeConfig {
+    /// Where this node's replication listener binds.
+    pub fn listen_address(&self) -> SocketAddr {
+        self.listen.unwrap_or(self.address)
+    }
 }
 
 impl ResourceConfig {
@@ -440,14 +451,16 @@ impl Config {
         for name in &resources {
             if let Some(path) = &self.resource[name].nodes[node].control {
                 match &chosen {
-                    Some(existing) if existing != path => return Err(ConfigError::Invalid {
-                        path: self.path.display().to_string(),
-                        message: format!(
+                    Some(existing) if existing != path => {
+                        return Err(ConfigError::Invalid {
+                            path: self.path.display().to_string(),
+                            message: format!(
                             "node {node} names two control sockets ({} and {}); a daemon has one",
                             existing.display(),
                             path.display()
                         ),
-                    }),
+                        })
+                    }
                     _ => chosen = Some(path.clone()),
                 }
             }

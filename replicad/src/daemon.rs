@@ -276,7 +276,7 @@ pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
     for resource in resources.values() {
         if let Some(link) = resource.link() {
             by_address
-                .entry(resource.node_config.address)
+                .entry(resource.node_config.listen_address())
                 .or_default()
                 .insert(resource.name.clone(), link.clone());
         }

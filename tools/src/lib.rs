@@ -5,4 +5,5 @@ pub mod admin;
 pub mod bench;
 pub mod checker;
 pub mod demo;
+pub mod faultproxy;
 pub mod nbd_client;

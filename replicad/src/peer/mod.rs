@@ -43,6 +43,9 @@ pub(crate) struct ResyncProgress {
     pub done_blocks: u64,
 }
 
+/// A peer's answer to a verify request: stored and actual checksums per block.
+pub(crate) type VerifyChecksums = (Vec<u32>, Vec<u32>);
+
 /// State behind the link's lock.
 pub(crate) struct Inner {
     pub connection: ConnectionState,
@@ -58,7 +61,7 @@ pub(crate) struct Inner {
     pub flush_waiters: HashMap<u64, oneshot::Sender<()>>,
     pub next_request: u64,
     pub read_waiters: HashMap<u64, oneshot::Sender<Result<BlockData, String>>>,
-    pub verify_waiters: HashMap<u64, oneshot::Sender<(Vec<u32>, Vec<u32>)>>,
+    pub verify_waiters: HashMap<u64, oneshot::Sender<VerifyChecksums>>,
     /// A new generation was started since the peer was lost (first write alone).
     pub rotated_since_detach: bool,
     /// Do not reconnect (operator `disconnect`, split brain, refused peer).

@@ -416,12 +416,10 @@ async fn run_session(
     // What to do right after connecting.
     let primary = resource.role() == Role::Primary;
     match decision {
-        Decision::InSync | Decision::BothFresh => {
-            if primary {
-                resource.attach_peer(link);
-                if volume.out_of_sync_blocks() > 0 {
-                    resync::start_as_source(link, false);
-                }
+        Decision::InSync | Decision::BothFresh if primary => {
+            resource.attach_peer(link);
+            if volume.out_of_sync_blocks() > 0 {
+                resync::start_as_source(link, false);
             }
         }
         Decision::SyncSource(scope) => {

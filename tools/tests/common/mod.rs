@@ -1,0 +1,669 @@
+//! End-to-end test harness: real `replicad` daemons on loopback, driven by `replctl`
+//! and the control socket, with real clients (qemu-io, nbdcopy, fio, nbdfuse + ext4).
+//!
+//! Every wait is bounded; every spawned process and every loop device or FUSE mount
+//! is cleaned up on drop, even when a test fails. Set `REPLICAD_TEST_KEEP=1` to keep
+//! a failed test's directory (configs, images, daemon logs).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use replicad::control::{Client, Request, ResourceStatus};
+
+pub const REPLCTL: &str = env!("CARGO_BIN_EXE_replctl");
+pub const REPLCHECK: &str = env!("CARGO_BIN_EXE_replcheck");
+
+pub const REPLICAD: &str = env!("CARGO_BIN_EXE_replicad");
+
+/// The daemon binary.
+pub fn replicad_bin() -> PathBuf {
+    PathBuf::from(REPLICAD)
+}
+
+/// Fails the test with a clear message if `tool` is not installed.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false)
+        || Path::new(tool).is_file();
+    assert!(
+        found,
+        "{tool} is not installed (Debian package {package}); .ci/run installs it"
+    );
+}
+
+/// Whether this process runs as root (loop devices, mounts).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A fresh, unused TCP port on 127.0.0.1, below the kernel's ephemeral range (so
+/// no outgoing connection or `bind(0)` can take it between now and its use), in a
+/// slice of the range chosen by process id (test binaries run side by side).
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 60) as u16 * 200;
+    for _ in 0..200 {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 200;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 127.0.0.1:{base}..{}", base + 200)
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, failing after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a command with a timeout; returns its output (never hangs the suite).
+pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Output {
+    let program = format!("{command:?}");
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let output = child.wait_with_output().expect("collect output");
+                panic!(
+                    "{program} timed out after {timeout:?}; stderr: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(error) => panic!("waiting for {program}: {error}"),
+        }
+    }
+    child.wait_with_output().expect("collect output")
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(command: &mut Command, timeout: Duration) -> String {
+    let description = format!("{command:?}");
+    let output = run_with_timeout(command, timeout);
+    assert!(
+        output.status.success(),
+        "{description} failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Options of a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Image size per node (the exported size is smaller: internal metadata).
+    pub image_bytes: u64,
+    pub mode: &'static str,
+    pub journal: &'static str,
+    pub io: &'static str,
+    pub timeout: &'static str,
+    pub ping_interval: &'static str,
+    /// Extra lines for the `[resource.r0]` section.
+    pub extra: String,
+    /// Serve NBD on a unix socket instead of TCP.
+    pub unix_nbd: bool,
+    /// Route replication through a [`FaultProxy`] in front of the second node.
+    pub proxy: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> ClusterOptions {
+        ClusterOptions {
+            image_bytes: 256 << 20,
+            mode: "sync",
+            journal: "16M",
+            io: "direct",
+            timeout: "2s",
+            ping_interval: "200ms",
+            extra: String::new(),
+            unix_nbd: false,
+            proxy: false,
+        }
+    }
+}
+
+/// One node of a cluster.
+pub struct Node {
+    pub name: String,
+    pub image: PathBuf,
+    /// Where the peer dials this node (the proxy's port when proxied).
+    pub replication_port: u16,
+    /// Where this node listens for replication.
+    pub listen_port: u16,
+    pub nbd_port: u16,
+    pub nbd_socket: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+    pub process: Option<Child>,
+    starts: u32,
+}
+
+/// One resource (`r0`) on one or two nodes, in its own temp directory.
+pub struct Cluster {
+    /// The proxy in front of the second node's replication listener, if asked for.
+    pub proxy: Option<tools::faultproxy::FaultProxy>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub options: ClusterOptions,
+    pub nodes: BTreeMap<String, Node>,
+    keep: bool,
+}
+
+pub const RESOURCE: &str = "r0";
+
+impl Cluster {
+    /// Writes images and a config for `nodes` (not started, no metadata yet).
+    pub fn new(test: &str, nodes: &[&str], options: ClusterOptions) -> Cluster {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("e2e-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let mut cluster = Cluster {
+            proxy: None,
+            config: dir.join("replicad.toml"),
+            dir,
+            options,
+            nodes: BTreeMap::new(),
+            keep: std::env::var_os("REPLICAD_TEST_KEEP").is_some(),
+        };
+        for name in nodes {
+            let image = cluster.dir.join(format!("{name}.img"));
+            engine::volume::create_image_file(&image, cluster.options.image_bytes).expect("image");
+            let port = free_port();
+            let node = Node {
+                name: name.to_string(),
+                image,
+                replication_port: port,
+                listen_port: port,
+                nbd_port: free_port(),
+                nbd_socket: cluster.dir.join(format!("{name}.nbd")),
+                control: cluster.dir.join(format!("{name}.ctl")),
+                log: cluster.dir.join(format!("{name}.log")),
+                process: None,
+                starts: 0,
+            };
+            cluster.nodes.insert(name.to_string(), node);
+        }
+        if cluster.options.proxy {
+            let second = cluster
+                .nodes
+                .values_mut()
+                .nth(1)
+                .expect("a proxy needs two nodes");
+            let real = format!("127.0.0.1:{}", second.listen_port)
+                .parse()
+                .expect("address");
+            let listen = format!("127.0.0.1:{}", free_port())
+                .parse()
+                .expect("address");
+            let proxy = tools::faultproxy::FaultProxy::start(listen, real).expect("start proxy");
+            second.replication_port = proxy.listen.port();
+            cluster.proxy = Some(proxy);
+        }
+        cluster.write_config();
+        cluster
+    }
+
+    /// (Re)writes the config file from the current options.
+    pub fn write_config(&self) {
+        let o = &self.options;
+        let mut text = format!(
+            "[resource.{RESOURCE}]\nmode = \"{}\"\njournal-size = \"{}\"\nio = \"{}\"\ntimeout = \"{}\"\nping-interval = \"{}\"\n{}\n",
+            o.mode, o.journal, o.io, o.timeout, o.ping_interval, o.extra
+        );
+        for node in self.nodes.values() {
+            let nbd = if o.unix_nbd {
+                format!("unix:{}", node.nbd_socket.display())
+            } else {
+                format!("127.0.0.1:{}", node.nbd_port)
+            };
+            text.push_str(&format!(
+                "[resource.{RESOURCE}.nodes.{}]\naddress = \"127.0.0.1:{}\"\nlisten = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"{nbd}\"\ncontrol = \"{}\"\n",
+                node.name,
+                node.replication_port,
+                node.listen_port,
+                node.image.display(),
+                node.control.display()
+            ));
+        }
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .get(name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// `replctl --config … --node NAME ARGS…` with a timeout.
+    pub fn replctl(&self, node: &str, args: &[&str]) -> Output {
+        let mut command = Command::new(REPLCTL);
+        command
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--node")
+            .arg(node)
+            .args(args);
+        run_with_timeout(&mut command, Duration::from_secs(120))
+    }
+
+    /// `replctl` that must succeed; returns stdout.
+    pub fn replctl_ok(&self, node: &str, args: &[&str]) -> String {
+        let output = self.replctl(node, args);
+        assert!(
+            output.status.success(),
+            "replctl {args:?} on {node} failed: {}{}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout),
+            self.log_tail(node)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `create-md` on every node (the stores are zero: no checksum scan).
+    pub fn create_md_all(&self) {
+        for name in self.nodes.keys() {
+            self.replctl_ok(name, &["create-md", RESOURCE, "--zeroed"]);
+        }
+    }
+
+    /// Starts a node's daemon and waits until its control socket answers.
+    pub fn start(&mut self, name: &str) {
+        let config = self.config.clone();
+        let node = self
+            .nodes
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+        assert!(node.process.is_none(), "{name} already running");
+        node.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("log file");
+        let mut command = Command::new(replicad_bin());
+        command
+            .arg("--config")
+            .arg(&config)
+            .arg("--node")
+            .arg(name)
+            .arg("--log")
+            .arg("info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl in the child between fork and exec only sets a process
+        // attribute; the daemon dies with the test process.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        node.process = Some(command.spawn().expect("spawn replicad"));
+        let control = node.control.clone();
+        let log_path = node.log.clone();
+        let mut attempts = 0;
+        wait_until(
+            &format!("{name}'s control socket"),
+            Duration::from_secs(30),
+            || {
+                attempts += 1;
+                if let Some(child) = self.nodes.get_mut(name).and_then(|n| n.process.as_mut()) {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!(
+                            "replicad {name} exited during startup ({status}):\n{}",
+                            std::fs::read_to_string(&log_path).unwrap_or_default()
+                        );
+                    }
+                }
+                Client::connect(&control, Duration::from_secs(5))
+                    .ok()
+                    .and_then(|mut c| c.status(None).ok())
+                    .map(|_| ())
+            },
+        );
+        let _ = attempts;
+    }
+
+    pub fn start_all(&mut self) {
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in names {
+            self.start(&name);
+        }
+    }
+
+    /// SIGKILL, no cleanup at all (a crash).
+    pub fn kill9(&mut self, name: &str) {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+        if let Some(mut child) = node.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit (bounded).
+    pub fn stop(&mut self, name: &str) {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+        if let Some(mut child) = node.process.take() {
+            // SAFETY: kill with a valid pid of our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        assert!(
+                            status.success(),
+                            "replicad {name} exited with {status} on SIGTERM:\n{}",
+                            self.log_tail(name)
+                        );
+                        return;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        panic!("replicad {name} did not stop within 60s of SIGTERM");
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn client(&self, name: &str) -> Client {
+        Client::connect(&self.node(name).control, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("control socket of {name}: {e}"))
+    }
+
+    pub fn status(&self, name: &str) -> ResourceStatus {
+        self.client(name)
+            .status(Some(RESOURCE))
+            .unwrap_or_else(|e| panic!("status of {name}: {e}"))
+            .remove(0)
+    }
+
+    /// Sends a control request; returns the daemon's answer (Ok) or refusal (Err).
+    pub fn request(&self, name: &str, request: Request) -> Result<serde_json::Value, String> {
+        self.client(name).call(&request).map_err(|e| e.to_string())
+    }
+
+    /// Waits until `name`'s status satisfies `check`.
+    pub fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&ResourceStatus) -> bool,
+    ) -> ResourceStatus {
+        let mut last = None;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(mut client) =
+                Client::connect(&self.node(name).control, Duration::from_secs(10))
+            {
+                if let Ok(mut statuses) = client.status(Some(RESOURCE)) {
+                    let status = statuses.remove(0);
+                    if check(&status) {
+                        return status;
+                    }
+                    last = Some(status);
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for {name} to be {what}; last status: {last:#?}\n{}", self.log_tail(name));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until both nodes of a two-node cluster are Connected, Established and UpToDate.
+    pub fn wait_in_sync(&self, timeout: Duration) {
+        for name in self.nodes.keys() {
+            self.wait_status(name, "in sync", timeout, |s| {
+                s.disk == "UpToDate"
+                    && s.peer.as_ref().is_none_or(|p| {
+                        p.connection == "Connected"
+                            && p.replication == "Established"
+                            && p.peer_disk.as_deref() == Some("UpToDate")
+                    })
+            });
+        }
+    }
+
+    /// The NBD URI of `name`'s export.
+    pub fn uri(&self, name: &str) -> String {
+        let node = self.node(name);
+        if self.options.unix_nbd {
+            format!(
+                "nbd+unix:///{RESOURCE}?socket={}",
+                node.nbd_socket.display()
+            )
+        } else {
+            format!("nbd://127.0.0.1:{}/{RESOURCE}", node.nbd_port)
+        }
+    }
+
+    /// The last lines of a node's log (for failure messages).
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(&self.node(name).log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- last lines of {name}'s log ---\n{}",
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        )
+    }
+
+    /// Bytes of the exported data area of `name`'s image (its first `size_bytes`).
+    pub fn data_area(&self, name: &str, size_bytes: u64) -> Vec<u8> {
+        let mut data = std::fs::read(&self.node(name).image).expect("read image");
+        data.truncate(size_bytes as usize);
+        data
+    }
+
+    /// Sets up a primary/secondary pair: create-md, start, promote `primary` with force,
+    /// wait for the initial sync.
+    pub fn pair(test: &str, options: ClusterOptions) -> Cluster {
+        let mut cluster = Cluster::new(test, &["alpha", "beta"], options);
+        cluster.create_md_all();
+        cluster.start_all();
+        cluster.wait_status("alpha", "connected", Duration::from_secs(30), |s| {
+            s.peer.as_ref().is_some_and(|p| p.connection == "Connected")
+        });
+        cluster.replctl_ok("alpha", &["promote", RESOURCE, "--force"]);
+        cluster.wait_in_sync(Duration::from_secs(120));
+        cluster
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.process.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if !self.keep || !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("kept test directory {}", self.dir.display());
+        }
+    }
+}
+
+/// Runs `replcheck write` against `uri`; returns the log path.
+pub fn checker_write(dir: &Path, uri: &str, args: &[&str]) -> (PathBuf, Output) {
+    let log = dir.join(format!("check-{}.log", free_port()));
+    let mut command = Command::new(REPLCHECK);
+    command
+        .arg("write")
+        .arg("--uri")
+        .arg(uri)
+        .arg("--log")
+        .arg(&log)
+        .args(args);
+    let output = run_with_timeout(&mut command, Duration::from_secs(300));
+    (log, output)
+}
+
+/// Runs `replcheck verify`; returns (passed, report text).
+pub fn checker_verify(uri: &str, log: &Path, mode: &str) -> (bool, String) {
+    let mut command = Command::new(REPLCHECK);
+    command
+        .arg("verify")
+        .arg("--uri")
+        .arg(uri)
+        .arg("--log")
+        .arg(log)
+        .arg("--mode")
+        .arg(mode);
+    let output = run_with_timeout(&mut command, Duration::from_secs(300));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// A loop device on a file, detached on drop.
+pub struct LoopDevice {
+    pub path: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn attach(file: &Path) -> LoopDevice {
+        let output = run_ok(
+            Command::new("losetup")
+                .arg("--find")
+                .arg("--show")
+                .arg(file),
+            Duration::from_secs(30),
+        );
+        LoopDevice {
+            path: PathBuf::from(output.trim()),
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// `nbdfuse DIR URI`: the export as the file `DIR/nbd`, unmounted on drop.
+pub struct NbdFuse {
+    pub dir: PathBuf,
+    process: Child,
+}
+
+impl NbdFuse {
+    pub fn mount(dir: &Path, uri: &str) -> NbdFuse {
+        require_tool("nbdfuse", "libnbd-bin");
+        std::fs::create_dir_all(dir).expect("fuse dir");
+        let process = Command::new("nbdfuse")
+            .arg(dir)
+            .arg(uri)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nbdfuse");
+        let file = dir.join("nbd");
+        wait_until(
+            "nbdfuse to expose the export",
+            Duration::from_secs(30),
+            || {
+                std::fs::metadata(&file)
+                    .ok()
+                    .filter(|m| m.len() > 0)
+                    .map(|_| ())
+            },
+        );
+        NbdFuse {
+            dir: dir.to_path_buf(),
+            process,
+        }
+    }
+
+    pub fn file(&self) -> PathBuf {
+        self.dir.join("nbd")
+    }
+}
+
+impl Drop for NbdFuse {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.dir)
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.process.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// A mounted file system, unmounted on drop.
+pub struct Mount {
+    pub dir: PathBuf,
+}
+
+impl Mount {
+    pub fn new(device: &Path, dir: &Path) -> Mount {
+        std::fs::create_dir_all(dir).expect("mount dir");
+        run_ok(
+            Command::new("mount").arg(device).arg(dir),
+            Duration::from_secs(60),
+        );
+        Mount {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
