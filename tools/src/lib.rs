@@ -7,3 +7,4 @@ pub mod checker;
 pub mod demo;
 pub mod faultproxy;
 pub mod nbd_client;
+pub mod serve;

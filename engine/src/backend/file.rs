@@ -92,6 +92,75 @@ impl Backend for FileBackend {
         store.file.write_all_at(buf, offset).map_err(write_error)
     }
 
+    fn write_vectored_at(&self, offset: u64, parts: &[&[u8]]) -> Result<(), BackendError> {
+        let store = &self.store;
+        let total: u64 = parts.iter().map(|part| part.len() as u64).sum();
+        if store.direct {
+            // O_DIRECT needs aligned memory for every part: join them once.
+            let joined: Vec<u8> = parts.concat();
+            return self.write_at(offset, &joined);
+        }
+        store.check_latch()?;
+        check_range("write", offset, total, store.size_bytes, store.alignment)?;
+        let mut iovecs: Vec<libc::iovec> = parts
+            .iter()
+            .filter(|part| !part.is_empty())
+            .map(|part| libc::iovec {
+                iov_base: part.as_ptr() as *mut libc::c_void,
+                iov_len: part.len(),
+            })
+            .collect();
+        let mut done = 0u64;
+        let mut first = 0usize;
+        while first < iovecs.len() {
+            let count = (iovecs.len() - first).min(1024);
+            // SAFETY: every iovec points into a live slice of `parts` (borrowed for this
+            // call), advanced below only within its own bounds; the count is in range.
+            let written = unsafe {
+                libc::pwritev(
+                    std::os::unix::io::AsRawFd::as_raw_fd(&store.file),
+                    iovecs[first..].as_ptr(),
+                    count as libc::c_int,
+                    (offset + done) as libc::off_t,
+                )
+            };
+            if written < 0 {
+                let source = std::io::Error::last_os_error();
+                if source.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(BackendError::Write {
+                    offset: offset + done,
+                    len: (total - done) as usize,
+                    source,
+                });
+            }
+            if written == 0 {
+                return Err(BackendError::Write {
+                    offset: offset + done,
+                    len: (total - done) as usize,
+                    source: std::io::ErrorKind::WriteZero.into(),
+                });
+            }
+            done += written as u64;
+            let mut left = written as usize;
+            while left > 0 && first < iovecs.len() {
+                let iovec = &mut iovecs[first];
+                if left >= iovec.iov_len {
+                    left -= iovec.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: advancing within the same slice (left < iov_len).
+                    iovec.iov_base =
+                        unsafe { (iovec.iov_base as *mut u8).add(left) } as *mut libc::c_void;
+                    iovec.iov_len -= left;
+                    left = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         self.store.write_zeroes(self, offset, len)
     }

@@ -143,6 +143,18 @@ pub trait Backend: Send + Sync + fmt::Debug {
         }
         Ok(())
     }
+    /// Writes `parts` back to back from `offset` (one `pwritev` where the backend can).
+    /// The total length must respect the alignment; the parts need not.
+    fn write_vectored_at(&self, offset: u64, parts: &[&[u8]]) -> Result<(), BackendError> {
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        let mut joined = AlignedBuf::zeroed(total, self.alignment().max(1));
+        let mut at = 0;
+        for part in parts {
+            joined[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        self.write_at(offset, &joined)
+    }
     /// Make `[offset, offset+len)` read back as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         write_zeroes_by_writing(self, offset, len)

@@ -77,6 +77,8 @@ pub(super) fn run(shared: Arc<Shared>) {
                 journal::sync(&shared, target);
                 continue;
             }
+            // Not marked idle: new commits need not wake us, the timer will. Ring
+            // pressure and shutdown wake us explicitly.
             let remaining = APPLY_DELAY.saturating_sub(since.elapsed());
             drop(shared.applier_wake.wait_timeout(state, remaining));
             continue;
@@ -127,7 +129,12 @@ pub(super) fn run(shared: Arc<Shared>) {
             .checkpoint_interval
             .saturating_sub(state.last_checkpoint.elapsed())
             .max(Duration::from_millis(5));
-        drop(shared.applier_wake.wait_timeout(state, timeout));
+        state.applier_idle = true;
+        let (mut state, _) = shared
+            .applier_wake
+            .wait_timeout(state, timeout)
+            .unwrap_or_else(|p| p.into_inner());
+        state.applier_idle = false;
     }
 }
 
@@ -274,7 +281,7 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
         .stats
         .records_applied
         .fetch_add(records, Ordering::Relaxed);
-    shared.progress.notify_all();
+    shared.wake_progress(&state);
     Ok(())
 }
 
@@ -354,6 +361,6 @@ fn checkpoint(shared: &Shared) -> Result<(), EngineError> {
     state.checkpoint_requested = false;
     state.last_checkpoint = Instant::now();
     shared.stats.checkpoints.fetch_add(1, Ordering::Release);
-    shared.progress.notify_all();
+    shared.wake_progress(&state);
     Ok(())
 }

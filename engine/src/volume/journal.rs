@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{ApplyItem, FlushDone, Pending, Shared, State, WriteDone};
-use crate::backend::AlignedBuf;
 use crate::error::IoError;
 use crate::layout::PAGE_BYTES;
 use crate::record::{RecordHeader, RECORD_ALIGN};
@@ -87,6 +86,9 @@ fn place(state: &mut State, ring_bytes: u64) -> Vec<Placed> {
     placed
 }
 
+/// Zeroes for PAD bodies.
+static ZEROES: [u8; 64 * 1024] = [0u8; 64 * 1024];
+
 impl Placed {
     fn len(&self) -> u64 {
         match self {
@@ -95,50 +97,54 @@ impl Placed {
         }
     }
 
-    /// Copies the encoded item to the start of `out`.
-    fn encode_into(&self, out: &mut [u8]) {
+    /// The item's bytes as slices (no copy): header and data, or a PAD header and zeroes.
+    fn parts<'a>(&'a self, encoded_pad: Option<&'a [u8]>, out: &mut Vec<&'a [u8]>) {
         match self {
             Placed::Record { pending, .. } => {
-                let header = &pending.record.encoded_header;
-                let data = &pending.record.data;
-                out[..header.len()].copy_from_slice(header);
-                out[header.len()..header.len() + data.len()].copy_from_slice(data);
+                out.push(&pending.record.encoded_header);
+                out.push(&pending.record.data);
             }
             Placed::Pad { header, .. } => {
-                let encoded = header.encode();
-                out[..encoded.len()].copy_from_slice(&encoded);
+                let encoded = encoded_pad.unwrap_or_default();
+                out.push(encoded);
+                let mut zeroes = header.total_bytes() as usize - encoded.len();
+                while zeroes > 0 {
+                    let n = zeroes.min(ZEROES.len());
+                    out.push(&ZEROES[..n]);
+                    zeroes -= n;
+                }
             }
         }
     }
 }
 
-/// Builds the contiguous segments `(ring offset, bytes)` of a round: one, or two
-/// when the round wraps.
-fn segments(placed: &[Placed], alignment: usize) -> Vec<(u64, AlignedBuf)> {
-    // (start, length, first item, end item)
-    let mut groups: Vec<(u64, u64, usize, usize)> = Vec::new();
-    for (index, item) in placed.iter().enumerate() {
-        match groups.last_mut() {
-            Some(group) if group.0 + group.1 == item.pos() => {
-                group.1 += item.len();
-                group.3 = index + 1;
-            }
-            _ => groups.push((item.pos(), item.len(), index, index + 1)),
-        }
-    }
-    groups
-        .into_iter()
-        .map(|(start, length, first, end)| {
-            // Every byte is overwritten below except PAD bodies, which stay zero.
-            let mut buf = AlignedBuf::zeroed(length as usize, alignment.max(1));
-            let mut at = 0usize;
-            for item in &placed[first..end] {
-                item.encode_into(&mut buf[at..]);
-                at += item.len() as usize;
-            }
-            (start, buf)
+/// Writes a round: each contiguous run of items (one, or two when the round wraps)
+/// with one vectored write straight from the records' buffers.
+fn write_round(shared: &Shared, placed: &[Placed]) -> Result<(), IoError> {
+    let pads: Vec<Option<bytes::Bytes>> = placed
+        .iter()
+        .map(|item| match item {
+            Placed::Pad { header, .. } => Some(header.encode()),
+            Placed::Record { .. } => None,
         })
-        .collect()
+        .collect();
+    let mut index = 0;
+    while index < placed.len() {
+        let start = placed[index].pos();
+        let mut end = index;
+        let mut length = 0u64;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (placed.len() - index));
+        while end < placed.len() && placed[end].pos() == start + length {
+            placed[end].parts(pads[end].as_deref(), &mut parts);
+            length += placed[end].len();
+            end += 1;
+        }
+        shared
+            .meta
+            .write_vectored_at(shared.geometry.journal_offset + start, &parts)?;
+        index = end;
+    }
+    Ok(())
 }
 
 /// The journal writer thread's body.
@@ -158,10 +164,12 @@ pub(super) fn run(shared: Arc<Shared>) {
             if state.closing {
                 return;
             }
+            state.writer_idle = true;
             state = shared
                 .writer_wake
                 .wait(state)
                 .unwrap_or_else(|p| p.into_inner());
+            state.writer_idle = false;
         }
         let placed = place(&mut state, ring_bytes);
         let placed_records = placed
@@ -182,11 +190,7 @@ pub(super) fn run(shared: Arc<Shared>) {
             shared.applier_wake.notify_one();
             // The applier notifies `progress` after each checkpoint; the timeout only
             // bounds the wait should a wake-up be missed.
-            drop(
-                shared
-                    .progress
-                    .wait_timeout(state, Duration::from_millis(50)),
-            );
+            drop(shared.wait_progress(state, Duration::from_millis(50)));
             continue;
         }
         let last_seq = placed.iter().rev().find_map(|p| match p {
@@ -203,15 +207,7 @@ pub(super) fn run(shared: Arc<Shared>) {
         let mut result = Ok(());
         if placed_records > 0 {
             let bytes: u64 = placed.iter().map(Placed::len).sum();
-            for (start, buf) in segments(&placed, shared.meta.alignment()) {
-                if let Err(error) = shared
-                    .meta
-                    .write_at(shared.geometry.journal_offset + start, &buf)
-                {
-                    result = Err(IoError::from(error));
-                    break;
-                }
-            }
+            result = write_round(&shared, &placed);
             shared.stats.journal_commits.fetch_add(1, Ordering::Relaxed);
             shared
                 .stats
@@ -261,8 +257,8 @@ pub(super) fn run(shared: Arc<Shared>) {
             }
         }
         let flushes = take_satisfied_flushes(&mut state);
-        shared.applier_wake.notify_one();
-        shared.progress.notify_all();
+        shared.wake_applier(&state);
+        shared.wake_progress(&state);
         drop(state);
         for (done, seq) in callbacks {
             done(Ok(seq));
@@ -282,8 +278,8 @@ pub(super) fn sync(shared: &Shared, target: u64) {
         Ok(()) => {
             state.durable_seq = state.durable_seq.max(target);
             let flushes = take_satisfied_flushes(&mut state);
-            shared.progress.notify_all();
-            shared.applier_wake.notify_one();
+            shared.wake_progress(&state);
+            shared.wake_applier(&state);
             drop(state);
             for done in flushes {
                 done(Ok(()));

@@ -220,6 +220,12 @@ struct State {
     /// On a sync target: blocks written through the replication stream since the
     /// resync began; resync data for them is stale and dropped.
     resync_written: Option<Bitmap>,
+    /// The journal writer / applier sleeps on its condition variable (so a wake-up,
+    /// a futex system call, is only paid when someone actually waits).
+    writer_idle: bool,
+    applier_idle: bool,
+    /// Threads waiting on `progress`.
+    progress_waiters: usize,
 }
 
 impl State {
@@ -244,6 +250,13 @@ impl State {
             .map_or(u64::MAX, |unacked| unacked.seq - 1);
         self.applied_seq.min(hold)
     }
+}
+
+/// Reads waiting for a reader thread, and how many readers sleep.
+#[derive(Default)]
+struct ReadQueue {
+    jobs: VecDeque<ReadJob>,
+    idle: usize,
 }
 
 struct ReadJob {
@@ -271,7 +284,7 @@ pub(crate) struct Shared {
     apply_lock: RwLock<()>,
     /// Serialises superblock writes.
     superblock_lock: Mutex<()>,
-    reads: Mutex<VecDeque<ReadJob>>,
+    reads: Mutex<ReadQueue>,
     reads_wake: Condvar,
     stats: Stats,
 }
@@ -293,6 +306,43 @@ impl Shared {
         self.writer_wake.notify_all();
         self.applier_wake.notify_all();
         self.progress.notify_all();
+    }
+
+    /// Wakes the journal writer if it sleeps. Call with the engine lock held.
+    fn wake_writer(&self, state: &State) {
+        if state.writer_idle {
+            self.writer_wake.notify_one();
+        }
+    }
+
+    /// Wakes the applier if it sleeps. Call with the engine lock held.
+    fn wake_applier(&self, state: &State) {
+        if state.applier_idle {
+            self.applier_wake.notify_one();
+        }
+    }
+
+    /// Wakes threads waiting for progress, if any. Call with the engine lock held.
+    fn wake_progress(&self, state: &State) {
+        if state.progress_waiters > 0 {
+            self.progress.notify_all();
+        }
+    }
+
+    /// Waits for progress (at most `timeout`), counted so wakers know to notify.
+    fn wait_progress<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State> {
+        state.progress_waiters += 1;
+        let mut state = self
+            .progress
+            .wait_timeout(state, timeout)
+            .map(|(guard, _)| guard)
+            .unwrap_or_else(|p| p.into_inner().0);
+        state.progress_waiters -= 1;
+        state
     }
 
     fn checksums_dirty(&self) -> bool {
@@ -466,10 +516,7 @@ impl Volume {
         let mut state = shared.lock();
         state.check_usable()?;
         while state.pending_bytes > 0 && state.pending_bytes + budget > shared.max_memory_bytes() {
-            state = shared
-                .progress
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
+            state = shared.wait_progress(state, Duration::from_millis(100));
             state.check_usable()?;
         }
         // Turn the request into whole-block pieces (read-modify-write at the edges).
@@ -499,8 +546,8 @@ impl Volume {
             self.sequence(&mut state, record.clone(), Some(done), false);
             records.push(record);
         }
+        shared.wake_writer(&state);
         drop(state);
-        shared.writer_wake.notify_one();
         Ok(records)
     }
 
@@ -687,8 +734,8 @@ impl Volume {
         }
         state.flush_requested = state.flush_requested.max(target);
         state.flush_waiters.push((target, done));
+        shared.wake_writer(&state);
         drop(state);
-        shared.writer_wake.notify_one();
     }
 
     /// Submits a read; `done` gets exactly `length` bytes or an error.
@@ -697,16 +744,15 @@ impl Volume {
             return done(Err(error));
         }
         let shared = &self.shared;
-        shared
-            .reads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(ReadJob {
-                offset,
-                length,
-                done,
-            });
-        shared.reads_wake.notify_one();
+        let mut queue = shared.reads.lock().unwrap_or_else(|p| p.into_inner());
+        queue.jobs.push_back(ReadJob {
+            offset,
+            length,
+            done,
+        });
+        if queue.idle > 0 {
+            shared.reads_wake.notify_one();
+        }
     }
 
     /// Reads synchronously on the calling thread (tools, tests, resync source).
@@ -767,16 +813,13 @@ impl Volume {
         while state.pending_bytes > 0
             && state.pending_bytes + record.total_bytes() > shared.max_memory_bytes()
         {
-            state = shared
-                .progress
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
+            state = shared.wait_progress(state, Duration::from_millis(100));
             state.check_usable()?;
         }
         state.next_seq = header.seq + 1;
         self.sequence(&mut state, record, Some(done), true);
+        shared.wake_writer(&state);
         drop(state);
-        shared.writer_wake.notify_one();
         Ok(())
     }
 
@@ -855,6 +898,7 @@ impl Volume {
             });
             queued += 1;
         }
+        shared.wake_applier(&state);
         drop(state);
         shared
             .stats
@@ -864,7 +908,6 @@ impl Volume {
             .stats
             .resync_blocks_dropped
             .fetch_add(dropped, Ordering::Relaxed);
-        shared.applier_wake.notify_one();
         Ok(queued)
     }
 
@@ -882,11 +925,7 @@ impl Volume {
             if now >= deadline {
                 return false;
             }
-            state = shared
-                .progress
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = shared.wait_progress(state, deadline - now);
         }
     }
 
@@ -907,11 +946,7 @@ impl Volume {
             if now >= deadline {
                 return false;
             }
-            state = shared
-                .progress
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = shared.wait_progress(state, deadline - now);
         }
         state.failed.is_none()
     }
@@ -936,10 +971,10 @@ impl Volume {
             state.unacked.pop_front();
             released = true;
         }
-        drop(state);
         if released {
-            self.shared.applier_wake.notify_one();
+            self.shared.wake_applier(&state);
         }
+        drop(state);
     }
 
     /// The peer is gone: every record it did not acknowledge is marked out of sync,
@@ -950,8 +985,8 @@ impl Volume {
         while let Some(unacked) = state.unacked.pop_front() {
             state.bitmap.set_range(unacked.first_block, unacked.blocks);
         }
+        self.shared.wake_applier(&state);
         drop(state);
-        self.shared.applier_wake.notify_one();
     }
 
     /// Number of blocks marked out of sync.

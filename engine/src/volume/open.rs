@@ -356,6 +356,9 @@ impl Volume {
             peer_attached: false,
             unacked: VecDeque::new(),
             resync_written: None,
+            writer_idle: false,
+            applier_idle: false,
+            progress_waiters: 0,
         };
         let reader_threads = options.reader_threads.max(1);
         let shared = Arc::new(Shared {
@@ -370,7 +373,7 @@ impl Volume {
             progress: Condvar::new(),
             apply_lock: RwLock::new(()),
             superblock_lock: Mutex::new(()),
-            reads: Mutex::new(VecDeque::new()),
+            reads: Mutex::new(super::ReadQueue::default()),
             reads_wake: Condvar::new(),
             stats: Default::default(),
         });

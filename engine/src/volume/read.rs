@@ -19,101 +19,185 @@ use crate::BLOCK_BYTES;
 
 /// Reads `[offset, offset+length)` (already range-checked).
 pub(super) fn read_now(shared: &Shared, offset: u64, length: u64) -> Result<Bytes, IoError> {
-    shared.stats.reads.fetch_add(1, Ordering::Relaxed);
-    shared.stats.read_bytes.fetch_add(length, Ordering::Relaxed);
-    let first_block = offset / BLOCK_BYTES;
-    let last_block = (offset + length - 1) / BLOCK_BYTES;
-    let blocks = last_block - first_block + 1;
-    let mut buf = BytesMut::zeroed((blocks * BLOCK_BYTES) as usize);
-    if let Err(first_error) = read_blocks(shared, first_block, &mut buf, false) {
-        if !matches!(first_error, IoError::Checksum { .. }) {
-            return Err(first_error);
-        }
-        let _apply = shared.apply_lock.read().unwrap_or_else(|p| p.into_inner());
-        read_blocks(shared, first_block, &mut buf, true)?;
-    }
-    let start = (offset % BLOCK_BYTES) as usize;
-    Ok(buf.freeze().slice(start..start + length as usize))
-}
-
-/// Fills `buf` with blocks starting at `first_block`.
-fn read_blocks(
-    shared: &Shared,
-    first_block: u64,
-    buf: &mut [u8],
-    final_attempt: bool,
-) -> Result<(), IoError> {
-    let blocks = buf.len() as u64 / BLOCK_BYTES;
-    let mut from_overlay = vec![false; blocks as usize];
+    let mut read = PreparedRead::new(shared, offset, length);
     {
         let state = shared.lock();
-        if let Some(reason) = &state.failed {
-            return Err(IoError::Failed(reason.clone()));
-        }
-        if !state.overlay.is_empty() {
-            for index in 0..blocks {
-                if let Some(entry) = state.overlay.get(&(first_block + index)) {
-                    let at = (index * BLOCK_BYTES) as usize;
-                    let slot = &mut buf[at..at + BLOCK_BYTES as usize];
-                    match &entry.data {
-                        Some(data) => slot.copy_from_slice(data),
-                        None => slot.fill(0),
-                    }
-                    from_overlay[index as usize] = true;
-                }
-            }
-        }
+        read.fill_from_overlay(&state)?;
     }
-    // Runs of blocks not in the overlay, read with one call each.
     let mut ops = Vec::new();
-    let mut rest = &mut buf[..];
-    let mut consumed = 0u64;
-    let mut index = 0u64;
-    while index < blocks {
-        if from_overlay[index as usize] {
-            index += 1;
-            continue;
-        }
-        let run_start = index;
-        while index < blocks && !from_overlay[index as usize] {
-            index += 1;
-        }
-        let skip = ((run_start - consumed) * BLOCK_BYTES) as usize;
-        let take = ((index - run_start) * BLOCK_BYTES) as usize;
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
-        let (run, tail) = tail.split_at_mut(take);
-        rest = tail;
-        consumed = index;
-        ops.push(ReadOp {
-            offset: (first_block + run_start) * BLOCK_BYTES,
-            buf: run,
-        });
-    }
+    read.store_ops(&mut ops);
     if !ops.is_empty() {
         shared.data.read_many(&mut ops)?;
     }
     drop(ops);
-    for index in 0..blocks {
-        if from_overlay[index as usize] {
-            continue;
+    read.finish(shared)
+}
+
+/// One read in progress: its buffer and which blocks came from the overlay.
+struct PreparedRead {
+    offset: u64,
+    length: u64,
+    first_block: u64,
+    buf: BytesMut,
+    from_overlay: Vec<bool>,
+}
+
+impl PreparedRead {
+    fn new(shared: &Shared, offset: u64, length: u64) -> PreparedRead {
+        shared.stats.reads.fetch_add(1, Ordering::Relaxed);
+        shared.stats.read_bytes.fetch_add(length, Ordering::Relaxed);
+        let first_block = offset / BLOCK_BYTES;
+        let last_block = (offset + length - 1) / BLOCK_BYTES;
+        let blocks = (last_block - first_block + 1) as usize;
+        PreparedRead {
+            offset,
+            length,
+            first_block,
+            buf: BytesMut::zeroed(blocks * BLOCK_BYTES as usize),
+            from_overlay: vec![false; blocks],
         }
-        let block = first_block + index;
-        let at = (index * BLOCK_BYTES) as usize;
-        let computed = block_crc(&buf[at..at + BLOCK_BYTES as usize]);
-        let stored = shared.checksums.get(block);
-        if computed != stored {
-            if final_attempt {
-                shared.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!("checksum mismatch in block {block}: stored {stored:#010x}, data {computed:#010x}");
+    }
+
+    /// Copies blocks with unapplied writes from the overlay (engine lock held).
+    fn fill_from_overlay(&mut self, state: &super::State) -> Result<(), IoError> {
+        if let Some(reason) = &state.failed {
+            return Err(IoError::Failed(reason.clone()));
+        }
+        if state.overlay.is_empty() {
+            return Ok(());
+        }
+        for index in 0..self.from_overlay.len() {
+            if let Some(entry) = state.overlay.get(&(self.first_block + index as u64)) {
+                let at = index * BLOCK_BYTES as usize;
+                let slot = &mut self.buf[at..at + BLOCK_BYTES as usize];
+                match &entry.data {
+                    Some(data) => slot.copy_from_slice(data),
+                    None => slot.fill(0),
+                }
+                self.from_overlay[index] = true;
             }
-            return Err(IoError::Checksum {
-                block,
-                stored,
-                computed,
+        }
+        Ok(())
+    }
+
+    /// The store reads still needed: one per run of blocks not in the overlay.
+    fn store_ops<'a>(&'a mut self, ops: &mut Vec<ReadOp<'a>>) {
+        let blocks = self.from_overlay.len();
+        let mut rest: &mut [u8] = &mut self.buf[..];
+        let mut consumed = 0usize;
+        let mut index = 0usize;
+        while index < blocks {
+            if self.from_overlay[index] {
+                index += 1;
+                continue;
+            }
+            let run_start = index;
+            while index < blocks && !self.from_overlay[index] {
+                index += 1;
+            }
+            let skip = (run_start - consumed) * BLOCK_BYTES as usize;
+            let take = (index - run_start) * BLOCK_BYTES as usize;
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
+            let (run, tail) = tail.split_at_mut(take);
+            rest = tail;
+            consumed = index;
+            ops.push(ReadOp {
+                offset: (self.first_block + run_start as u64) * BLOCK_BYTES,
+                buf: run,
             });
         }
     }
-    Ok(())
+
+    /// Checks every block read from the store against the checksum table.
+    fn check(&self, shared: &Shared, final_attempt: bool) -> Result<(), IoError> {
+        for (index, from_overlay) in self.from_overlay.iter().enumerate() {
+            if *from_overlay {
+                continue;
+            }
+            let block = self.first_block + index as u64;
+            let at = index * BLOCK_BYTES as usize;
+            let computed = block_crc(&self.buf[at..at + BLOCK_BYTES as usize]);
+            let stored = shared.checksums.get(block);
+            if computed != stored {
+                if final_attempt {
+                    shared.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("checksum mismatch in block {block}: stored {stored:#010x}, data {computed:#010x}");
+                }
+                return Err(IoError::Checksum {
+                    block,
+                    stored,
+                    computed,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the blocks; on a mismatch, reads again under the apply lock (the applier
+    /// may have been rewriting a block at that moment), where a mismatch is real.
+    fn finish(mut self, shared: &Shared) -> Result<Bytes, IoError> {
+        if let Err(error) = self.check(shared, false) {
+            if !matches!(error, IoError::Checksum { .. }) {
+                return Err(error);
+            }
+            let _apply = shared.apply_lock.read().unwrap_or_else(|p| p.into_inner());
+            self.from_overlay.iter_mut().for_each(|b| *b = false);
+            {
+                let state = shared.lock();
+                self.fill_from_overlay(&state)?;
+            }
+            let mut ops = Vec::new();
+            self.store_ops(&mut ops);
+            if !ops.is_empty() {
+                shared.data.read_many(&mut ops)?;
+            }
+            drop(ops);
+            self.check(shared, true)?;
+        }
+        let start = (self.offset % BLOCK_BYTES) as usize;
+        Ok(self.buf.freeze().slice(start..start + self.length as usize))
+    }
+}
+
+/// Serves a batch of queued reads with one overlay pass and one `read_many` (the
+/// io_uring backend runs them concurrently).
+fn read_batch(shared: &Shared, jobs: Vec<super::ReadJob>) {
+    let mut reads: Vec<PreparedRead> = jobs
+        .iter()
+        .map(|job| PreparedRead::new(shared, job.offset, job.length))
+        .collect();
+    let mut results: Vec<Option<Result<Bytes, IoError>>> = (0..jobs.len()).map(|_| None).collect();
+    {
+        let state = shared.lock();
+        for (index, read) in reads.iter_mut().enumerate() {
+            if let Err(error) = read.fill_from_overlay(&state) {
+                results[index] = Some(Err(error));
+            }
+        }
+    }
+    let mut ops = Vec::new();
+    for (read, result) in reads.iter_mut().zip(&results) {
+        if result.is_none() {
+            read.store_ops(&mut ops);
+        }
+    }
+    let batch_result = if ops.is_empty() {
+        Ok(())
+    } else {
+        shared.data.read_many(&mut ops)
+    };
+    drop(ops);
+    let failed = batch_result.is_err();
+    for ((job, read), result) in jobs.into_iter().zip(reads).zip(results) {
+        let outcome = match result {
+            Some(error) => error,
+            // One failed store read fails the batch: redo each read alone, so only the
+            // reads that touch the bad range fail.
+            None if failed => read_now(shared, job.offset, job.length),
+            None => read.finish(shared),
+        };
+        (job.done)(outcome);
+    }
 }
 
 /// See `Volume::verify_checksums`.
@@ -157,14 +241,18 @@ pub(super) fn verify_checksums(
     Ok((stored, actual))
 }
 
+/// Most reads served in one batch.
+const MAX_READ_BATCH: usize = 64;
+
 /// A reader thread's body: serve queued reads until the volume closes.
 pub(super) fn run(shared: Arc<Shared>) {
     loop {
-        let job = {
+        let jobs = {
             let mut queue = shared.reads.lock().unwrap_or_else(|p| p.into_inner());
             loop {
-                if let Some(job) = queue.pop_front() {
-                    break job;
+                if !queue.jobs.is_empty() {
+                    let take = queue.jobs.len().min(MAX_READ_BATCH);
+                    break queue.jobs.drain(..take).collect::<Vec<_>>();
                 }
                 let state = shared.lock();
                 let stopping = state.closing || state.failed.is_some();
@@ -172,13 +260,14 @@ pub(super) fn run(shared: Arc<Shared>) {
                 if stopping {
                     return;
                 }
+                queue.idle += 1;
                 queue = shared
                     .reads_wake
                     .wait(queue)
                     .unwrap_or_else(|p| p.into_inner());
+                queue.idle -= 1;
             }
         };
-        let result = read_now(&shared, job.offset, job.length);
-        (job.done)(result);
+        read_batch(&shared, jobs);
     }
 }

@@ -576,13 +576,26 @@ fn log_refusal(header: &RequestHeader, errno: Errno) {
     }
 }
 
+/// Alignment of write payloads of at least this size.
+const PAYLOAD_ALIGN: usize = 4096;
+
 /// Reads exactly `length` bytes of payload into a fresh buffer, without zero-filling it.
 async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     length: u32,
 ) -> Result<Bytes, TransmissionError> {
     let length = length as usize;
-    let mut data = BytesMut::with_capacity(length);
+    // Block-sized payloads start on a 4 KiB boundary, so an O_DIRECT store can take
+    // them without a bounce copy.
+    let mut data = if length >= PAYLOAD_ALIGN {
+        let mut data = BytesMut::with_capacity(length + PAYLOAD_ALIGN - 1);
+        let skip = data.as_ptr().align_offset(PAYLOAD_ALIGN);
+        data.resize(skip, 0);
+        data.advance(skip);
+        data
+    } else {
+        BytesMut::with_capacity(length)
+    };
     while data.len() < length {
         let remaining = (length - data.len()) as u64;
         let read = (&mut *reader)

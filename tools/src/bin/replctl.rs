@@ -4,6 +4,11 @@
 //!
 //! Exit codes: 0 done, 1 refused or failed (one-line reason on stderr), 2 usage error.
 
+/// mimalloc: measurably cheaper than glibc malloc for the many small, short-lived
+/// allocations of the request path (see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -114,6 +119,9 @@ enum Command {
     Demo(tools::demo::DemoArgs),
     /// Benchmark replicated writes on loopback devices (or image files).
     Bench(tools::bench::BenchArgs),
+    /// Run a throwaway node or pair on image files in the foreground (for external
+    /// benchmarks such as fio); stops cleanly on SIGTERM.
+    Serve(tools::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -314,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => tools::demo::run(args),
         Command::Bench(args) => tools::bench::run(args),
+        Command::Serve(args) => tools::serve::run(args),
     }
 }
 

@@ -1,5 +1,10 @@
 //! `replicad` — the node daemon.
 
+/// mimalloc: measurably cheaper than glibc malloc for the many small, short-lived
+/// allocations of the request path (see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use clap::Parser;
