@@ -243,9 +243,6 @@ pub(crate) fn set_up(args: &ServeArgs) -> anyhow::Result<Setup> {
     Ok(Setup {
         primary,
         secondary,
-        primary_control,
-        secondary_control,
-        config,
         size_bytes: status.size_bytes,
     })
 }
