@@ -92,13 +92,6 @@ impl Daemon {
             let _ = child.wait();
         }
     }
-
-    pub(crate) fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 impl Drop for Daemon {
