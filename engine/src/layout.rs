@@ -20,6 +20,10 @@ pub const BITS_PER_PAGE: u64 = PAGE_BYTES * 8;
 /// Smallest journal ring. Writes larger than a quarter of the ring are split into
 /// several records, so any ring of at least this size can take any write.
 pub const MIN_JOURNAL_BYTES: u64 = 256 << 10;
+/// Largest data payload of one journal record (see `Geometry::max_record_data_bytes`).
+pub const MAX_RECORD_DATA_BYTES: u64 = 1 << 20;
+/// Smallest journal the daemon accepts: records of [`MAX_RECORD_DATA_BYTES`] always fit.
+pub const MIN_DAEMON_JOURNAL_BYTES: u64 = 4 * MAX_RECORD_DATA_BYTES;
 /// Default journal ring size.
 pub const DEFAULT_JOURNAL_BYTES: u64 = 128 << 20;
 /// Smallest data area worth creating.
@@ -157,9 +161,11 @@ impl Geometry {
     }
 
     /// Largest data payload of one journal record: a quarter of the ring, at most
-    /// [`crate::MAX_IO_BYTES`], whole blocks. Larger writes become several records.
+    /// [`MAX_RECORD_DATA_BYTES`], whole blocks. Larger writes become several records.
+    /// With journals of at least 4 MiB (what the daemon requires) this is the same
+    /// on every node, so a peer can always place the records it receives.
     pub fn max_record_data_bytes(&self) -> u64 {
-        (self.journal_bytes / 4).min(crate::MAX_IO_BYTES) & !(BLOCK_BYTES - 1)
+        (self.journal_bytes / 4).min(MAX_RECORD_DATA_BYTES) & !(BLOCK_BYTES - 1)
     }
 
     pub fn data_blocks(&self) -> u64 {

@@ -557,3 +557,44 @@ fn storage_errors_fail_requests_without_panicking() {
     assert!(matches!(error, IoError::Failed(_)), "{error}");
     assert!(volume.failure().is_some());
 }
+
+#[test]
+fn a_commit_after_recovery_starts_on_a_fresh_page_even_on_an_aligned_backend() {
+    // The simulated store needs 512-byte-aligned I/O. A lost PAD leaves the recovered
+    // journal ending mid-page; the next group commit must still be aligned.
+    let sim = sim_store(4 << 20);
+    let geometry = Geometry::internal(4 << 20, MIN_JOURNAL_BYTES).unwrap();
+    let (volume, _) = open(&sim).unwrap();
+    let start = volume.superblock().checkpoint_pos;
+    sim.fail_writes(0..geometry.data_bytes);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let records = volume
+        .write(
+            WriteRequest {
+                offset: 0,
+                kind: WriteKind::Data(Bytes::from(vec![1u8; 4096])),
+                fua: true,
+            },
+            Box::new(move |r| drop(sender.send(r))),
+        )
+        .unwrap();
+    receiver.recv().unwrap().unwrap();
+    volume.abandon();
+    drop(volume);
+    let sim = Arc::new(SimBackend::from_image(sim.live_image()));
+    // Break the PAD that follows the record (it ends the group commit's page).
+    sim.corrupt(
+        geometry.journal_offset + start + records[0].total_bytes() + 8,
+        0x01,
+    );
+    let (volume, report) = open(&sim).unwrap();
+    assert_eq!(report.records_replayed, 1, "{report:?}");
+    write(&volume, 4096, &[2u8; 4096]).expect("first commit after recovery");
+    volume.flush_blocking().unwrap();
+    volume.abandon();
+    drop(volume);
+    let (volume, _) = open(&sim).unwrap();
+    let data = volume.read_blocking(0, 8192).unwrap();
+    assert!(data[..4096].iter().all(|&b| b == 1) && data[4096..].iter().all(|&b| b == 2));
+    volume.close().unwrap();
+}

@@ -385,10 +385,10 @@ impl Config {
                 }
             }
             if let Some(journal) = resource.journal_size {
-                if journal < engine::layout::MIN_JOURNAL_BYTES || journal % 4096 != 0 {
+                if journal < engine::layout::MIN_DAEMON_JOURNAL_BYTES || journal % 4096 != 0 {
                     return Err(invalid(format!(
-                        "resource.{name}.journal-size: {journal} must be a multiple of 4K and at least {}K",
-                        engine::layout::MIN_JOURNAL_BYTES / 1024
+                        "resource.{name}.journal-size: {journal} must be a multiple of 4K and at least {}M",
+                        engine::layout::MIN_DAEMON_JOURNAL_BYTES >> 20
                     )));
                 }
             }

@@ -300,28 +300,11 @@ fn checkpoint(shared: &Shared) -> Result<(), EngineError> {
         }
         chosen
     };
+    // Data first, then the checksums that describe it, then the bitmap whose cleared
+    // bits claim "in sync" (a cleared bit must never be durable before the block's
+    // data and checksum are), each made durable before the next.
     shared.data.flush()?;
-    let bitmap_pages: Vec<(usize, Vec<u8>)> = {
-        let mut state = shared.lock();
-        let pages = state.bitmap.take_dirty_pages();
-        pages
-            .into_iter()
-            .map(|page| (page, state.bitmap.encode_page(page)))
-            .collect()
-    };
     let geometry = &shared.geometry;
-    for (page, bytes) in &bitmap_pages {
-        if let Err(error) = shared
-            .meta
-            .write_at(geometry.bitmap_offset + *page as u64 * PAGE_BYTES, bytes)
-        {
-            let mut state = shared.lock();
-            bitmap_pages
-                .iter()
-                .for_each(|(page, _)| state.bitmap.mark_page_dirty(*page));
-            return Err(error.into());
-        }
-    }
     let table_pages = shared.checksums.take_dirty_pages();
     for (position, &page) in table_pages.iter().enumerate() {
         let bytes = shared.checksums.encode_page(page);
@@ -335,6 +318,8 @@ fn checkpoint(shared: &Shared) -> Result<(), EngineError> {
             return Err(error.into());
         }
     }
+    shared.meta.flush()?;
+    shared.write_bitmap_pages()?;
     shared.meta.flush()?;
     {
         let _guard = shared

@@ -284,6 +284,9 @@ pub(crate) struct Shared {
     apply_lock: RwLock<()>,
     /// Serialises superblock writes.
     superblock_lock: Mutex<()>,
+    /// Serialises encoding and writing bitmap pages, so an older snapshot of a page is
+    /// never written after a newer one.
+    bitmap_io: Mutex<()>,
     reads: Mutex<ReadQueue>,
     reads_wake: Condvar,
     stats: Stats,
@@ -351,6 +354,32 @@ impl Shared {
 
     fn max_memory_bytes(&self) -> u64 {
         self.geometry.journal_bytes
+    }
+
+    /// Writes the bitmap pages changed since the last call (not yet durable).
+    fn write_bitmap_pages(&self) -> Result<(), EngineError> {
+        let _io = self.bitmap_io.lock().unwrap_or_else(|p| p.into_inner());
+        let pages: Vec<(usize, Vec<u8>)> = {
+            let mut state = self.lock();
+            let pages = state.bitmap.take_dirty_pages();
+            pages
+                .into_iter()
+                .map(|page| (page, state.bitmap.encode_page(page)))
+                .collect()
+        };
+        for (position, (page, bytes)) in pages.iter().enumerate() {
+            if let Err(error) = self.meta.write_at(
+                self.geometry.bitmap_offset + *page as u64 * crate::layout::PAGE_BYTES,
+                bytes,
+            ) {
+                let mut state = self.lock();
+                pages[position..]
+                    .iter()
+                    .for_each(|(page, _)| state.bitmap.mark_page_dirty(*page));
+                return Err(error.into());
+            }
+        }
+        Ok(())
     }
 
     /// Writes `superblock` to its next copy and makes it durable.
@@ -798,6 +827,18 @@ impl Volume {
             ));
         }
         let shared = &self.shared;
+        // A record must fit the ring with the page kept free (see journal placement).
+        if record.total_bytes() + 2 * crate::layout::PAGE_BYTES > shared.geometry.journal_bytes {
+            return Err(IoError::BadRecord(
+                format!(
+                    "record {} of {} bytes cannot fit this node's {}-byte journal",
+                    header.seq,
+                    record.total_bytes(),
+                    shared.geometry.journal_bytes
+                )
+                .into(),
+            ));
+        }
         let mut state = shared.lock();
         state.check_usable()?;
         if header.seq < state.next_seq {
@@ -989,6 +1030,14 @@ impl Volume {
         drop(state);
     }
 
+    /// Makes the out-of-sync bitmap durable now (a sync target persists the bits it
+    /// merged before it acknowledges any resync data).
+    pub fn persist_bitmap(&self) -> Result<(), EngineError> {
+        self.shared.write_bitmap_pages()?;
+        self.shared.meta.flush()?;
+        Ok(())
+    }
+
     /// Number of blocks marked out of sync.
     pub fn out_of_sync_blocks(&self) -> u64 {
         self.shared.lock().bitmap.count_ones()
@@ -1005,9 +1054,19 @@ impl Volume {
         let mut state = self.shared.lock();
         let bits = state.bitmap.bits();
         for (index, word) in words.iter().enumerate() {
+            // Words past the end (a peer's bad frame) are ignored, never wrapped.
+            let Some(base) = first_word
+                .checked_add(index as u64)
+                .and_then(|w| w.checked_mul(64))
+            else {
+                break;
+            };
+            if base >= bits {
+                break;
+            }
             let mut rest = *word;
             while rest != 0 {
-                let bit = (first_word + index as u64) * 64 + u64::from(rest.trailing_zeros());
+                let bit = base + u64::from(rest.trailing_zeros());
                 if bit < bits {
                     state.bitmap.set_range(bit, 1);
                 }

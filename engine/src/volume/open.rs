@@ -317,6 +317,18 @@ impl Volume {
                 &bitmap.encode_page(page),
             )?;
         }
+        // The next group commit must start on a fresh page: pad the rest of the page
+        // after the last valid record (rewriting that page with the bytes it holds).
+        let ring_bytes = geometry.journal_bytes;
+        let head = pad_to_page(
+            meta_backend.as_ref(),
+            &geometry,
+            scan.end_pos,
+            scan.last_seq,
+        )?;
+        // Every record still in the ring (even past a torn one) must be older than what
+        // comes next, so recovery can always tell stale records by their sequence.
+        let highest_in_ring = highest_seq_in_ring(meta_backend.as_ref(), &geometry)?;
         meta_backend.flush()?;
         superblock.checkpoint_seq = scan.last_seq;
         superblock.checkpoint_pos = scan.end_pos;
@@ -328,16 +340,14 @@ impl Volume {
         )?;
         meta_backend.flush()?;
 
-        let ring_bytes = geometry.journal_bytes;
-        // Jump past every sequence number the ring could hold (see module docs).
-        let next_seq = scan.last_seq + ring_bytes / crate::record::RECORD_ALIGN + 1;
+        let next_seq = scan.last_seq.max(highest_in_ring) + 1;
         let state = State {
             superblock,
             next_seq,
             last_placed_seq: scan.last_seq,
-            ring_head: scan.end_pos,
+            ring_head: head,
             ring_tail: scan.end_pos,
-            ring_used: 0,
+            ring_used: (head + ring_bytes - scan.end_pos) % ring_bytes,
             pending: VecDeque::new(),
             pending_bytes: 0,
             apply_queue: VecDeque::new(),
@@ -373,6 +383,7 @@ impl Volume {
             progress: Condvar::new(),
             apply_lock: RwLock::new(()),
             superblock_lock: Mutex::new(()),
+            bitmap_io: Mutex::new(()),
             reads: Mutex::new(super::ReadQueue::default()),
             reads_wake: Condvar::new(),
             stats: Default::default(),
@@ -578,6 +589,55 @@ fn apply_replayed(
         }
     }
     Ok(())
+}
+
+/// Writes a PAD from ring offset `pos` to the next 4 KiB boundary (if `pos` is not on
+/// one), by rewriting that whole page: the bytes before `pos` are kept as they are.
+/// Returns where the next commit starts.
+fn pad_to_page(
+    meta: &dyn Backend,
+    geometry: &Geometry,
+    pos: u64,
+    last_seq: u64,
+) -> Result<u64, BackendError> {
+    let within = pos % PAGE_BYTES;
+    if within == 0 {
+        return Ok(pos);
+    }
+    let page_start = pos - within;
+    let mut page = read_ring(meta, geometry, page_start, PAGE_BYTES)?;
+    let pad = RecordHeader::pad(last_seq, PAGE_BYTES - within).encode();
+    let at = within as usize;
+    page[at..].fill(0);
+    page[at..at + pad.len()].copy_from_slice(&pad);
+    meta.write_at(geometry.journal_offset + page_start, &page)?;
+    Ok((page_start + PAGE_BYTES) % geometry.journal_bytes)
+}
+
+/// The highest sequence number of any record header in the ring with a valid CRC
+/// (current lap, stale laps, beyond a torn record alike).
+fn highest_seq_in_ring(meta: &dyn Backend, geometry: &Geometry) -> Result<u64, BackendError> {
+    const CHUNK: u64 = 4 << 20;
+    // A header can reach 64 + 4 × 8192 bytes past its start.
+    const OVERLAP: u64 = 64 << 10;
+    let ring_bytes = geometry.journal_bytes;
+    let mut highest = 0;
+    let mut pos = 0;
+    while pos < ring_bytes {
+        let length = (CHUNK + OVERLAP).min(ring_bytes - pos);
+        let buf = read_ring(meta, geometry, pos, length)?;
+        let scan_end = CHUNK.min(length) as usize;
+        let magic = crate::record::RECORD_MAGIC.to_le_bytes();
+        for at in (0..scan_end).step_by(crate::record::RECORD_ALIGN as usize) {
+            if buf[at..at + 4] == magic {
+                if let Ok(header) = RecordHeader::decode(&buf[at..]) {
+                    highest = highest.max(header.seq);
+                }
+            }
+        }
+        pos += CHUNK;
+    }
+    Ok(highest)
 }
 
 /// Creates (or truncates) an image file of `size_bytes` (tools and tests).
