@@ -4,7 +4,7 @@ use std::path::Path;
 
 use engine::volume::{format_uuid, read_superblock, CreateOptions};
 use engine::Volume;
-use replicad::config::Config;
+use replicad::config::{Config, ConfigError};
 use replicad::control::ResourceStatus;
 use replicad::resource::{lock_store, open_stores};
 
@@ -187,4 +187,126 @@ pub fn render_status(status: &ResourceStatus) -> String {
         io.repaired_blocks
     ));
     out
+}
+
+/// An error of `replicad` or `replctl` as the one line the CLI contract asks for. A
+/// config file that does not parse is named with the line and the dotted key at fault
+/// (`line 2: resource.r0.mode: "fast" is not a mode …`), without the source excerpt the
+/// TOML parser draws over several lines.
+pub fn error_line(error: &anyhow::Error) -> String {
+    if let Some(ConfigError::Parse { path, message }) = error.downcast_ref::<ConfigError>() {
+        return format!("config {path}: {}", describe_toml_error(path, message));
+    }
+    // The error and its causes, skipping a cause the message above it already quotes.
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    one_line(&text)
+}
+
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Turns the parser's "TOML parse error at line L, column C", excerpt and reason into
+/// "line L: KEY: reason", the key read from the file at `path`.
+fn describe_toml_error(path: &str, message: &str) -> String {
+    let lines: Vec<&str> = message.lines().collect();
+    let line_number = lines
+        .first()
+        .and_then(|first| first.strip_prefix("TOML parse error at line "))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|number| number.trim().parse::<usize>().ok());
+    let Some(line_number) = line_number else {
+        return one_line(message);
+    };
+    // The reason follows the excerpt, whose last line holds the carets.
+    let reason_start = lines
+        .iter()
+        .rposition(|line| line.trim_start().starts_with('|') && line.contains('^'))
+        .map_or(1, |caret| caret + 1);
+    let reason = one_line(&lines[reason_start.min(lines.len())..].join("\n"));
+    let key = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| toml_key_at(&text, line_number));
+    match key {
+        Some(key) => format!("line {line_number}: {key}: {reason}"),
+        None => format!("line {line_number}: {reason}"),
+    }
+}
+
+/// The dotted key set on line `line_number` (1-based) of a TOML text: its table's name
+/// and the line's key, or the table's name when the line is a table header.
+fn toml_key_at(text: &str, line_number: usize) -> Option<String> {
+    let mut table = String::new();
+    for (index, line) in text.lines().enumerate().take(line_number) {
+        let line = line.trim();
+        let here = index + 1 == line_number;
+        if line.starts_with('[') {
+            table = line
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            if here {
+                return Some(table);
+            }
+        } else if here {
+            let key = line.split('=').next().unwrap_or_default().trim();
+            if key.is_empty() || key.starts_with('#') {
+                return (!table.is_empty()).then_some(table);
+            }
+            let key = key.trim_matches('"');
+            return Some(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_keys_by_line() {
+        let text = "top = 1\n[resource.r0]\nmode = \"fast\"\n\n[resource.r0.nodes.alpha]\n  \"disk\" = 3\n# note\n";
+        let cases = [
+            (1, Some("top")),
+            (2, Some("resource.r0")),
+            (3, Some("resource.r0.mode")),
+            (5, Some("resource.r0.nodes.alpha")),
+            (6, Some("resource.r0.nodes.alpha.disk")),
+            (7, Some("resource.r0.nodes.alpha")),
+            (9, None),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(toml_key_at(text, line).as_deref(), expected, "line {line}");
+        }
+    }
+
+    #[test]
+    fn toml_errors_become_one_line() {
+        let message = "TOML parse error at line 3, column 8\n  |\n3 | mode = \"fast\"\n  |        ^^^^^^\n\"fast\" is not a mode (sync, semi-sync or async)\n";
+        let described = describe_toml_error("/nonexistent/replicad.toml", message);
+        assert_eq!(
+            described,
+            "line 3: \"fast\" is not a mode (sync, semi-sync or async)"
+        );
+        assert_eq!(describe_toml_error("x", "odd\n  text\n"), "odd text");
+    }
 }

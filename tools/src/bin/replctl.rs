@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("replctl: {}", error.to_string().replace('\n', " "));
+            eprintln!("replctl: {}", tools::admin::error_line(&error));
             ExitCode::from(1)
         }
     }

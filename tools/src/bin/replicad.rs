@@ -47,7 +47,7 @@ fn main() {
         runtime.block_on(replicad::daemon::run(config, node))
     })();
     if let Err(error) = result {
-        eprintln!("replicad: {error:#}");
+        eprintln!("replicad: {}", tools::admin::error_line(&error));
         std::process::exit(1);
     }
 }

@@ -667,3 +667,290 @@ impl Drop for Mount {
         let _ = Command::new("umount").arg(&self.dir).status();
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Single-node clusters and a raw NBD client (used by e2e_nbd.rs and e2e_bad_input.rs)
+// ---------------------------------------------------------------------------------------
+
+/// How a daemon goes down before a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// SIGTERM and a clean exit.
+    Clean,
+    /// SIGKILL: a crash.
+    Kill9,
+}
+
+/// A one-node resource on node `alpha`: metadata written, daemon started, promoted.
+pub fn single_node(test: &str, options: ClusterOptions) -> Cluster {
+    let mut cluster = Cluster::new(test, &["alpha"], options);
+    cluster.create_md_all();
+    cluster.start("alpha");
+    cluster.replctl_ok("alpha", &["promote", RESOURCE]);
+    cluster
+}
+
+impl Cluster {
+    /// Whether `name`'s daemon process is still running.
+    pub fn is_running(&mut self, name: &str) -> bool {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+        node.process
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Stops `name` as `how` says, starts it again and promotes it: a restarted node
+    /// comes up Secondary. Returns the status right after the restart (before the
+    /// promotion), whose `recovery` says what the engine did when it opened the store.
+    pub fn restart_primary(&mut self, name: &str, how: Restart) -> ResourceStatus {
+        match how {
+            Restart::Clean => self.stop(name),
+            Restart::Kill9 => self.kill9(name),
+        }
+        self.start(name);
+        let status = self.status(name);
+        assert_eq!(
+            status.role, "Secondary",
+            "a restarted node must come up Secondary"
+        );
+        self.replctl_ok(name, &["promote", RESOURCE]);
+        status
+    }
+
+    /// The log of `name` must not show a panic.
+    pub fn assert_no_panic_logged(&self, name: &str) {
+        let text = std::fs::read_to_string(&self.node(name).log).unwrap_or_default();
+        assert!(
+            !text.contains("panicked"),
+            "{name}'s log shows a panic:\n{}",
+            self.log_tail(name)
+        );
+    }
+}
+
+/// Bytes of a deterministic pseudo-random pattern.
+pub fn pattern_bytes(seed: u64, length: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; length];
+    engine::rng::SplitMix64::new(seed).fill(&mut bytes);
+    bytes
+}
+
+/// A blocking NBD client over TCP that speaks the protocol by hand, so that tests can
+/// send what no real client would. Every read and write has a timeout, so nothing hangs.
+pub struct RawNbd {
+    pub stream: std::net::TcpStream,
+    next_cookie: u64,
+    /// Export size and transmission flags, once `NBD_OPT_GO` succeeded.
+    pub size_bytes: u64,
+    pub transmission_flags: u16,
+}
+
+/// How long one raw read or write may block.
+pub const RAW_IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl RawNbd {
+    /// Connects without reading anything.
+    pub fn connect(port: u16) -> RawNbd {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("connect to NBD port {port}: {e}"));
+        stream.set_read_timeout(Some(RAW_IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(RAW_IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawNbd {
+            stream,
+            next_cookie: 1,
+            size_bytes: 0,
+            transmission_flags: 0,
+        }
+    }
+
+    /// Connects and reads the server greeting, checking it.
+    pub fn greeted(port: u16) -> RawNbd {
+        use replicad::nbd::proto;
+        let mut client = RawNbd::connect(port);
+        let raw = client.read_exactly(proto::GREETING_BYTES);
+        let greeting = proto::Greeting::parse(&raw).expect("valid greeting");
+        assert_ne!(greeting.handshake_flags & proto::FLAG_FIXED_NEWSTYLE, 0);
+        client
+    }
+
+    /// A well-behaved client in the transmission phase of export `name`.
+    pub fn open(port: u16, name: &str) -> RawNbd {
+        use replicad::nbd::proto;
+        let mut client = RawNbd::greeted(port);
+        client.send(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes());
+        client
+            .go(name)
+            .unwrap_or_else(|reply| panic!("NBD_OPT_GO {name:?} refused with {reply:#x}"));
+        client
+    }
+
+    /// Sends `NBD_OPT_GO` and reads the replies: Ok once acknowledged, or the error
+    /// reply type.
+    pub fn go(&mut self, name: &str) -> Result<(), u32> {
+        use replicad::nbd::proto::{self, Info, InfoRequest, OptionHeader, OptionReplyHeader};
+        let mut data = Vec::new();
+        InfoRequest {
+            name,
+            info_types: vec![proto::INFO_BLOCK_SIZE],
+        }
+        .encode(&mut data);
+        let mut message = Vec::new();
+        OptionHeader {
+            option: proto::OPT_GO,
+            length: data.len() as u32,
+        }
+        .encode(&mut message);
+        message.extend_from_slice(&data);
+        self.send(&message);
+        loop {
+            let raw = self.read_exactly(proto::OPTION_REPLY_HEADER_BYTES);
+            let header = OptionReplyHeader::parse(&raw).expect("valid option reply");
+            assert!(
+                header.length <= 64 * 1024,
+                "option reply too long: {header:?}"
+            );
+            let data = self.read_exactly(header.length as usize);
+            if header.is_error() {
+                return Err(header.reply_type);
+            }
+            match header.reply_type {
+                proto::REP_ACK => return Ok(()),
+                proto::REP_INFO => {
+                    if let Ok(Info::Export {
+                        size_bytes,
+                        transmission_flags,
+                    }) = Info::parse(&data)
+                    {
+                        self.size_bytes = size_bytes;
+                        self.transmission_flags = transmission_flags;
+                    }
+                }
+                other => panic!("unexpected option reply type {other:#x}"),
+            }
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.stream.write_all(bytes).expect("send to the server");
+    }
+
+    pub fn read_exactly(&mut self, length: usize) -> Vec<u8> {
+        use std::io::Read;
+        let mut bytes = vec![0u8; length];
+        self.stream
+            .read_exact(&mut bytes)
+            .unwrap_or_else(|e| panic!("reading {length} bytes from the server: {e}"));
+        bytes
+    }
+
+    /// Sends a request header (and `payload`, if any); returns its cookie.
+    pub fn request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> u64 {
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let mut message = Vec::with_capacity(28 + payload.len());
+        replicad::nbd::proto::RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(&mut message);
+        message.extend_from_slice(payload);
+        self.send(&message);
+        cookie
+    }
+
+    /// Reads one simple reply header for `cookie`; returns its NBD error (0: success).
+    pub fn reply(&mut self, cookie: u64) -> u32 {
+        use replicad::nbd::proto;
+        let raw = self.read_exactly(proto::SIMPLE_REPLY_HEADER_BYTES);
+        let reply = proto::SimpleReplyHeader::parse(&raw).expect("valid simple reply");
+        assert_eq!(reply.cookie, cookie, "reply to another request");
+        reply.error
+    }
+
+    /// A request without payload, answered without payload; returns the NBD error.
+    pub fn call(&mut self, command: u16, flags: u16, offset: u64, length: u32) -> u32 {
+        let cookie = self.request(command, flags, offset, length, &[]);
+        self.reply(cookie)
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> u32 {
+        use replicad::nbd::proto;
+        let flags = if fua { proto::CMD_FLAG_FUA } else { 0 };
+        let cookie = self.request(proto::CMD_WRITE, flags, offset, data.len() as u32, data);
+        self.reply(cookie)
+    }
+
+    pub fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
+        let cookie = self.request(replicad::nbd::proto::CMD_READ, 0, offset, length, &[]);
+        match self.reply(cookie) {
+            0 => Ok(self.read_exactly(length as usize)),
+            error => Err(error),
+        }
+    }
+
+    pub fn flush(&mut self) -> u32 {
+        self.call(replicad::nbd::proto::CMD_FLUSH, 0, 0, 0)
+    }
+
+    /// Waits (bounded) until the server closes the connection; returns whatever it sent
+    /// before closing.
+    pub fn expect_closed(&mut self) -> Vec<u8> {
+        use std::io::{ErrorKind, Read};
+        let mut received = Vec::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buffer) {
+                Ok(0) => return received,
+                Ok(count) => {
+                    received.extend_from_slice(&buffer[..count]);
+                    assert!(received.len() < 1 << 20, "the server keeps sending");
+                }
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    return received
+                }
+                Err(error) => panic!(
+                    "the server did not close the connection within {RAW_IO_TIMEOUT:?}: {error}"
+                ),
+            }
+        }
+    }
+}
+
+/// Detaches, when dropped, every loop device still backed by a file: the cleanup of a
+/// `losetup` that attached a device but failed or timed out before its [`LoopDevice`]
+/// guard existed.
+pub struct LoopLeftovers(pub PathBuf);
+
+impl Drop for LoopLeftovers {
+    fn drop(&mut self) {
+        let Ok(output) = Command::new("losetup").arg("-j").arg(&self.0).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            if let Some(device) = line.split(':').next().filter(|d| d.starts_with("/dev/")) {
+                let _ = Command::new("losetup").arg("-d").arg(device).status();
+            }
+        }
+    }
+}
