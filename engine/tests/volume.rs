@@ -598,3 +598,23 @@ fn a_commit_after_recovery_starts_on_a_fresh_page_even_on_an_aligned_backend() {
     assert!(data[..4096].iter().all(|&b| b == 1) && data[4096..].iter().all(|&b| b == 2));
     volume.close().unwrap();
 }
+
+#[test]
+fn a_flush_before_any_write_after_open_completes() {
+    // Opening moves the sequence far forward; a flush must wait only for records that
+    // exist (found by an NBD FLUSH right after a daemon start).
+    let sim = sim_store(4 << 20);
+    for round in 0..2 {
+        let (volume, _) = open(&sim).unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        volume.flush(Box::new(move |result| drop(sender.send(result))));
+        let result = receiver
+            .recv_timeout(Duration::from_secs(10))
+            .expect("flush before any write hung");
+        assert!(result.is_ok(), "round {round}: {result:?}");
+        volume.advance_seq(volume.next_seq() + 1000);
+        volume.flush_blocking().unwrap();
+        write(&volume, 0, &[round as u8; 4096]).unwrap();
+        volume.abandon();
+    }
+}

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -150,8 +150,6 @@ pub struct Resource {
     /// Milliseconds since `epoch` of the last client I/O (resync yields to it).
     last_io_ms: AtomicU64,
     epoch: std::time::Instant,
-    /// This node sequenced a write since the store was attached (see `flush_all`).
-    wrote_since_attach: AtomicBool,
 }
 
 impl Resource {
@@ -188,7 +186,6 @@ impl Resource {
             }),
             last_io_ms: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
-            wrote_since_attach: AtomicBool::new(false),
             order: Mutex::new(()),
             inflight: Semaphore::new(inflight_permits as usize),
             inflight_permits,
@@ -295,7 +292,6 @@ impl Resource {
                 };
                 state.recovery = Some(recovery.clone());
                 drop(state);
-                self.wrote_since_attach.store(false, Ordering::SeqCst);
                 *self.volume.write().unwrap_or_else(|p| p.into_inner()) = Some(volume);
                 self.emit(&format!("disk attached ({recovery})"));
                 Ok(report)
@@ -501,25 +497,13 @@ impl Resource {
     /// Flushes locally and, in sync and semi-sync, on the peer.
     pub async fn flush_all(&self) -> Result<(), Errno> {
         let volume = self.volume().ok_or(Errno::EIO)?;
-        // `Volume::flush` waits for the sequence number before the next one, and opening
-        // a volume moves the next one far past the last record, so an engine flush
-        // before the first record after attach would wait forever (an engine bug, found
-        // by an NBD FLUSH right after start: nbdfuse + losetup). Opening made the journal
-        // durable, so with no record written since there is nothing to flush locally.
-        let nothing_written =
-            !self.wrote_since_attach.load(Ordering::SeqCst) && volume.stats().journal_commits == 0;
-        let local = (!nothing_written).then(|| {
-            let (sender, receiver) = oneshot::channel();
-            volume.flush(Box::new(move |result| drop(sender.send(result))));
-            receiver
-        });
+        let (sender, local) = oneshot::channel();
+        volume.flush(Box::new(move |result| drop(sender.send(result))));
         let peer = self.link().and_then(|link| link.flush());
-        if let Some(receiver) = local {
-            receiver
-                .await
-                .map_err(|_| Errno::EIO)?
-                .map_err(|e| errno(&e))?;
-        }
+        local
+            .await
+            .map_err(|_| Errno::EIO)?
+            .map_err(|e| errno(&e))?;
         if let Some(peer) = peer {
             // An error only means the session ended and released the wait.
             let _ = peer.await;
@@ -606,7 +590,6 @@ impl Resource {
             link.before_write(volume);
         }
         let records = volume.write(request, Box::new(move |result| drop(done.send(result))))?;
-        self.wrote_since_attach.store(true, Ordering::SeqCst);
         if let Some(link) = self.link() {
             drop(link.ship(&records, false));
         }
@@ -641,7 +624,6 @@ impl Resource {
             let records = volume
                 .write(request, Box::new(move |result| drop(sender.send(result))))
                 .map_err(|e| errno(&e))?;
-            self.wrote_since_attach.store(true, Ordering::SeqCst);
             self.link().and_then(|link| link.ship(&records, fua))
         };
         receiver

@@ -14,7 +14,11 @@ use replicad::control::ResourceStatus;
 use tools::nbd_client::NbdClient;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// Writes one 4 KiB block per `(block, fill)` through NBD, 32 in flight.
@@ -26,7 +30,11 @@ fn write_blocks(uri: &str, blocks: &[(u64, u8)]) {
         for chunk in blocks.chunks(32) {
             for &(block, fill) in chunk {
                 let client = client.clone();
-                tasks.spawn(async move { client.write(block * 4096, Bytes::from(vec![fill; 4096]), false).await });
+                tasks.spawn(async move {
+                    client
+                        .write(block * 4096, Bytes::from(vec![fill; 4096]), false)
+                        .await
+                });
             }
             while let Some(result) = tasks.join_next().await {
                 result.expect("task").expect("write");
@@ -41,7 +49,11 @@ fn write_blocks(uri: &str, blocks: &[(u64, u8)]) {
 fn read_block(uri: &str, block: u64) -> Vec<u8> {
     runtime().block_on(async {
         let client = NbdClient::connect(uri).await.expect("connect");
-        let data = client.read(block * 4096, 4096).await.expect("read").to_vec();
+        let data = client
+            .read(block * 4096, 4096)
+            .await
+            .expect("read")
+            .to_vec();
         let _ = client.disconnect().await;
         data
     })
@@ -51,7 +63,8 @@ fn read_block(uri: &str, block: u64) -> Vec<u8> {
 fn fill_random(path: &std::path::Path, bytes: u64, seed: u64) {
     use std::io::Write;
     let mut rng = SplitMix64::new(seed);
-    let mut file = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path).expect("image"));
+    let mut file =
+        std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path).expect("image"));
     let mut chunk = vec![0u8; 1 << 20];
     for _ in 0..bytes / chunk.len() as u64 {
         rng.fill(&mut chunk);
@@ -69,40 +82,63 @@ fn assert_replicas_identical(cluster: &Cluster, size_bytes: u64, journal: u64) {
     let a = cluster.data_area("alpha", size_bytes);
     let b = cluster.data_area("beta", size_bytes);
     if let Some(index) = a.iter().zip(&b).position(|(x, y)| x != y) {
-        panic!("data areas differ first at byte {index} (block {})", index / 4096);
+        panic!(
+            "data areas differ first at byte {index} (block {})",
+            index / 4096
+        );
     }
-    let geometry = engine::layout::Geometry::internal(cluster.options.image_bytes, journal).expect("geometry");
+    let geometry =
+        engine::layout::Geometry::internal(cluster.options.image_bytes, journal).expect("geometry");
     let table = |name: &str| {
         let image = std::fs::read(&cluster.node(name).image).expect("image");
-        image[geometry.checksum_offset as usize..(geometry.checksum_offset + geometry.checksum_bytes) as usize].to_vec()
+        image[geometry.checksum_offset as usize
+            ..(geometry.checksum_offset + geometry.checksum_bytes) as usize]
+            .to_vec()
     };
     assert!(table("alpha") == table("beta"), "checksum tables differ");
 }
 
 #[test]
 fn p6_minimal_resync_moves_only_the_dirtied_blocks() {
-    let options = ClusterOptions { image_bytes: (1 << 30) + (64 << 20), journal: "16M", ..ClusterOptions::default() };
+    let options = ClusterOptions {
+        image_bytes: (1 << 30) + (64 << 20),
+        journal: "16M",
+        ..ClusterOptions::default()
+    };
     let mut cluster = Cluster::pair("p6-minimal", options);
     let size = cluster.status("alpha").size_bytes;
     assert!(size >= 1 << 30, "a 1 GiB volume (got {size})");
     cluster.replctl_ok("alpha", &["disconnect", RESOURCE]);
-    cluster.wait_status("alpha", "StandAlone", Duration::from_secs(10), |s| peer(s).connection == "StandAlone");
+    cluster.wait_status("alpha", "StandAlone", Duration::from_secs(10), |s| {
+        peer(s).connection == "StandAlone"
+    });
     // 8 MiB scattered over the whole volume.
     let mut rng = SplitMix64::new(42);
     let blocks = size / 4096;
-    let mut dirtied: Vec<(u64, u8)> = (0..2048).map(|i| (rng.below(blocks), (i % 250 + 1) as u8)).collect();
+    let mut dirtied: Vec<(u64, u8)> = (0..2048)
+        .map(|i| (rng.below(blocks), (i % 250 + 1) as u8))
+        .collect();
     dirtied.sort();
     dirtied.dedup_by_key(|(block, _)| *block);
     let dirtied_bytes = dirtied.len() as u64 * 4096;
     write_blocks(&cluster.uri("alpha"), &dirtied);
     let before = peer(&cluster.status("alpha")).resync_bytes;
     let out_of_sync = cluster.status("alpha").out_of_sync_bytes;
-    assert_eq!(out_of_sync, dirtied_bytes, "every dirtied block, and only those, is marked");
+    assert_eq!(
+        out_of_sync, dirtied_bytes,
+        "every dirtied block, and only those, is marked"
+    );
     cluster.replctl_ok("alpha", &["connect", RESOURCE]);
     cluster.wait_in_sync(Duration::from_secs(120));
     let sent = peer(&cluster.status("alpha")).resync_bytes - before;
-    assert!(sent <= dirtied_bytes * 11 / 10, "resync sent {sent} bytes for {dirtied_bytes} dirtied");
-    assert!(sent >= dirtied_bytes, "resync sent {sent} bytes, less than the {dirtied_bytes} dirtied");
+    assert!(
+        sent <= dirtied_bytes * 11 / 10,
+        "resync sent {sent} bytes for {dirtied_bytes} dirtied"
+    );
+    assert!(
+        sent >= dirtied_bytes,
+        "resync sent {sent} bytes, less than the {dirtied_bytes} dirtied"
+    );
     cluster.stop("alpha");
     cluster.stop("beta");
     assert_replicas_identical(&cluster, size, 16 << 20);
@@ -110,9 +146,17 @@ fn p6_minimal_resync_moves_only_the_dirtied_blocks() {
 
 /// Waits until the resync has moved at least `fraction` of what it had to.
 fn wait_progress(cluster: &Cluster, node: &str, fraction: f64) -> ResourceStatus {
-    cluster.wait_status(node, &format!("resync past {:.0}%", fraction * 100.0), Duration::from_secs(180), |s| {
-        s.peer.as_ref().and_then(|p| p.done_percent).is_some_and(|done| done >= fraction * 100.0)
-    })
+    cluster.wait_status(
+        node,
+        &format!("resync past {:.0}%", fraction * 100.0),
+        Duration::from_secs(180),
+        |s| {
+            s.peer
+                .as_ref()
+                .and_then(|p| p.done_percent)
+                .is_some_and(|done| done >= fraction * 100.0)
+        },
+    )
 }
 
 #[test]
@@ -131,22 +175,37 @@ fn p6_rebuild_under_load_resumes_after_kill9_of_target_and_source() {
     cluster.replctl_ok("alpha", &["create-md", RESOURCE]);
     cluster.replctl_ok("beta", &["create-md", RESOURCE, "--zeroed"]);
     cluster.start_all();
-    cluster.wait_status("alpha", "connected", Duration::from_secs(30), |s| s.peer.as_ref().is_some_and(|p| p.connection == "Connected"));
+    cluster.wait_status("alpha", "connected", Duration::from_secs(30), |s| {
+        s.peer.as_ref().is_some_and(|p| p.connection == "Connected")
+    });
     cluster.replctl_ok("alpha", &["promote", RESOURCE, "--force"]);
     let total = cluster.status("alpha").size_bytes;
 
     // The checker writes at QD 32 through the primary during the whole rebuild.
     let uri = cluster.uri("alpha");
     let dir = cluster.dir.clone();
-    let writer = std::thread::spawn(move || checker_write(&dir, &uri, &["--qd", "32", "--seconds", "25", "--blocks", "0..16384"]));
+    let writer = std::thread::spawn(move || {
+        checker_write(
+            &dir,
+            &uri,
+            &["--qd", "32", "--seconds", "25", "--blocks", "0..16384"],
+        )
+    });
 
     // Kill the target mid-rebuild; on restart it must resume, not start over.
     let before = peer(&wait_progress(&cluster, "alpha", 0.15));
     cluster.kill9("beta");
     cluster.start("beta");
-    let resumed = cluster.wait_status("alpha", "the rebuild to resume", Duration::from_secs(60), |s| {
-        s.peer.as_ref().is_some_and(|p| p.connection == "Connected" && p.replication.contains("SyncS"))
-    });
+    let resumed = cluster.wait_status(
+        "alpha",
+        "the rebuild to resume",
+        Duration::from_secs(60),
+        |s| {
+            s.peer
+                .as_ref()
+                .is_some_and(|p| p.connection == "Connected" && p.replication.contains("SyncS"))
+        },
+    );
     let checker_range = 16384 * 4096;
     assert!(
         peer(&resumed).resync_remaining_bytes <= before.resync_remaining_bytes + checker_range,
@@ -161,17 +220,37 @@ fn p6_rebuild_under_load_resumes_after_kill9_of_target_and_source() {
     let target_remaining = cluster.status("beta").out_of_sync_bytes;
     cluster.kill9("alpha");
     let (log, output) = writer.join().expect("checker thread");
-    assert!(output.status.success(), "checker: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "checker: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     // An Inconsistent target is never promoted without --force (P2).
     let refused = cluster.replctl("beta", &["promote", RESOURCE]);
-    assert_eq!(refused.status.code(), Some(1), "promoting an Inconsistent target must be refused");
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("Inconsistent"), "{}", String::from_utf8_lossy(&refused.stderr));
-    cluster.start("alpha");
-    let resumed = cluster.wait_status("alpha", "the rebuild to resume after the source's crash", Duration::from_secs(60), |s| {
-        s.peer.as_ref().is_some_and(|p| p.connection == "Connected" && p.replication.contains("SyncS"))
-    });
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "promoting an Inconsistent target must be refused"
+    );
     assert!(
-        peer(&resumed).resync_remaining_bytes <= before.resync_remaining_bytes.max(target_remaining) + checker_range,
+        String::from_utf8_lossy(&refused.stderr).contains("Inconsistent"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    cluster.start("alpha");
+    let resumed = cluster.wait_status(
+        "alpha",
+        "the rebuild to resume after the source's crash",
+        Duration::from_secs(60),
+        |s| {
+            s.peer
+                .as_ref()
+                .is_some_and(|p| p.connection == "Connected" && p.replication.contains("SyncS"))
+        },
+    );
+    assert!(
+        peer(&resumed).resync_remaining_bytes
+            <= before.resync_remaining_bytes.max(target_remaining) + checker_range,
         "rebuild restarted from scratch after kill -9 of the source"
     );
     cluster.replctl_ok("alpha", &["promote", RESOURCE]);
@@ -199,7 +278,9 @@ fn p6_stale_resync_data_never_overwrites_a_newer_write() {
     cluster.replctl_ok("alpha", &["create-md", RESOURCE]);
     cluster.replctl_ok("beta", &["create-md", RESOURCE, "--zeroed"]);
     cluster.start_all();
-    cluster.wait_status("alpha", "connected", Duration::from_secs(30), |s| s.peer.as_ref().is_some_and(|p| p.connection == "Connected"));
+    cluster.wait_status("alpha", "connected", Duration::from_secs(30), |s| {
+        s.peer.as_ref().is_some_and(|p| p.connection == "Connected")
+    });
     if let Some(proxy) = &cluster.proxy {
         proxy.set_delay(Duration::from_millis(20));
     }
@@ -212,14 +293,25 @@ fn p6_stale_resync_data_never_overwrites_a_newer_write() {
     let mut round = 0u8;
     loop {
         let status = cluster.status("alpha");
-        let done = status.peer.as_ref().and_then(|p| p.done_percent).unwrap_or(0.0);
-        if status.peer.as_ref().is_some_and(|p| p.replication == "Established") || Instant::now() > deadline {
+        let done = status
+            .peer
+            .as_ref()
+            .and_then(|p| p.done_percent)
+            .unwrap_or(0.0);
+        if status
+            .peer
+            .as_ref()
+            .is_some_and(|p| p.replication == "Established")
+            || Instant::now() > deadline
+        {
             break;
         }
         // Blocks around the resync cursor (the source walks the bitmap in order).
         let cursor = (done / 100.0 * blocks as f64) as u64;
         round = round.wrapping_add(1).max(1);
-        let batch: Vec<(u64, u8)> = (0..64).map(|i| ((cursor + i * 16).min(blocks - 1), round)).collect();
+        let batch: Vec<(u64, u8)> = (0..64)
+            .map(|i| ((cursor + i * 16).min(blocks - 1), round))
+            .collect();
         write_blocks(&uri, &batch);
         for (block, fill) in batch {
             written.insert(block, fill);
@@ -232,7 +324,10 @@ fn p6_stale_resync_data_never_overwrites_a_newer_write() {
     let b = cluster.data_area("beta", size);
     for (block, fill) in &written {
         let at = (*block * 4096) as usize;
-        assert!(b[at..at + 4096].iter().all(|x| x == fill), "block {block} on the target lost its rewrite to stale resync data");
+        assert!(
+            b[at..at + 4096].iter().all(|x| x == fill),
+            "block {block} on the target lost its rewrite to stale resync data"
+        );
     }
     assert_replicas_identical(&cluster, size, 16 << 20);
 }
@@ -248,24 +343,45 @@ fn verify_finds_planted_divergence_and_repair_fixes_it() {
     let planted = [100u64, 1500, 3000];
     {
         use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&cluster.node("beta").image).expect("image");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cluster.node("beta").image)
+            .expect("image");
         for block in planted {
             let mut byte = [0u8; 1];
-            file.read_exact_at(&mut byte, block * 4096 + 77).expect("read");
+            file.read_exact_at(&mut byte, block * 4096 + 77)
+                .expect("read");
             byte[0] ^= 0x5A;
             file.write_all_at(&byte, block * 4096 + 77).expect("write");
         }
         file.sync_all().expect("sync");
     }
-    let found: serde_json::Value = serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"])).expect("json");
-    let reported: Vec<u64> = found["blocks"].as_array().expect("blocks").iter().filter_map(|b| b.as_u64()).collect();
-    assert_eq!(reported, planted.to_vec(), "verify must report exactly the planted blocks: {found}");
+    let found: serde_json::Value =
+        serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
+            .expect("json");
+    let reported: Vec<u64> = found["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .filter_map(|b| b.as_u64())
+        .collect();
+    assert_eq!(
+        reported,
+        planted.to_vec(),
+        "verify must report exactly the planted blocks: {found}"
+    );
     cluster.replctl_ok("alpha", &["verify", RESOURCE, "--repair"]);
     cluster.wait_status("alpha", "repaired", Duration::from_secs(60), |s| {
-        s.out_of_sync_bytes == 0 && s.peer.as_ref().is_some_and(|p| p.replication == "Established")
+        s.out_of_sync_bytes == 0
+            && s.peer
+                .as_ref()
+                .is_some_and(|p| p.replication == "Established")
     });
     cluster.wait_in_sync(Duration::from_secs(60));
-    let again: serde_json::Value = serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"])).expect("json");
+    let again: serde_json::Value =
+        serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
+            .expect("json");
     assert_eq!(again["out_of_sync_blocks"], 0, "after repair: {again}");
     // Reads on beta (promoted read-only view) return the good data again.
     cluster.stop("alpha");
@@ -273,7 +389,10 @@ fn verify_finds_planted_divergence_and_repair_fixes_it() {
     for block in planted {
         let fill = 0xA0 + (block / 50) as u8;
         let data = read_block(&cluster.uri("beta"), block);
-        assert!(data.iter().all(|&b| b == fill), "block {block} not repaired");
+        assert!(
+            data.iter().all(|&b| b == fill),
+            "block {block} not repaired"
+        );
     }
 }
 
@@ -283,7 +402,9 @@ fn rebuild_of_a_replaced_disk_with_detach_create_md_attach() {
     let uri = cluster.uri("alpha");
     write_blocks(&uri, &(0..256).map(|i| (i * 7, 0x11)).collect::<Vec<_>>());
     cluster.replctl_ok("beta", &["detach", RESOURCE]);
-    cluster.wait_status("beta", "Diskless", Duration::from_secs(10), |s| s.disk == "Diskless");
+    cluster.wait_status("beta", "Diskless", Duration::from_secs(10), |s| {
+        s.disk == "Diskless"
+    });
     // The primary keeps serving alone.
     write_blocks(&uri, &(0..256).map(|i| (i * 13, 0x22)).collect::<Vec<_>>());
     // A blank replacement store.
@@ -300,21 +421,39 @@ fn rebuild_of_a_replaced_disk_with_detach_create_md_attach() {
 
 #[test]
 fn invalidate_pulls_everything_and_pause_resume_hold_the_resync() {
-    let options = ClusterOptions { extra: "resync-rate = \"32M\"".into(), ..ClusterOptions::default() };
+    let options = ClusterOptions {
+        extra: "resync-rate = \"32M\"".into(),
+        ..ClusterOptions::default()
+    };
     let mut cluster = Cluster::pair("invalidate", options);
-    write_blocks(&cluster.uri("alpha"), &(0..512).map(|i| (i * 3, 0x33)).collect::<Vec<_>>());
+    write_blocks(
+        &cluster.uri("alpha"),
+        &(0..512).map(|i| (i * 3, 0x33)).collect::<Vec<_>>(),
+    );
     cluster.replctl_ok("beta", &["invalidate", RESOURCE]);
-    cluster.wait_status("beta", "SyncTarget", Duration::from_secs(30), |s| s.disk == "Inconsistent");
+    cluster.wait_status("beta", "SyncTarget", Duration::from_secs(30), |s| {
+        s.disk == "Inconsistent"
+    });
     cluster.replctl_ok("alpha", &["pause-sync", RESOURCE]);
-    let paused = cluster.wait_status("alpha", "PausedSyncS", Duration::from_secs(10), |s| peer(s).replication == "PausedSyncS");
+    let paused = cluster.wait_status("alpha", "PausedSyncS", Duration::from_secs(10), |s| {
+        peer(s).replication == "PausedSyncS"
+    });
     let remaining = peer(&paused).resync_remaining_bytes;
     // While paused, nothing moves: an observation window, not synchronisation (a
     // running resync of this size moves megabytes in it).
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(peer(&cluster.status("alpha")).resync_remaining_bytes, remaining, "a paused resync made progress");
+    assert_eq!(
+        peer(&cluster.status("alpha")).resync_remaining_bytes,
+        remaining,
+        "a paused resync made progress"
+    );
     cluster.replctl_ok("alpha", &["resume-sync", RESOURCE]);
     let wait = cluster.replctl("beta", &["wait-sync", RESOURCE, "--wait", "120"]);
-    assert!(wait.status.success(), "wait-sync: {}", String::from_utf8_lossy(&wait.stderr));
+    assert!(
+        wait.status.success(),
+        "wait-sync: {}",
+        String::from_utf8_lossy(&wait.stderr)
+    );
     cluster.wait_in_sync(Duration::from_secs(30));
     let size = cluster.status("alpha").size_bytes;
     cluster.stop("alpha");

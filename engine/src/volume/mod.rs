@@ -194,6 +194,9 @@ struct Unacked {
 struct State {
     superblock: Superblock,
     next_seq: u64,
+    /// Sequence number of the last record sequenced (what a flush must cover). Not
+    /// `next_seq - 1`: the sequence jumps forward at open and at the handshake.
+    last_sequenced: u64,
     /// Sequence of the last record placed in the ring (the seq a PAD carries).
     last_placed_seq: u64,
     ring_head: u64,
@@ -615,6 +618,7 @@ impl Volume {
         } else if let Some(written) = state.resync_written.as_mut() {
             written.set_range(first_block, blocks);
         }
+        state.last_sequenced = state.last_sequenced.max(seq);
         state.pending_bytes += record.total_bytes();
         state.pending.push_back(Pending {
             record,
@@ -756,7 +760,7 @@ impl Volume {
             drop(state);
             return done(Err(error));
         }
-        let target = state.next_seq - 1;
+        let target = state.last_sequenced;
         if state.durable_seq >= target {
             drop(state);
             return done(Ok(()));

@@ -344,6 +344,7 @@ impl Volume {
         let state = State {
             superblock,
             next_seq,
+            last_sequenced: scan.last_seq,
             last_placed_seq: scan.last_seq,
             ring_head: head,
             ring_tail: scan.end_pos,
