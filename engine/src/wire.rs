@@ -138,6 +138,9 @@ pub enum Frame {
         blocks: u32,
         differ: Vec<u64>,
     },
+    /// The primary's journal holds every record up to this sequence durably; the
+    /// secondary may forget that it holds records the primary might not have.
+    Durable(u64),
 }
 
 /// A journal record carried on the wire (its bytes are exactly the journal's).
@@ -208,6 +211,7 @@ const T_VERIFY_REPLY: u16 = 19;
 const T_NEW_GENERATION: u16 = 20;
 const T_RESYNC_CHECK: u16 = 21;
 const T_RESYNC_CHECK_REPLY: u16 = 22;
+const T_DURABLE: u16 = 23;
 
 /// Decodes a frame header. Never panics.
 pub fn decode_header(buf: &[u8; FRAME_HEADER_BYTES]) -> Result<FrameHeader, WireError> {
@@ -431,6 +435,10 @@ impl Frame {
                 }
                 T_RESYNC_CHECK
             }
+            Frame::Durable(seq) => {
+                body.put_u64_le(*seq);
+                T_DURABLE
+            }
             Frame::ResyncCheckReply {
                 first_block,
                 blocks,
@@ -491,6 +499,7 @@ impl Frame {
             Frame::NewGeneration { .. } => "NEW_GENERATION",
             Frame::ResyncCheck { .. } => "RESYNC_CHECK",
             Frame::ResyncCheckReply { .. } => "RESYNC_CHECK_REPLY",
+            Frame::Durable(_) => "DURABLE",
         }
     }
 }
@@ -821,6 +830,7 @@ pub fn decode_body(header: &FrameHeader, body_bytes: Bytes) -> Result<Frame, Wir
                 actual,
             }
         }
+        T_DURABLE => Frame::Durable(body.u64()?),
         T_NEW_GENERATION => Frame::NewGeneration {
             current: body.u64()?,
         },
@@ -980,6 +990,7 @@ mod tests {
                 actual: vec![1, 3],
             },
             Frame::NewGeneration { current: 1234 },
+            Frame::Durable(77),
             Frame::ResyncCheck {
                 first_block: 64,
                 crcs: vec![1, 2, 3],

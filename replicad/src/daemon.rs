@@ -134,11 +134,15 @@ impl Daemon {
             }
             Request::Verify { resource, repair } => {
                 let (resource, link) = self.link(&resource)?;
-                let found = link.verify(repair).await?;
+                let blocks = link.verify(repair).await?;
+                let found = blocks.len() as u64;
+                // The list is capped: a wholly different replica has millions.
+                let listed: Vec<u64> = blocks.into_iter().take(10_000).collect();
                 Ok(serde_json::json!({
                     "resource": resource.name,
                     "out_of_sync_blocks": found,
                     "out_of_sync_bytes": found * engine::BLOCK_BYTES,
+                    "blocks": listed,
                     "repair": repair,
                 }))
             }

@@ -368,7 +368,9 @@ impl Resource {
         let fresh = superblock.generations.current == engine::gen::JUST_CREATED;
         // A never-synced store's first promotion tracks every block for the peer,
         // connected or not (the peer has nothing yet).
-        let detached = detached || fresh;
+        // A peer that is not an UpToDate, established copy (e.g. a running resync's
+        // target) cannot simply follow the new generation: track changes instead.
+        let detached = detached || fresh || self.link().is_some_and(|link| !link.peer_in_sync());
         let update = {
             let volume = volume.clone();
             move || {

@@ -206,14 +206,21 @@ fn p6_rebuild_under_load_resumes_after_kill9_of_target_and_source() {
                 .is_some_and(|p| p.connection == "Connected" && p.replication.contains("SyncS"))
         },
     );
+    // Resumes from the target's last durable progress: at most the bits the checker
+    // dirtied meanwhile plus what the target had received but not yet made durable
+    // (one checkpoint interval at the throttled rate) come back.
     let checker_range = 16384 * 4096;
+    let slack = checker_range + 96 * (1 << 20);
     assert!(
-        peer(&resumed).resync_remaining_bytes <= before.resync_remaining_bytes + checker_range,
+        peer(&resumed).resync_remaining_bytes <= before.resync_remaining_bytes + slack,
         "rebuild restarted from scratch after kill -9 of the target: {} bytes left, {} before",
         peer(&resumed).resync_remaining_bytes,
         before.resync_remaining_bytes
     );
-    assert!(peer(&resumed).resync_remaining_bytes < total);
+    assert!(
+        peer(&resumed).resync_remaining_bytes < total / 100 * 95,
+        "no progress survived the restart"
+    );
 
     // Kill the source (the primary) mid-rebuild too.
     let before = peer(&wait_progress(&cluster, "alpha", 0.5));

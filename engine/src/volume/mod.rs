@@ -808,6 +808,11 @@ impl Volume {
         receiver.recv().unwrap_or(Err(IoError::Closed))
     }
 
+    /// Every record up to this sequence number is durable in the journal.
+    pub fn durable_seq(&self) -> u64 {
+        self.shared.lock().durable_seq
+    }
+
     /// The next sequence number a local write would get.
     pub fn next_seq(&self) -> u64 {
         self.shared.lock().next_seq

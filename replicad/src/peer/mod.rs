@@ -88,6 +88,12 @@ pub(crate) struct Inner {
     pub resync_in_flight: u64,
     /// Source: data read for checksum comparison, waiting for the target's verdict.
     pub pending_checks: HashMap<u64, bytes::Bytes>,
+    /// Secondary: `(seq, first block, blocks)` of records received that the primary has
+    /// not yet reported durable in its own journal. A primary ships a record as it
+    /// sequences it, before its journal has it; if it dies, it may lack records we
+    /// hold. When the session ends these blocks are marked out of sync, so the next
+    /// resync reconciles them (what DRBD's activity log does on the primary's side).
+    pub recent: VecDeque<(u64, u64, u64)>,
 }
 
 /// See the module documentation.
@@ -153,6 +159,7 @@ impl Link {
                 resync_source_active: false,
                 resync_in_flight: 0,
                 pending_checks: HashMap::new(),
+                recent: VecDeque::new(),
             }),
             wake: Notify::new(),
             incoming: Mutex::new(None),
@@ -305,19 +312,24 @@ impl Link {
                 current: new_current,
             });
         }
-        let _order = ();
         if connected {
-            // Attach for records from now on; if blocks are out of sync (a fresh store's
-            // first promotion), stream them.
-            self.lock().attached = true;
-            if let Some(volume) = &volume {
-                volume.peer_attached();
-            }
+            // Ship records from now on; if blocks are out of sync (a fresh store's first
+            // promotion), stream them unless a resync already runs.
+            resource.attach_peer(self);
             self.send_state();
             if fresh_full_sync || volume.as_ref().is_some_and(|v| v.out_of_sync_blocks() > 0) {
                 resync::start_as_source(self, false);
             }
         }
+    }
+
+    /// Connected, established and the peer UpToDate: a new generation on promotion can
+    /// be shared with it instead of tracked in the bitmap.
+    pub fn peer_in_sync(&self) -> bool {
+        let inner = self.lock();
+        inner.connection == ConnectionState::Connected
+            && inner.replication == ReplicationState::Established
+            && inner.peer.is_some_and(|p| p.disk == DiskState::UpToDate)
     }
 
     /// Our role changed (demotion): tell the peer.
@@ -480,7 +492,7 @@ impl Link {
 
     /// Online verify: compares both replicas block by block. Returns the blocks that
     /// differ (marked out of sync; with `repair`, resynced).
-    pub async fn verify(self: &Arc<Self>, repair: bool) -> Result<u64, String> {
+    pub async fn verify(self: &Arc<Self>, repair: bool) -> Result<Vec<u64>, String> {
         resync::verify(self, repair).await
     }
 

@@ -58,6 +58,10 @@ pub(crate) fn start_as_source(link: &Link, wait_for_peer_bitmap: bool) {
     };
     let (session, receiver) = {
         let mut inner = link.lock();
+        if inner.resync_source_active {
+            // One source loop per session: the running one picks up new bits.
+            return;
+        }
         let receiver = if wait_for_peer_bitmap {
             let (sender, receiver) = oneshot::channel();
             inner.peer_bitmap_done = Some(sender);
@@ -356,6 +360,11 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
                 return Err("peer sent a record to a Primary (two primaries?); refusing".into());
             }
             let seq = record.header.seq;
+            link.lock().recent.push_back((
+                seq,
+                record.header.first_block(),
+                record.header.block_count(),
+            ));
             link.send_meta(Frame::AckReceived(seq));
             let meta = link.lock().meta_tx.clone();
             let done = Box::new(move |result: Result<u64, engine::IoError>| {
@@ -554,6 +563,16 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
             link.send_meta(Frame::Pong(nonce));
         }
         Frame::Pong(_) => {}
+        Frame::Durable(seq) => {
+            let mut inner = link.lock();
+            while inner
+                .recent
+                .front()
+                .is_some_and(|(recorded, _, _)| *recorded <= seq)
+            {
+                inner.recent.pop_front();
+            }
+        }
         Frame::ReadRequest {
             id,
             first_block,
@@ -659,7 +678,7 @@ fn complete_acks(link: &Link, kind: PeerAck, seq: u64) {
 }
 
 /// Online verify (see `Link::verify`).
-pub(crate) async fn verify(link: &Arc<Link>, repair: bool) -> Result<u64, String> {
+pub(crate) async fn verify(link: &Arc<Link>, repair: bool) -> Result<Vec<u64>, String> {
     let resource = link.resource().ok_or("shutting down")?;
     let volume = resource.volume().ok_or("no local disk")?;
     {
@@ -719,7 +738,7 @@ pub(crate) async fn verify(link: &Arc<Link>, repair: bool) -> Result<u64, String
     if repair && found > 0 {
         start_as_source(link, false);
     }
-    Ok(found)
+    Ok(suspects)
 }
 
 /// Blocks of `[first, first+count)` that differ between the replicas or whose data

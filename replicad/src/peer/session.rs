@@ -481,7 +481,12 @@ fn end_session(link: &Arc<Link>, ended: &Ended) {
         }
         inner.last_error = Some(ended.reason.clone());
     }
+    let recent: Vec<(u64, u64, u64)> = link.lock().recent.drain(..).collect();
     if let Some(volume) = resource.as_ref().and_then(|r| r.volume()) {
+        // Blocks of records the primary may not have: reconcile at the next resync.
+        for (_, first_block, blocks) in &recent {
+            volume.set_out_of_sync(*first_block, *blocks);
+        }
         if was_attached {
             // Under the order lock, so no write slips between "shipped" and "marked".
             if let Some(resource) = &resource {
@@ -561,6 +566,13 @@ async fn watchdog(
         ticker.tick().await;
         nonce += 1;
         link.send_meta(Frame::Ping(nonce));
+        // As primary: tell the peer how far our own journal is durable (see `recent`).
+        let attached = link.lock().attached;
+        if attached {
+            if let Some(volume) = link.resource().and_then(|r| r.volume()) {
+                link.send_meta(Frame::Durable(volume.durable_seq()));
+            }
+        }
         let heard = Duration::from_millis(last_heard.load(Ordering::Relaxed));
         let silent = epoch.elapsed().saturating_sub(heard);
         if silent > timeout {
