@@ -267,6 +267,13 @@ async fn enter_target(link: &Arc<Link>, volume: &Volume) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("cannot mark the disk Inconsistent: {e}"))?;
+    // The merged bits must be durable before any resync data is acknowledged: the
+    // source clears its bits on our acknowledgement.
+    let persist = volume.clone();
+    tokio::task::spawn_blocking(move || persist.persist_bitmap())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot persist the out-of-sync bitmap: {e}"))?;
     volume.begin_resync_target();
     let total_blocks = volume.out_of_sync_blocks();
     {
@@ -467,7 +474,9 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
         Frame::ResyncCheck { first_block, crcs } => {
             let mut differ = vec![0u64; crcs.len().div_ceil(64)];
             for (index, crc) in crcs.iter().enumerate() {
-                let block = first_block + index as u64;
+                // Out of range (or overflowing) blocks "differ": the source then sends
+                // data, which the engine refuses with a clear error.
+                let block = first_block.checked_add(index as u64).unwrap_or(u64::MAX);
                 if block >= volume.geometry().data_blocks() || volume.block_checksum(block) != *crc
                 {
                     differ[index / 64] |= 1 << (index % 64);
@@ -486,6 +495,8 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
         } => {
             let data = link.lock().pending_checks.remove(&first_block);
             let Some(data) = data else { return Ok(()) };
+            // Never trust the reply's count beyond what we asked about.
+            let blocks = blocks.min((data.len() as u64 / BLOCK_BYTES) as u32);
             let mut same_blocks = 0u64;
             let mut index = 0u64;
             while index < u64::from(blocks) {
