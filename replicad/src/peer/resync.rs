@@ -476,7 +476,7 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
             for (index, crc) in crcs.iter().enumerate() {
                 // Out of range (or overflowing) blocks "differ": the source then sends
                 // data, which the engine refuses with a clear error.
-                let block = first_block.checked_add(index as u64).unwrap_or(u64::MAX);
+                let block = first_block.saturating_add(index as u64);
                 if block >= volume.geometry().data_blocks() || volume.block_checksum(block) != *crc
                 {
                     differ[index / 64] |= 1 << (index % 64);
