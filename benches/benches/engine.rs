@@ -49,6 +49,28 @@ fn record_codec(c: &mut Criterion) {
     group.finish();
 }
 
+fn frame_codec(c: &mut Criterion) {
+    use engine::wire::{self, Frame, RecordFrame};
+    let mut group = c.benchmark_group("frame");
+    for size in [4096usize, 1 << 20] {
+        let record = Record::write(9, 0, Bytes::from(vec![0x3Cu8; size]), false);
+        let frame = Frame::Record(RecordFrame(record));
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(
+            BenchmarkId::new("encode_record", size),
+            &frame,
+            |b, frame| b.iter(|| black_box(frame.encode())),
+        );
+        let wire_bytes = frame.encode_to_vec();
+        group.bench_with_input(
+            BenchmarkId::new("decode_record", size),
+            &wire_bytes,
+            |b, bytes| b.iter(|| wire::decode(black_box(bytes)).is_ok()),
+        );
+    }
+    group.finish();
+}
+
 fn bitmap_scan(c: &mut Criterion) {
     let mut group = c.benchmark_group("bitmap");
     // 1 TiB volume worth of bits, 0.1% set in short runs.
@@ -126,5 +148,12 @@ fn volume_paths(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-criterion_group!(benches, crc, record_codec, bitmap_scan, volume_paths);
+criterion_group!(
+    benches,
+    crc,
+    record_codec,
+    frame_codec,
+    bitmap_scan,
+    volume_paths
+);
 criterion_main!(benches);
