@@ -10,7 +10,7 @@
 //! records durable, so the applier may apply them).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use super::{ApplyItem, FlushDone, Pending, Shared, State, WriteDone};
@@ -147,9 +147,132 @@ fn write_round(shared: &Shared, placed: &[Placed]) -> Result<(), IoError> {
     Ok(())
 }
 
+/// What one round did.
+pub(super) enum Round {
+    /// Records were written (or a flush was made durable).
+    Committed,
+    /// Records wait but none fits in the ring until the applier checkpoints.
+    RingFull,
+    /// Nothing to do.
+    Nothing,
+}
+
+/// Whether the calling writer may run the next round itself: nobody is committing
+/// and no queued record or flush needs an fdatasync (those stay on the journal thread,
+/// so a client thread never blocks on the disk's cache flush).
+pub(super) fn may_commit_inline(state: &State) -> bool {
+    !state.committing
+        && !state.closing
+        && state.failed.is_none()
+        && state.flush_requested <= state.durable_seq
+        && !state.pending.iter().any(|pending| pending.record.is_fua())
+}
+
+/// One group commit: place what fits, write it (fdatasync if asked), complete the
+/// callbacks, hand the records to the applier. Run by the journal thread, or inline
+/// by a writer when [`may_commit_inline`] allows. Only one round runs at a time
+/// (`committing`), so rounds complete in sequence order.
+pub(super) fn round(shared: &Shared, mut state: MutexGuard<'_, State>) -> Round {
+    let ring_bytes = shared.geometry.journal_bytes;
+    debug_assert!(!state.committing);
+    let placed = place(&mut state, ring_bytes);
+    let placed_records = placed
+        .iter()
+        .filter(|p| matches!(p, Placed::Record { .. }))
+        .count();
+    let want_flush = state.flush_requested > state.durable_seq;
+    if placed_records == 0 {
+        if !state.pending.is_empty() {
+            return Round::RingFull;
+        }
+        if !want_flush {
+            return Round::Nothing;
+        }
+    }
+    state.committing = true;
+    let last_seq = placed.iter().rev().find_map(|p| match p {
+        Placed::Record { pending, .. } => Some(pending.record.header.seq),
+        Placed::Pad { .. } => None,
+    });
+    let any_fua = placed
+        .iter()
+        .any(|p| matches!(p, Placed::Record { pending, .. } if pending.record.is_fua()));
+    let sync_target = last_seq.unwrap_or(state.written_seq).max(state.written_seq);
+    let needs_sync = any_fua || want_flush;
+    drop(state);
+
+    let mut result = Ok(());
+    if placed_records > 0 {
+        let bytes: u64 = placed.iter().map(Placed::len).sum();
+        result = write_round(shared, &placed);
+        shared.stats.journal_commits.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .journal_bytes_written
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+    if result.is_ok() && needs_sync {
+        result = shared.meta.flush().map_err(IoError::from);
+        shared.stats.journal_syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    let mut state = shared.lock();
+    state.committing = false;
+    if let Err(error) = result {
+        shared.fail(&mut state, format!("journal write failed: {error}"));
+        let callbacks: Vec<WriteDone> = placed
+            .into_iter()
+            .filter_map(|p| match p {
+                Placed::Record { pending, .. } => pending.done,
+                Placed::Pad { .. } => None,
+            })
+            .collect();
+        drop(state);
+        for done in callbacks {
+            done(Err(error.clone()));
+        }
+        return Round::Committed;
+    }
+    if let Some(seq) = last_seq {
+        state.written_seq = state.written_seq.max(seq);
+    }
+    if needs_sync {
+        state.durable_seq = state.durable_seq.max(sync_target);
+    }
+    let mut callbacks: Vec<(WriteDone, u64)> = Vec::with_capacity(placed_records);
+    for item in placed {
+        if let Placed::Record { pos, pending } = item {
+            let seq = pending.record.header.seq;
+            let end_pos = (pos + pending.record.total_bytes()) % ring_bytes;
+            if let Some(done) = pending.done {
+                callbacks.push((done, seq));
+            }
+            state.apply_queue.push_back(ApplyItem::Record {
+                record: pending.record,
+                end_pos,
+                from_peer: pending.from_peer,
+            });
+        }
+    }
+    let flushes = take_satisfied_flushes(&mut state);
+    shared.wake_applier(&state);
+    shared.wake_progress(&state);
+    // Work that arrived meanwhile goes to the journal thread.
+    if !state.pending.is_empty() || state.flush_requested > state.durable_seq {
+        shared.wake_writer(&state);
+    }
+    drop(state);
+    for (done, seq) in callbacks {
+        done(Ok(seq));
+    }
+    for done in flushes {
+        done(Ok(()));
+    }
+    Round::Committed
+}
+
 /// The journal writer thread's body.
 pub(super) fn run(shared: Arc<Shared>) {
-    let ring_bytes = shared.geometry.journal_bytes;
     loop {
         let mut state = shared.lock();
         loop {
@@ -158,10 +281,10 @@ pub(super) fn run(shared: Arc<Shared>) {
                 return;
             }
             let want_flush = state.flush_requested > state.durable_seq;
-            if !state.pending.is_empty() || want_flush {
+            if (!state.pending.is_empty() || want_flush) && !state.committing {
                 break;
             }
-            if state.closing {
+            if state.closing && state.pending.is_empty() && !state.committing {
                 return;
             }
             state.writer_idle = true;
@@ -171,14 +294,10 @@ pub(super) fn run(shared: Arc<Shared>) {
                 .unwrap_or_else(|p| p.into_inner());
             state.writer_idle = false;
         }
-        let placed = place(&mut state, ring_bytes);
-        let placed_records = placed
-            .iter()
-            .filter(|p| matches!(p, Placed::Record { .. }))
-            .count();
-        if placed_records == 0 && !state.pending.is_empty() {
-            // Ring full: make what is written durable so the applier can apply and
-            // checkpoint, then wait for space.
+        if let Round::RingFull = round(&shared, state) {
+            // Make what is written durable so the applier can apply and checkpoint,
+            // then wait for space.
+            let state = shared.lock();
             let needs_sync = state.written_seq > state.durable_seq;
             let target = state.written_seq;
             drop(state);
@@ -191,80 +310,6 @@ pub(super) fn run(shared: Arc<Shared>) {
             // The applier notifies `progress` after each checkpoint; the timeout only
             // bounds the wait should a wake-up be missed.
             drop(shared.wait_progress(state, Duration::from_millis(50)));
-            continue;
-        }
-        let last_seq = placed.iter().rev().find_map(|p| match p {
-            Placed::Record { pending, .. } => Some(pending.record.header.seq),
-            Placed::Pad { .. } => None,
-        });
-        let any_fua = placed
-            .iter()
-            .any(|p| matches!(p, Placed::Record { pending, .. } if pending.record.is_fua()));
-        let sync_target = last_seq.unwrap_or(state.written_seq).max(state.written_seq);
-        let needs_sync = any_fua || state.flush_requested > state.durable_seq;
-        drop(state);
-
-        let mut result = Ok(());
-        if placed_records > 0 {
-            let bytes: u64 = placed.iter().map(Placed::len).sum();
-            result = write_round(&shared, &placed);
-            shared.stats.journal_commits.fetch_add(1, Ordering::Relaxed);
-            shared
-                .stats
-                .journal_bytes_written
-                .fetch_add(bytes, Ordering::Relaxed);
-        }
-        if result.is_ok() && needs_sync {
-            result = shared.meta.flush().map_err(IoError::from);
-            shared.stats.journal_syncs.fetch_add(1, Ordering::Relaxed);
-        }
-
-        let mut state = shared.lock();
-        if let Err(error) = result {
-            shared.fail(&mut state, format!("journal write failed: {error}"));
-            let callbacks: Vec<WriteDone> = placed
-                .into_iter()
-                .filter_map(|p| match p {
-                    Placed::Record { pending, .. } => pending.done,
-                    Placed::Pad { .. } => None,
-                })
-                .collect();
-            drop(state);
-            for done in callbacks {
-                done(Err(error.clone()));
-            }
-            continue;
-        }
-        if let Some(seq) = last_seq {
-            state.written_seq = state.written_seq.max(seq);
-        }
-        if needs_sync {
-            state.durable_seq = state.durable_seq.max(sync_target);
-        }
-        let mut callbacks: Vec<(WriteDone, u64)> = Vec::with_capacity(placed_records);
-        for item in placed {
-            if let Placed::Record { pos, pending } = item {
-                let seq = pending.record.header.seq;
-                let end_pos = (pos + pending.record.total_bytes()) % ring_bytes;
-                if let Some(done) = pending.done {
-                    callbacks.push((done, seq));
-                }
-                state.apply_queue.push_back(ApplyItem::Record {
-                    record: pending.record,
-                    end_pos,
-                    from_peer: pending.from_peer,
-                });
-            }
-        }
-        let flushes = take_satisfied_flushes(&mut state);
-        shared.wake_applier(&state);
-        shared.wake_progress(&state);
-        drop(state);
-        for (done, seq) in callbacks {
-            done(Ok(seq));
-        }
-        for done in flushes {
-            done(Ok(()));
         }
     }
 }

@@ -370,6 +370,7 @@ impl Volume {
             writer_idle: false,
             applier_idle: false,
             progress_waiters: 0,
+            committing: false,
         };
         let reader_threads = options.reader_threads.max(1);
         let shared = Arc::new(Shared {
