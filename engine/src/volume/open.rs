@@ -159,7 +159,13 @@ impl Volume {
                 }
             }
         }
-        meta_backend.write_zeroes(geometry.journal_offset, geometry.journal_bytes)?;
+        // Real zeroes, not a ZERO_RANGE hole: journal commits then overwrite allocated
+        // blocks (writes into unwritten extents cost an extent conversion each time).
+        crate::backend::write_zeroes_by_writing(
+            meta_backend.as_ref(),
+            geometry.journal_offset,
+            geometry.journal_bytes,
+        )?;
         let blocks = geometry.data_blocks();
         let table = if options.assume_zeroed {
             ChecksumTable::new(blocks, zero_block_crc())
