@@ -31,6 +31,17 @@ fn main() {
         },
     )
     .expect("open store");
+    // As the daemon does: with O_DIRECT data, the journal and metadata go through a
+    // second, buffered handle.
+    let meta = if store.is_direct() {
+        let handle = OpenOptions {
+            kind: backend::BackendKind::Pread,
+            direct: false,
+        };
+        MetaStore::InternalHandle(backend::open(&path, handle).expect("open metadata handle"))
+    } else {
+        MetaStore::Internal
+    };
     let create = CreateOptions {
         resource_uuid: [3; 16],
         node_id: 0,
@@ -39,14 +50,9 @@ fn main() {
         force: true,
         assume_zeroed: false,
     };
-    Volume::create(&store, &MetaStore::Internal, &create, &mut |_, _| {}).expect("create-md");
-    let (volume, _) = Volume::open(
-        store.clone(),
-        MetaStore::Internal,
-        None,
-        VolumeOptions::default(),
-    )
-    .expect("open");
+    Volume::create(&store, &meta, &create, &mut |_, _| {}).expect("create-md");
+    let (volume, _) =
+        Volume::open(store.clone(), meta, None, VolumeOptions::default()).expect("open");
     let blocks = volume.size_bytes() / 4096;
     let data = Bytes::from(vec![0x42u8; 4096]);
     let mut rng = SplitMix64::new(9);

@@ -157,11 +157,15 @@ pub(super) enum Round {
     Nothing,
 }
 
-/// Whether the calling writer may run the next round itself: nobody is committing
-/// and no queued record or flush needs an fdatasync (those stay on the journal thread,
+/// Whether the calling writer may run the next round itself: the journal is written
+/// through the page cache, nobody is committing and no queued record or flush needs
+/// an fdatasync (those stay on the journal thread,
 /// so a client thread never blocks on the disk's cache flush).
-pub(super) fn may_commit_inline(state: &State) -> bool {
-    !state.committing
+pub(super) fn may_commit_inline(shared: &Shared, state: &State) -> bool {
+    // Through the page cache a round costs microseconds; an O_DIRECT journal would make
+    // each writer wait for the device alone, defeating group commit.
+    !shared.meta.is_direct()
+        && !state.committing
         && !state.closing
         && state.failed.is_none()
         && state.flush_requested <= state.durable_seq

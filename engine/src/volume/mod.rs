@@ -1245,7 +1245,7 @@ impl Drop for Volume {
 /// fdatasync is needed (saving two thread hand-offs per write), else wake the journal
 /// thread.
 fn commit_or_hand_off(shared: &Shared, state: MutexGuard<'_, State>) {
-    if journal::may_commit_inline(&state) {
+    if journal::may_commit_inline(shared, &state) {
         if let journal::Round::RingFull = journal::round(shared, state) {
             let state = shared.lock();
             shared.wake_writer(&state);
