@@ -24,6 +24,9 @@ pub struct Connections {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a refusing side keeps the connection open for the peer to take in its
+/// last frames (see [`reject_and_linger`]).
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Reads one frame. Errors are strings for logs and status.
 pub(crate) async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, String> {
@@ -80,6 +83,25 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
         }
     }
     writer.flush().await
+}
+
+/// Refuses a connection: sends REJECT with `reason`, then keeps the connection open
+/// until the peer answers (any frame, typically its own REJECT) or closes, bounded by
+/// [`REFUSAL_LINGER`]. Closing right after sending can lose what was sent: a proxy or
+/// a reset drops bytes still on the way, and the peer would never learn the reason
+/// (or, in the handshake, never get the STATE it needs to reach the same decision —
+/// one side of a split brain would not notice it).
+pub(crate) async fn reject_and_linger<R, W>(reader: &mut R, writer: &mut W, reason: &str)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if write_frames(writer, &[Frame::Reject(reason.to_string())])
+        .await
+        .is_ok()
+    {
+        let _ = tokio::time::timeout(REFUSAL_LINGER, read_frame(reader)).await;
+    }
 }
 
 pub(crate) fn our_hello(link: &Link, channel: Channel) -> Option<Hello> {
@@ -328,7 +350,7 @@ async fn run_session(
             "peer's volume is {} bytes, ours is {}: refusing to replicate",
             peer.size_bytes, local.size_bytes
         );
-        let _ = write_frames(&mut data_write, &[Frame::Reject(reason.clone())]).await;
+        reject_and_linger(&mut data_read, &mut data_write, &reason).await;
         return Ended {
             reason,
             standalone: true,
@@ -348,9 +370,7 @@ async fn run_session(
         _ => None,
     };
     if let Some(reason) = refusal {
-        let mut inner = link.lock();
-        inner.split_brain = decision == Decision::SplitBrain;
-        drop(inner);
+        link.lock().split_brain = decision == Decision::SplitBrain;
         if decision == Decision::SplitBrain {
             tracing::error!("{}: {reason}", resource.name);
             resource.run_hook(
@@ -359,6 +379,8 @@ async fn run_session(
                 &[("REPLICAD_PEER", &link.peer_name)],
             );
         }
+        // The peer reaches the same decision from our STATE: let it arrive.
+        reject_and_linger(&mut data_read, &mut data_write, reason).await;
         return Ended {
             reason: reason.to_string(),
             standalone: true,
