@@ -251,6 +251,13 @@ fn p5_peer_of_another_size_is_refused_and_nothing_is_applied() {
     assert_eq!(beta.role, "Secondary");
     assert_eq!(beta.io.writes, 0, "beta applied writes: {beta:#?}");
     assert!(beta.peer.is_some_and(|p| p.connection == "StandAlone"));
+    // A never-synced (Inconsistent) Secondary exports nothing at all.
+    assert_eq!(beta.disk, "Inconsistent");
+    let (readable, text) = qemu_io(&cluster.uri("beta"), true, "read 0 4096");
+    assert!(
+        !readable,
+        "an Inconsistent Secondary served a read:\n{text}"
+    );
     let beta_size = beta.size_bytes;
     cluster.stop("beta");
     let data = cluster.data_area("beta", beta_size);

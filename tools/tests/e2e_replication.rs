@@ -279,6 +279,7 @@ fn p4_secondary_serves_read_only_and_refuses_writes() {
     // A real client: qemu-io cannot open the export for writing…
     let (ok, text) = qemu_io(&beta, false, "write -P 0x66 0 4096");
     assert!(!ok, "qemu-io wrote to the Secondary:\n{text}");
+    eprintln!("qemu-io write on the Secondary: {}", text.trim());
     // …and reads what the primary wrote.
     expect(&beta, (0, 16), 0x5a, "secondary read");
 
@@ -347,6 +348,9 @@ fn p4_split_brain_is_detected_on_both_sides_and_resolved_by_discarding_one() {
         EventLog::start(&cluster, "alpha"),
         EventLog::start(&cluster, "beta"),
     ];
+    // Latency on the healed link: the handshake's frames are still on their way when
+    // a side has decided (each side must still learn of the split brain).
+    proxy(&cluster).set_delay(Duration::from_millis(20));
     proxy(&cluster).heal();
     for (name, events) in ["alpha", "beta"].iter().zip(&events) {
         cluster.wait_status(name, "in split brain", Duration::from_secs(20), |s| {
@@ -584,12 +588,11 @@ impl LatencyWriter {
 
     fn finish(mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
-        let result = self
-            .thread
-            .take()
-            .expect("running")
-            .join()
-            .expect("writer thread");
+        let thread = self.thread.take().expect("running");
+        wait_until("the writer to stop", Duration::from_secs(60), || {
+            thread.is_finished().then_some(())
+        });
+        let result = thread.join().expect("writer thread");
         result.unwrap_or_else(|e| panic!("the writer saw an error: {e}"))
     }
 }
