@@ -702,6 +702,16 @@ impl Cluster {
         })
     }
 
+    /// Waits until `name`'s log contains `needle` (log lines trail the events).
+    pub fn wait_log(&self, name: &str, needle: &str, timeout: Duration) {
+        wait_until(&format!("{name}'s log to say {needle:?}"), timeout, || {
+            std::fs::read_to_string(&self.node(name).log)
+                .ok()
+                .filter(|log| log.contains(needle))
+                .map(|_| ())
+        });
+    }
+
     /// `replctl verify r0 --json` on `name` finds no block that differs.
     pub fn assert_verify_clean(&self, name: &str) {
         let text = self.replctl_ok(name, &["verify", RESOURCE, "--json"]);
@@ -949,7 +959,9 @@ pub fn raw_replication_exchange(
     stream.read_exact(&mut body).map_err(|e| e.to_string())?;
     let frame =
         engine::wire::decode_body(&header, bytes::Bytes::from(body)).map_err(|e| e.to_string())?;
-    // After its answer the daemon must close the connection.
+    // After its answer the daemon must close the connection (a refusing daemon waits
+    // for the peer to hang up first, as a real peer does after a REJECT).
+    let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut rest = Vec::new();
     match stream.read_to_end(&mut rest) {
         Ok(_) if rest.is_empty() => Ok(Some(frame)),
