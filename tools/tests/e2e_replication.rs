@@ -784,3 +784,66 @@ fn status_shows_the_peer_connection_and_connect_disconnect_work() {
     verify_ok(&cluster, "beta", &log);
     cluster.assert_verify_clean("alpha");
 }
+
+// ---------------------------------------------------------------------------------
+// 7. Writes completed by a link cut are not undone by the next resync (P1)
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn p1_writes_completed_by_a_link_cut_survive_a_demotion_and_the_reconnect() {
+    let cluster = Cluster::small_pair("cut-demote", true);
+    // Planned switch-over: beta becomes the Primary (the node with the higher id, so
+    // no tie-break favours it later). Demote flushes: the write before it steps around
+    // the engine's FLUSH-before-any-write hang (see e2e_flush.rs).
+    qemu_io_ok(&cluster.uri("alpha"), false, "write -P 0x01 0 4096");
+    cluster.replctl_ok("alpha", &["demote", RESOURCE]);
+    cluster.replctl_ok("beta", &["promote", RESOURCE]);
+    cluster.wait_in_sync(Duration::from_secs(30));
+    // Records wait on the slow link when the cut comes.
+    proxy(&cluster).set_delay(Duration::from_millis(300));
+    let region = (100u64, 116u64);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = tools::nbd_client::NbdClient::connect(&cluster.uri("beta"))
+            .await
+            .expect("connect to beta");
+        let writes: Vec<_> = (region.0..region.1)
+            .map(|block| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let data = bytes::Bytes::from(vec![0xc1u8; BLOCK as usize]);
+                    client.write(block * BLOCK, data, false).await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        proxy(&cluster).cut();
+        for write in writes {
+            write
+                .await
+                .expect("write task")
+                .expect("a write in flight at the cut must complete");
+        }
+    });
+    // The writes completed without the peer: beta knows they are not on alpha.
+    let beta = cluster.wait_peer_lost("beta", Duration::from_secs(10));
+    let _ = beta;
+    assert!(cluster.status("beta").out_of_sync_bytes >= (region.1 - region.0) * BLOCK);
+    // The operator demotes beta while the link is down; later the link comes back.
+    cluster.replctl_ok("beta", &["demote", RESOURCE]);
+    proxy(&cluster).set_delay(Duration::ZERO);
+    proxy(&cluster).heal();
+    cluster.wait_in_sync(Duration::from_secs(30));
+    for name in ["alpha", "beta"] {
+        expect(
+            &cluster.uri(name),
+            region,
+            0xc1,
+            &format!("acknowledged writes on {name} after the reconnect"),
+        );
+    }
+    cluster.assert_exports_identical("alpha", "beta");
+}

@@ -308,8 +308,13 @@ impl Link {
         let _order = ();
         if connected {
             // Attach for records from now on; if blocks are out of sync (a fresh store's
-            // first promotion), stream them.
-            self.lock().attached = true;
+            // first promotion), stream them. A generation started while alone lies
+            // behind us: losing the peer from here on must start a new one.
+            {
+                let mut inner = self.lock();
+                inner.attached = true;
+                inner.rotated_since_detach = false;
+            }
             if let Some(volume) = &volume {
                 volume.peer_attached();
             }

@@ -481,11 +481,16 @@ async fn run_session(
 fn end_session(link: &Arc<Link>, ended: &Ended) {
     let resource = link.resource();
     let was_attached;
+    let completes_alone;
     let was_target;
     {
         let mut inner = link.lock();
         inner.session += 1;
         was_attached = inner.attached;
+        // Shipped records the peer has not acknowledged: their client writes complete
+        // (or completed, in async mode) without the peer.
+        completes_alone =
+            was_attached && (inner.tracker.waiting() > 0 || !inner.unacked_bytes.is_empty());
         was_target = matches!(
             inner.replication,
             ReplicationState::SyncTarget | ReplicationState::PausedSyncT
@@ -505,9 +510,10 @@ fn end_session(link: &Arc<Link>, ended: &Ended) {
     }
     if let Some(volume) = resource.as_ref().and_then(|r| r.volume()) {
         if was_attached {
-            // Under the order lock, so no write slips between "shipped" and "marked".
+            // Under the order lock, so no write slips between "shipped" and "marked";
+            // before the waiting writes are released below.
             if let Some(resource) = &resource {
-                resource.detach_peer(&volume);
+                resource.detach_peer(&volume, link, completes_alone);
             }
         }
         if was_target {
