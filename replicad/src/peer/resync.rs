@@ -118,10 +118,10 @@ async fn source_loop(link: &Arc<Link>, session: u64) -> Result<(), String> {
         total_blocks * BLOCK_BYTES
     ));
     let rate_limit = resource.config.resync_rate.filter(|&rate| rate > 0);
-    let checksum_first = resource
-        .config
-        .checksum_resync
-        .unwrap_or(resource.crashed_primary());
+    // Only on request: a CRC32 cannot tell every two blocks apart (any block that ends
+    // in its own CRC32 has the same one, 0x2144DF1C), so skipping "equal" blocks after
+    // a crash left the target with the differing data of such blocks, silently.
+    let checksum_first = resource.config.checksum_resync.unwrap_or(false);
     let started = Instant::now();
     let mut sent_bytes_for_rate = 0u64;
     let mut cursor = 0u64;
