@@ -42,6 +42,24 @@ fn slow_link_pair(test: &str, image_bytes: u64, journal: &'static str, delay: Du
     cluster
 }
 
+/// Planned switch-over to beta: demote alpha (one write first: a demotion flushes, see
+/// e2e_flush.rs), wait until beta has heard of it, promote beta.
+fn switch_over_to_beta(cluster: &Cluster) {
+    qemu_io_ok(&cluster.uri("alpha"), false, "write -P 0x01 0 4096");
+    cluster.replctl_ok("alpha", &["demote", RESOURCE]);
+    cluster.wait_status(
+        "beta",
+        "aware alpha is Secondary",
+        Duration::from_secs(10),
+        |s| {
+            s.peer
+                .as_ref()
+                .is_some_and(|p| p.role.as_deref() == Some("Secondary"))
+        },
+    );
+    cluster.replctl_ok("beta", &["promote", RESOURCE]);
+}
+
 /// Runs `round` `count` times with one seeded random source (the seed is printed).
 fn rounds(count: u32, mut round: impl FnMut(u32, &mut SplitMix64)) {
     let seed = seed();
@@ -793,11 +811,8 @@ fn status_shows_the_peer_connection_and_connect_disconnect_work() {
 fn p1_writes_completed_by_a_link_cut_survive_a_demotion_and_the_reconnect() {
     let cluster = Cluster::small_pair("cut-demote", true);
     // Planned switch-over: beta becomes the Primary (the node with the higher id, so
-    // no tie-break favours it later). Demote flushes: the write before it steps around
-    // the engine's FLUSH-before-any-write hang (see e2e_flush.rs).
-    qemu_io_ok(&cluster.uri("alpha"), false, "write -P 0x01 0 4096");
-    cluster.replctl_ok("alpha", &["demote", RESOURCE]);
-    cluster.replctl_ok("beta", &["promote", RESOURCE]);
+    // no tie-break favours it later).
+    switch_over_to_beta(&cluster);
     cluster.wait_in_sync(Duration::from_secs(30));
     // Records wait on the slow link when the cut comes.
     proxy(&cluster).set_delay(Duration::from_millis(300));
@@ -859,10 +874,7 @@ fn reboot_round(test: &str, primary: &str, rng: &mut SplitMix64) {
     let delay = Duration::from_millis(10 + rng.below(30));
     let mut cluster = slow_link_pair(test, 64 << 20, "8M", delay);
     if primary == "beta" {
-        // The demotion flushes: one write first (see e2e_flush.rs).
-        qemu_io_ok(&cluster.uri("alpha"), false, "write -P 0x01 0 4096");
-        cluster.replctl_ok("alpha", &["demote", RESOURCE]);
-        cluster.replctl_ok("beta", &["promote", RESOURCE]);
+        switch_over_to_beta(&cluster);
     }
     let (dir, uri) = (cluster.dir.clone(), cluster.uri(primary));
     let writer = std::thread::spawn(move || {
@@ -889,7 +901,10 @@ fn reboot_round(test: &str, primary: &str, rng: &mut SplitMix64) {
 
 #[test]
 fn p1_a_crashed_primary_returning_before_a_failover_resyncs_its_peer() {
-    rounds(3, |round, rng| {
-        reboot_round(&format!("reboot-{round}"), "alpha", rng)
+    // Either side: as beta the returning source is the accepting node, whose session
+    // starts after the target has already sent its bitmap.
+    rounds(4, |round, rng| {
+        let primary = ["alpha", "beta"][round as usize % 2];
+        reboot_round(&format!("reboot-{round}"), primary, rng)
     });
 }

@@ -407,6 +407,32 @@ async fn run_session(
         ConnectionState::Connected,
         Some(&format!("{decision:?}")),
     );
+    // What to do right after connecting — before the readers start, so a frame the
+    // peer sends at once (the target's BITMAP) finds the resync set up to take it: a
+    // source that got it earlier took it for its own resync target's bitmap.
+    let primary = resource.role() == Role::Primary;
+    match decision {
+        Decision::InSync | Decision::BothFresh if primary => {
+            resource.attach_peer(link);
+            if volume.out_of_sync_blocks() > 0 {
+                resync::start_as_source(link, false);
+            }
+        }
+        Decision::SyncSource(scope) => {
+            if primary {
+                resource.attach_peer(link);
+            }
+            if scope == SyncScope::Full {
+                volume.set_out_of_sync(0, volume.geometry().data_blocks());
+            }
+            resync::start_as_source(link, true);
+        }
+        Decision::SyncTarget(_) => {
+            resync::send_bitmap(link, &volume);
+        }
+        _ => {}
+    }
+
     let last_heard = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
 
@@ -434,30 +460,6 @@ async fn run_session(
         resource.config.ping_interval(),
         resource.config.timeout(),
     ));
-
-    // What to do right after connecting.
-    let primary = resource.role() == Role::Primary;
-    match decision {
-        Decision::InSync | Decision::BothFresh if primary => {
-            resource.attach_peer(link);
-            if volume.out_of_sync_blocks() > 0 {
-                resync::start_as_source(link, false);
-            }
-        }
-        Decision::SyncSource(scope) => {
-            if primary {
-                resource.attach_peer(link);
-            }
-            if scope == SyncScope::Full {
-                volume.set_out_of_sync(0, volume.geometry().data_blocks());
-            }
-            resync::start_as_source(link, true);
-        }
-        Decision::SyncTarget(_) => {
-            resync::send_bitmap(link, &volume);
-        }
-        _ => {}
-    }
 
     let reason = tokio::select! {
         result = tasks.join_next() => match result {
