@@ -547,6 +547,11 @@ impl Resource {
         self.lock_state().crashed_primary
     }
 
+    /// A resync with the peer settled what the crash left in doubt.
+    pub fn crash_resolved(&self) {
+        self.lock_state().crashed_primary = false;
+    }
+
     fn note_io(&self) {
         self.last_io_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);

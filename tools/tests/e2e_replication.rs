@@ -864,6 +864,50 @@ fn p1_writes_completed_by_a_link_cut_survive_a_demotion_and_the_reconnect() {
 }
 
 // ---------------------------------------------------------------------------------
+// 8. A crashed primary that comes back is the authority for its last writes, also
+//    after an earlier crash and rejoin of its peer
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn p2_a_returning_crashed_primary_resyncs_its_last_async_writes_to_a_rejoined_peer() {
+    let mut cluster = Cluster::pair(
+        "crashed-twice",
+        ClusterOptions {
+            mode: "async",
+            ..small_options(true)
+        },
+    );
+    // alpha crashes as Primary, beta takes over, alpha rejoins (SyncTarget, UpToDate).
+    qemu_io_ok(&cluster.uri("alpha"), false, "write -P 0x0a 0 64k");
+    cluster.kill9("alpha");
+    cluster.wait_peer_lost("beta", Duration::from_secs(10));
+    cluster.replctl_ok("beta", &["promote", RESOURCE, "--force"]);
+    qemu_io_ok(&cluster.uri("beta"), false, "write -P 0x0b 0 64k");
+    cluster.start("alpha");
+    cluster.wait_in_sync(Duration::from_secs(30));
+
+    // beta acknowledges async writes that are still on the slow link when it crashes.
+    let region = (200u64, 216u64);
+    proxy(&cluster).set_delay(Duration::from_secs(2));
+    fill(&cluster.uri("beta"), region, 0xb5);
+    cluster.kill9("beta");
+    cluster.wait_peer_lost("alpha", Duration::from_secs(10));
+    proxy(&cluster).set_delay(Duration::ZERO);
+    // Nobody was promoted: beta comes back, and with it its last writes.
+    cluster.start("beta");
+    cluster.wait_in_sync(Duration::from_secs(30));
+    cluster.assert_exports_identical("alpha", "beta");
+    for name in ["alpha", "beta"] {
+        expect(
+            &cluster.uri(name),
+            region,
+            0xb5,
+            &format!("beta's last writes on {name} after it came back"),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // 9. A crashed primary that returns before any failover (a reboot)
 // ---------------------------------------------------------------------------------
 
