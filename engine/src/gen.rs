@@ -133,7 +133,8 @@ pub enum Decision {
     SplitBrain,
     /// No common history: refuse.
     Unrelated,
-    /// Both are Primary: refuse (never two primaries).
+    /// Both are Primary and their data did not diverge: refuse (never two primaries).
+    /// Two primaries that both wrote are a [`Decision::SplitBrain`].
     BothPrimary,
     /// The sync direction would make a Primary a sync target (its users would see data
     /// change under them): refuse; demote it first or resolve by hand.
@@ -145,10 +146,15 @@ pub enum Decision {
 /// Decides how two nodes proceed on connect. Pure: same inputs, same answer, and the
 /// peer computing `decide(peer, local)` reaches the mirrored answer.
 pub fn decide(local: &SideState, peer: &SideState) -> Decision {
-    if local.primary && peer.primary {
-        return Decision::BothPrimary;
-    }
     let decision = decide_direction(local, peer);
+    if local.primary && peer.primary {
+        // Two primaries never connect; but when both wrote since they last saw each
+        // other, the divergence is what the operator must learn about (and resolve).
+        return match decision {
+            Decision::SplitBrain => Decision::SplitBrain,
+            _ => Decision::BothPrimary,
+        };
+    }
     match decision {
         Decision::SyncTarget(_) if local.primary => Decision::PrimaryWouldBeTarget,
         Decision::SyncSource(_) if peer.primary => Decision::PrimaryWouldBeTarget,
@@ -378,6 +384,20 @@ mod tests {
         a.primary = true;
         b.primary = true;
         check(a, b, Decision::BothPrimary);
+    }
+
+    #[test]
+    fn two_primaries_that_both_wrote_are_a_split_brain() {
+        // Both promoted during a partition and both wrote: the histories diverged.
+        let mut a = side(11, 10, [0, 0]);
+        let mut b = side(12, 10, [0, 0]);
+        a.primary = true;
+        b.primary = true;
+        check(a, b, Decision::SplitBrain);
+        // Only one of them wrote: no divergence, but still never two primaries.
+        let mut idle = side(10, 0, [0, 0]);
+        idle.primary = true;
+        check(idle, b, Decision::BothPrimary);
     }
 
     #[test]

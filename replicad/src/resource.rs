@@ -549,6 +549,11 @@ impl Resource {
         self.lock_state().crashed_primary
     }
 
+    /// A resync with the peer settled what the crash left in doubt.
+    pub fn crash_resolved(&self) {
+        self.lock_state().crashed_primary = false;
+    }
+
     fn note_io(&self) {
         self.last_io_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -573,10 +578,18 @@ impl Resource {
         }
     }
 
-    /// The peer is gone: records it did not acknowledge are marked out of sync.
-    pub fn detach_peer(&self, volume: &Volume) {
+    /// The peer is gone: records it did not acknowledge are marked out of sync. With
+    /// `completes_alone` (writes the peer did not acknowledge complete without it), this
+    /// node has moved on alone as with a write alone: a new generation is started and
+    /// persisted before those writes complete, so the next handshake makes this node the
+    /// source of their blocks (or sees a split brain) instead of a tie-break letting
+    /// the peer's older data overwrite acknowledged writes.
+    pub fn detach_peer(&self, volume: &Volume, link: &Link, completes_alone: bool) {
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         volume.peer_detached();
+        if completes_alone {
+            link.before_write(volume);
+        }
     }
 
     /// A write issued by the daemon itself (read repair): sequenced and shipped like a

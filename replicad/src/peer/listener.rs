@@ -13,7 +13,7 @@ use engine::wire::{Channel, Frame, Hello};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::session::{check_hello, our_hello, read_frame, write_frames};
+use super::session::{check_hello, our_hello, read_frame, reject_and_linger, write_frames};
 use super::{Connections, Link};
 
 /// Links by resource name, and half-open pairs waiting for their meta connection.
@@ -53,6 +53,12 @@ pub async fn run(
     }
 }
 
+/// Sends REJECT and lingers until the peer has read it (bounded).
+async fn reject(stream: &mut TcpStream, reason: &str) {
+    let (mut reader, mut writer) = stream.split();
+    reject_and_linger(&mut reader, &mut writer, reason).await;
+}
+
 async fn handle(router: &Router, mut stream: TcpStream) -> Result<(), String> {
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let frame = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut stream))
@@ -60,27 +66,27 @@ async fn handle(router: &Router, mut stream: TcpStream) -> Result<(), String> {
         .map_err(|_| "no HELLO within 5s".to_string())??;
     let Frame::Hello(hello) = frame else {
         let reason = format!("expected HELLO, got {}", frame.name());
-        let _ = write_frames(&mut stream, &[Frame::Reject(reason.clone())]).await;
+        reject(&mut stream, &reason).await;
         return Err(reason);
     };
     let Some(link) = router.links.get(&hello.resource) else {
         let reason = format!("no resource {:?} on this node", hello.resource);
-        let _ = write_frames(&mut stream, &[Frame::Reject(reason.clone())]).await;
+        reject(&mut stream, &reason).await;
         return Err(reason);
     };
     if let Err(reason) = check_hello(link, &hello) {
-        let _ = write_frames(&mut stream, &[Frame::Reject(reason.clone())]).await;
         link.lock().last_error = Some(format!("refused a peer: {reason}"));
         if let Some(resource) = link.resource() {
             resource.emit(&format!("refused a connection: {reason}"));
         }
+        reject(&mut stream, &reason).await;
         return Err(reason);
     }
     if link.lock().standalone {
         let reason =
             "this node is StandAlone (disconnected by the operator or after a split brain)"
                 .to_string();
-        let _ = write_frames(&mut stream, &[Frame::Reject(reason.clone())]).await;
+        reject(&mut stream, &reason).await;
         return Err(reason);
     }
     let ours = our_hello(link, hello.channel).ok_or("shutting down")?;

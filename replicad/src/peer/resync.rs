@@ -122,10 +122,10 @@ async fn source_loop(link: &Arc<Link>, session: u64) -> Result<(), String> {
         total_blocks * BLOCK_BYTES
     ));
     let rate_limit = resource.config.resync_rate.filter(|&rate| rate > 0);
-    let checksum_first = resource
-        .config
-        .checksum_resync
-        .unwrap_or(resource.crashed_primary());
+    // Only on request: a CRC32 cannot tell every two blocks apart (any block that ends
+    // in its own CRC32 has the same one, 0x2144DF1C), so skipping "equal" blocks after
+    // a crash left the target with the differing data of such blocks, silently.
+    let checksum_first = resource.config.checksum_resync.unwrap_or(false);
     let started = Instant::now();
     let mut sent_bytes_for_rate = 0u64;
     let mut cursor = 0u64;
@@ -227,14 +227,19 @@ async fn finish_source(link: &Arc<Link>, volume: &Volume, session: u64) -> Resul
         return Ok(());
     }
     // The target is durable and UpToDate: stop tracking since the old generation.
+    let resource = link.resource().ok_or("shutting down")?;
     let update = volume.clone();
+    let secondary = resource.role() == Role::Secondary;
     tokio::task::spawn_blocking(move || {
-        update.update_superblock(|sb| sb.generations.finish_resync_as_source())
+        update.update_superblock(|sb| {
+            sb.generations.finish_resync_as_source();
+            forget_crash(sb, secondary);
+        })
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    let resource = link.resource().ok_or("shutting down")?;
+    resource.crash_resolved();
     {
         let mut inner = link.lock();
         inner.replication = ReplicationState::Established;
@@ -252,6 +257,15 @@ async fn finish_source(link: &Arc<Link>, volume: &Volume, session: u64) -> Resul
     );
     link.send_state();
     Ok(())
+}
+
+/// A finished resync settled the blocks a crash as Primary left in doubt: a Secondary
+/// no longer counts as a crashed primary (its superblock stops saying Primary), so it
+/// cannot later outrank the node that really was Primary last.
+fn forget_crash(sb: &mut engine::superblock::Superblock, secondary: bool) {
+    if secondary {
+        sb.flags &= !engine::superblock::flags::PRIMARY;
+    }
 }
 
 /// Target: the source's bitmap arrived; persist Inconsistent, then take resync data.
@@ -313,15 +327,22 @@ async fn finish_target(link: Arc<Link>, volume: Volume, current: u64, session: u
             volume.clear_out_of_sync(0, volume.geometry().data_blocks());
         }
         let update = volume.clone();
+        let secondary = link
+            .resource()
+            .is_some_and(|resource| resource.role() == Role::Secondary);
         tokio::task::spawn_blocking(move || {
             update.update_superblock(|sb| {
                 sb.generations.finish_resync_as_target(current);
                 sb.disk_state = StoredDiskState::UpToDate;
+                forget_crash(sb, secondary);
             })
         })
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+        if let Some(resource) = link.resource() {
+            resource.crash_resolved();
+        }
         Ok(())
     }
     .await;

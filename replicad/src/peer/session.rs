@@ -24,6 +24,9 @@ pub struct Connections {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a refusing side keeps the connection open for the peer to take in its
+/// last frames (see [`reject_and_linger`]).
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Reads one frame. Errors are strings for logs and status.
 pub(crate) async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, String> {
@@ -80,6 +83,25 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
         }
     }
     writer.flush().await
+}
+
+/// Refuses a connection: sends REJECT with `reason`, then keeps the connection open
+/// until the peer answers (any frame, typically its own REJECT) or closes, bounded by
+/// [`REFUSAL_LINGER`]. Closing right after sending can lose what was sent: a proxy or
+/// a reset drops bytes still on the way, and the peer would never learn the reason
+/// (or, in the handshake, never get the STATE it needs to reach the same decision —
+/// one side of a split brain would not notice it).
+pub(crate) async fn reject_and_linger<R, W>(reader: &mut R, writer: &mut W, reason: &str)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if write_frames(writer, &[Frame::Reject(reason.to_string())])
+        .await
+        .is_ok()
+    {
+        let _ = tokio::time::timeout(REFUSAL_LINGER, read_frame(reader)).await;
+    }
 }
 
 pub(crate) fn our_hello(link: &Link, channel: Channel) -> Option<Hello> {
@@ -328,7 +350,7 @@ async fn run_session(
             "peer's volume is {} bytes, ours is {}: refusing to replicate",
             peer.size_bytes, local.size_bytes
         );
-        let _ = write_frames(&mut data_write, &[Frame::Reject(reason.clone())]).await;
+        reject_and_linger(&mut data_read, &mut data_write, &reason).await;
         return Ended {
             reason,
             standalone: true,
@@ -348,9 +370,7 @@ async fn run_session(
         _ => None,
     };
     if let Some(reason) = refusal {
-        let mut inner = link.lock();
-        inner.split_brain = decision == Decision::SplitBrain;
-        drop(inner);
+        link.lock().split_brain = decision == Decision::SplitBrain;
         if decision == Decision::SplitBrain {
             tracing::error!("{}: {reason}", resource.name);
             resource.run_hook(
@@ -359,6 +379,8 @@ async fn run_session(
                 &[("REPLICAD_PEER", &link.peer_name)],
             );
         }
+        // The peer reaches the same decision from our STATE: let it arrive.
+        reject_and_linger(&mut data_read, &mut data_write, reason).await;
         return Ended {
             reason: reason.to_string(),
             standalone: true,
@@ -385,6 +407,32 @@ async fn run_session(
         ConnectionState::Connected,
         Some(&format!("{decision:?}")),
     );
+    // What to do right after connecting — before the readers start, so a frame the
+    // peer sends at once (the target's BITMAP) finds the resync set up to take it: a
+    // source that got it earlier took it for its own resync target's bitmap.
+    let primary = resource.role() == Role::Primary;
+    match decision {
+        Decision::InSync | Decision::BothFresh if primary => {
+            resource.attach_peer(link);
+            if volume.out_of_sync_blocks() > 0 {
+                resync::start_as_source(link, false);
+            }
+        }
+        Decision::SyncSource(scope) => {
+            if primary {
+                resource.attach_peer(link);
+            }
+            if scope == SyncScope::Full {
+                volume.set_out_of_sync(0, volume.geometry().data_blocks());
+            }
+            resync::start_as_source(link, true);
+        }
+        Decision::SyncTarget(_) => {
+            resync::send_bitmap(link, &volume);
+        }
+        _ => {}
+    }
+
     let last_heard = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
 
@@ -413,30 +461,6 @@ async fn run_session(
         resource.config.timeout(),
     ));
 
-    // What to do right after connecting.
-    let primary = resource.role() == Role::Primary;
-    match decision {
-        Decision::InSync | Decision::BothFresh if primary => {
-            resource.attach_peer(link);
-            if volume.out_of_sync_blocks() > 0 {
-                resync::start_as_source(link, false);
-            }
-        }
-        Decision::SyncSource(scope) => {
-            if primary {
-                resource.attach_peer(link);
-            }
-            if scope == SyncScope::Full {
-                volume.set_out_of_sync(0, volume.geometry().data_blocks());
-            }
-            resync::start_as_source(link, true);
-        }
-        Decision::SyncTarget(_) => {
-            resync::send_bitmap(link, &volume);
-        }
-        _ => {}
-    }
-
     let reason = tokio::select! {
         result = tasks.join_next() => match result {
             Some(Ok(Err(reason))) => reason,
@@ -459,11 +483,16 @@ async fn run_session(
 fn end_session(link: &Arc<Link>, ended: &Ended) {
     let resource = link.resource();
     let was_attached;
+    let completes_alone;
     let was_target;
     {
         let mut inner = link.lock();
         inner.session += 1;
         was_attached = inner.attached;
+        // Shipped records the peer has not acknowledged: their client writes complete
+        // (or completed, in async mode) without the peer.
+        completes_alone =
+            was_attached && (inner.tracker.waiting() > 0 || !inner.unacked_bytes.is_empty());
         was_target = matches!(
             inner.replication,
             ReplicationState::SyncTarget | ReplicationState::PausedSyncT
@@ -488,9 +517,10 @@ fn end_session(link: &Arc<Link>, ended: &Ended) {
             volume.set_out_of_sync(*first_block, *blocks);
         }
         if was_attached {
-            // Under the order lock, so no write slips between "shipped" and "marked".
+            // Under the order lock, so no write slips between "shipped" and "marked";
+            // before the waiting writes are released below.
             if let Some(resource) = &resource {
-                resource.detach_peer(&volume);
+                resource.detach_peer(&volume, link, completes_alone);
             }
         }
         if was_target {

@@ -954,3 +954,345 @@ impl Drop for LoopLeftovers {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Replication end-to-end helpers (e2e_replication.rs and friends): the CLI's JSON
+// status, event recording, NBD content comparison, raw replication-port clients and
+// the tear-down of a file system stack whose server died under it.
+// ---------------------------------------------------------------------------------
+
+/// Small images (64 MiB, 8 MiB journal): quick to set up and to compare.
+pub fn small_options(proxy: bool) -> ClusterOptions {
+    ClusterOptions {
+        image_bytes: 64 << 20,
+        journal: "8M",
+        proxy,
+        ..ClusterOptions::default()
+    }
+}
+
+impl Cluster {
+    /// [`Cluster::pair`] with [`small_options`].
+    pub fn small_pair(test: &str, proxy: bool) -> Cluster {
+        Cluster::pair(test, small_options(proxy))
+    }
+
+    /// Waits until `name` sees its peer's connection as `connection`.
+    pub fn wait_peer_connection(
+        &self,
+        name: &str,
+        connection: &str,
+        timeout: Duration,
+    ) -> ResourceStatus {
+        self.wait_status(name, connection, timeout, |s| {
+            s.peer.as_ref().is_some_and(|p| p.connection == connection)
+        })
+    }
+
+    /// Waits until `name`'s log contains `needle` (log lines trail the events).
+    pub fn wait_log(&self, name: &str, needle: &str, timeout: Duration) {
+        wait_until(&format!("{name}'s log to say {needle:?}"), timeout, || {
+            std::fs::read_to_string(&self.node(name).log)
+                .ok()
+                .filter(|log| log.contains(needle))
+                .map(|_| ())
+        });
+    }
+
+    /// `replctl verify r0 --json` on `name` finds no block that differs.
+    pub fn assert_verify_clean(&self, name: &str) {
+        let text = self.replctl_ok(name, &["verify", RESOURCE, "--json"]);
+        let verify: serde_json::Value = serde_json::from_str(&text).expect("verify --json");
+        assert_eq!(
+            verify["out_of_sync_blocks"], 0,
+            "verify on {name}: {verify}"
+        );
+    }
+
+    /// `replctl status r0 --json` through the CLI, parsed (the operator's view).
+    pub fn status_json(&self, name: &str) -> serde_json::Value {
+        let text = self.replctl_ok(name, &["status", RESOURCE, "--json"]);
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("status --json of {name} is not JSON ({e}): {text}"));
+        value
+            .as_array()
+            .and_then(|all| all.first())
+            .cloned()
+            .unwrap_or_else(|| panic!("status --json of {name} lists no resource: {text}"))
+    }
+
+    /// `replctl ARGS` that must be refused: exit status 1 and a one-line reason on
+    /// stderr, which is returned.
+    pub fn replctl_refused(&self, node: &str, args: &[&str]) -> String {
+        let output = self.replctl(node, args);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "replctl {args:?} on {node} should be refused with exit 1; stdout: {} stderr: {stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "the refusal must be one line: {stderr:?}"
+        );
+        stderr
+    }
+
+    /// Waits until `name` no longer sees its peer as Connected; returns how long it took.
+    pub fn wait_peer_lost(&self, name: &str, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        self.wait_status(name, "aware the peer is gone", timeout, |s| {
+            s.peer.as_ref().is_some_and(|p| p.connection != "Connected")
+        });
+        started.elapsed()
+    }
+
+    /// The whole exported content of `name`, read with `nbdcopy`.
+    pub fn export_bytes(&self, name: &str) -> Vec<u8> {
+        let copy = self.dir.join(format!("{name}-export-{}.raw", free_port()));
+        let bytes = export_bytes(&self.uri(name), &copy);
+        let _ = std::fs::remove_file(&copy);
+        bytes
+    }
+
+    /// Both exports hold the same bytes (read over NBD while the daemons run).
+    pub fn assert_exports_identical(&self, left: &str, right: &str) {
+        let left_bytes = self.export_bytes(left);
+        let right_bytes = self.export_bytes(right);
+        assert_same_bytes(
+            &left_bytes,
+            &right_bytes,
+            &format!("exports of {left} and {right}"),
+        );
+    }
+
+    /// Stops every node cleanly (every record applied, checkpointed) and compares the
+    /// first `size_bytes` of both image files: the replicas' data areas.
+    pub fn stop_and_assert_data_areas_identical(&mut self, left: &str, right: &str) {
+        let size_bytes = self.status(left).size_bytes;
+        assert_eq!(size_bytes, self.status(right).size_bytes, "sizes differ");
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in &names {
+            self.stop(name);
+        }
+        assert_same_bytes(
+            &self.data_area(left, size_bytes),
+            &self.data_area(right, size_bytes),
+            &format!("data areas of {left} and {right}"),
+        );
+    }
+}
+
+/// Fails with the first differing 4 KiB block (and how many differ) unless equal.
+pub fn assert_same_bytes(left: &[u8], right: &[u8], what: &str) {
+    assert_eq!(left.len(), right.len(), "{what}: lengths differ");
+    if left == right {
+        return;
+    }
+    let differing: Vec<usize> = left
+        .chunks(4096)
+        .zip(right.chunks(4096))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(block, _)| block)
+        .collect();
+    panic!(
+        "{what}: {} blocks of 4 KiB differ, first ones: {:?}",
+        differing.len(),
+        &differing[..differing.len().min(10)]
+    );
+}
+
+/// The whole content of the export at `uri`, copied to `copy` with `nbdcopy` (libnbd).
+pub fn export_bytes(uri: &str, copy: &Path) -> Vec<u8> {
+    require_tool("nbdcopy", "libnbd-bin");
+    std::fs::File::create(copy).expect("create the copy");
+    run_ok(
+        Command::new("nbdcopy").arg(uri).arg(copy),
+        Duration::from_secs(120),
+    );
+    std::fs::read(copy).expect("read the copy")
+}
+
+/// `qemu-io -f raw [-r] -c COMMAND URI`; returns (success, stdout + stderr). qemu-io
+/// reports a failed command on its output, so both are checked.
+pub fn qemu_io(uri: &str, read_only: bool, command: &str) -> (bool, String) {
+    require_tool("qemu-io", "qemu-utils");
+    let mut qemu = Command::new("qemu-io");
+    qemu.arg("-f").arg("raw");
+    if read_only {
+        qemu.arg("-r");
+    }
+    qemu.arg("-c").arg(command).arg(uri);
+    let output = run_with_timeout(&mut qemu, Duration::from_secs(60));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let failed = text.contains("failed")
+        || text.contains("Pattern verification")
+        || text.contains("error")
+        || text.contains("Error");
+    (output.status.success() && !failed, text)
+}
+
+/// `qemu-io` that must succeed.
+pub fn qemu_io_ok(uri: &str, read_only: bool, command: &str) {
+    let (ok, text) = qemu_io(uri, read_only, command);
+    assert!(ok, "qemu-io -c {command:?} {uri} failed:\n{text}");
+}
+
+/// The event stream (`replctl events`) of one node, recorded from the moment
+/// [`EventLog::start`] returns (the daemon confirmed the subscription) until dropped.
+pub struct EventLog {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventLog {
+    pub fn start(cluster: &Cluster, name: &str) -> EventLog {
+        use std::sync::atomic::Ordering;
+        let mut client = Client::connect(&cluster.node(name).control, Duration::from_millis(200))
+            .unwrap_or_else(|e| panic!("control socket of {name}: {e}"));
+        client
+            .subscribe()
+            .unwrap_or_else(|e| panic!("subscribing to {name}'s events: {e}"));
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, stopped) = (lines.clone(), stop.clone());
+        let reader = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match client.next_event() {
+                    Ok(Some(line)) => sink.lock().unwrap_or_else(|p| p.into_inner()).push(line),
+                    Ok(None) => return,
+                    // The read timeout: look at the stop flag again.
+                    Err(_) => continue,
+                }
+            }
+        });
+        EventLog {
+            lines,
+            stop,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n")
+    }
+
+    /// Waits until an event line contains `needle`; returns that line.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.text();
+            if let Some(line) = text.lines().find(|line| line.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no event containing {needle:?} within {timeout:?}; events:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// Connects to a replication port, sends `bytes`, and returns the first frame the
+/// daemon answers (`Ok(None)`: it closed the connection without a frame). Bounded.
+pub fn raw_replication_exchange(
+    port: u16,
+    bytes: &[u8],
+) -> Result<Option<engine::wire::Frame>, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| format!("connect to replication port {port}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // A daemon that hangs up early (reset) shows in the read below.
+    let _ = stream.write_all(bytes);
+    let mut head = [0u8; engine::wire::FRAME_HEADER_BYTES];
+    match stream.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(error) => return Err(format!("reading the answer: {error}")),
+    }
+    let header = engine::wire::decode_header(&head).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; header.body_bytes as usize];
+    stream.read_exact(&mut body).map_err(|e| e.to_string())?;
+    let frame =
+        engine::wire::decode_body(&header, bytes::Bytes::from(body)).map_err(|e| e.to_string())?;
+    // After its answer the daemon must close the connection (a refusing daemon waits
+    // for the peer to hang up first, as a real peer does after a REJECT).
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) if rest.is_empty() => Ok(Some(frame)),
+        Ok(_) => Err(format!("{} more bytes after {}", rest.len(), frame.name())),
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(Some(frame)),
+        Err(error) => Err(format!("the daemon kept the connection open: {error}")),
+    }
+}
+
+/// A HELLO as node `node` (id `node_id`) of resource `resource` would send it.
+pub fn hello_frame(
+    protocol_version: u32,
+    resource: &str,
+    resource_uuid: [u8; 16],
+    node: &str,
+    node_id: u32,
+) -> Vec<u8> {
+    engine::wire::Frame::Hello(engine::wire::Hello {
+        protocol_version,
+        channel: engine::wire::Channel::Data,
+        resource_uuid,
+        node_id,
+        resource: resource.to_string(),
+        node: node.to_string(),
+    })
+    .encode_to_vec()
+}
+
+/// Tears down `mount` on `loop_device` on `fuse` after the NBD server under them died:
+/// unmount (lazily if the dead device makes a clean unmount hang), detach the loop
+/// device, unmount FUSE — in that order, each bounded.
+pub fn teardown_dead_stack(mount: Mount, loop_device: LoopDevice, fuse: NbdFuse) {
+    let dir = mount.dir.clone();
+    std::mem::forget(mount);
+    let output = run_with_timeout(
+        Command::new("timeout").arg("20").arg("umount").arg(&dir),
+        Duration::from_secs(30),
+    );
+    if !output.status.success() {
+        run_ok(
+            Command::new("umount").arg("-l").arg(&dir),
+            Duration::from_secs(30),
+        );
+    }
+    drop(loop_device);
+    drop(fuse);
+}
