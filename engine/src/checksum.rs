@@ -18,6 +18,16 @@ pub fn block_crc(block: &[u8]) -> u32 {
     crc32fast::hash(block)
 }
 
+/// A 64-bit digest of a block (xxh3) for comparing replicas across nodes (online
+/// verify, checksum-based resync). Not CRC32: CRC is affine, so every block that ends
+/// in its own CRC32 has the same CRC32 (a constant residue), whatever its content and
+/// seed; self-checking data (file systems, databases, our own checker) does exactly
+/// that. The stored per-block checksum stays CRC32 (media errors are random, not
+/// structured, and CRC32 catches them); the digest is only computed on demand.
+pub fn block_digest(block: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(block)
+}
+
 /// CRC32 of a block of zeroes (what TRIM and WRITE_ZEROES leave).
 pub fn zero_block_crc() -> u32 {
     static ZERO: OnceLock<u32> = OnceLock::new();
@@ -112,6 +122,24 @@ impl ChecksumTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digest_tells_apart_blocks_that_crc32_cannot() {
+        // Two different blocks, each ending in the CRC32 of what precedes it.
+        let make = |fill: u8| {
+            let mut block = vec![fill; 4096];
+            let crc = crc32fast::hash(&block[..4092]);
+            block[4092..].copy_from_slice(&crc.to_le_bytes());
+            block
+        };
+        let (a, b) = (make(1), make(2));
+        assert_eq!(
+            block_crc(&a),
+            block_crc(&b),
+            "CRC32's residue: the weakness this digest covers"
+        );
+        assert_ne!(block_digest(&a), block_digest(&b));
+    }
 
     #[test]
     fn set_marks_pages_dirty_and_round_trips() {

@@ -117,20 +117,24 @@ pub enum Frame {
         first_block: u64,
         blocks: u32,
     },
+    /// Per block: the stored CRC32, the CRC32 of the data on the store, and the data's
+    /// 64-bit digest (`checksum::block_digest`), which is what replicas are compared by.
     VerifyReply {
         id: u64,
         first_block: u64,
         stored: Vec<u32>,
         actual: Vec<u32>,
+        digests: Vec<u64>,
     },
     /// The primary started a new generation while connected and in sync.
     NewGeneration {
         current: u64,
     },
-    /// Checksums of blocks the source would resync; the target answers which differ.
+    /// Digests (`checksum::block_digest`) of blocks the source would resync; the
+    /// target answers which differ from its data.
     ResyncCheck {
         first_block: u64,
-        crcs: Vec<u32>,
+        digests: Vec<u64>,
     },
     /// Bitmap over the checked run: bit i set = block differs, send it.
     ResyncCheckReply {
@@ -414,6 +418,7 @@ impl Frame {
                 first_block,
                 stored,
                 actual,
+                digests,
             } => {
                 body.put_u64_le(*id);
                 body.put_u64_le(*first_block);
@@ -421,17 +426,23 @@ impl Frame {
                 for crc in stored.iter().chain(actual) {
                     body.put_u32_le(*crc);
                 }
+                for digest in digests {
+                    body.put_u64_le(*digest);
+                }
                 T_VERIFY_REPLY
             }
             Frame::NewGeneration { current } => {
                 body.put_u64_le(*current);
                 T_NEW_GENERATION
             }
-            Frame::ResyncCheck { first_block, crcs } => {
+            Frame::ResyncCheck {
+                first_block,
+                digests,
+            } => {
                 body.put_u64_le(*first_block);
-                body.put_u32_le(crcs.len() as u32);
-                for crc in crcs {
-                    body.put_u32_le(*crc);
+                body.put_u32_le(digests.len() as u32);
+                for digest in digests {
+                    body.put_u64_le(*digest);
                 }
                 T_RESYNC_CHECK
             }
@@ -830,11 +841,13 @@ pub fn decode_body(header: &FrameHeader, body_bytes: Bytes) -> Result<Frame, Wir
             let count = body.u32()? as usize;
             let stored = body.u32s(count)?;
             let actual = body.u32s(count)?;
+            let digests = body.u64s(count)?;
             Frame::VerifyReply {
                 id,
                 first_block,
                 stored,
                 actual,
+                digests,
             }
         }
         T_DURABLE => Frame::Durable(body.u64()?),
@@ -849,7 +862,7 @@ pub fn decode_body(header: &FrameHeader, body_bytes: Bytes) -> Result<Frame, Wir
             }
             Frame::ResyncCheck {
                 first_block,
-                crcs: body.u32s(count)?,
+                digests: body.u64s(count)?,
             }
         }
         T_RESYNC_CHECK_REPLY => {
@@ -995,12 +1008,13 @@ mod tests {
                 first_block: 0,
                 stored: vec![1, 2],
                 actual: vec![1, 3],
+                digests: vec![10, 30],
             },
             Frame::NewGeneration { current: 1234 },
             Frame::Durable(77),
             Frame::ResyncCheck {
                 first_block: 64,
-                crcs: vec![1, 2, 3],
+                digests: vec![1, 2, 3],
             },
             Frame::ResyncCheckReply {
                 first_block: 64,

@@ -467,3 +467,56 @@ fn invalidate_pulls_everything_and_pause_resume_hold_the_resync() {
     cluster.stop("beta");
     assert_replicas_identical(&cluster, size, 16 << 20);
 }
+
+#[test]
+fn verify_finds_a_block_swapped_for_another_with_the_same_crc32() {
+    // Self-checking blocks (the checker's, like many file systems' and databases')
+    // end in their own CRC32, so they all share one CRC32: only a real digest tells
+    // them apart. Swap one such block for another on the secondary.
+    let cluster = Cluster::pair("verify-crc-residue", ClusterOptions::default());
+    let (_, output) = checker_write(
+        &cluster.dir,
+        &cluster.uri("alpha"),
+        &["--qd", "8", "--writes", "64", "--blocks", "0..64"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    cluster.wait_in_sync(Duration::from_secs(30));
+    let clean: serde_json::Value =
+        serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
+            .expect("json");
+    assert_eq!(clean["out_of_sync_blocks"], 0, "{clean}");
+    let image = cluster.node("beta").image.clone();
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .expect("image");
+        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+        file.read_exact_at(&mut a, 5 * 4096).expect("read");
+        file.read_exact_at(&mut b, 9 * 4096).expect("read");
+        assert_ne!(a, b, "the checker wrote different blocks");
+        assert_eq!(
+            crc32fast::hash(&a),
+            crc32fast::hash(&b),
+            "self-checking blocks share their CRC32"
+        );
+        file.write_all_at(&a, 9 * 4096).expect("write");
+        file.sync_all().expect("sync");
+    }
+    let found: serde_json::Value =
+        serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
+            .expect("json");
+    let reported: Vec<u64> = found["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .filter_map(|b| b.as_u64())
+        .collect();
+    assert_eq!(reported, vec![9], "{found}");
+}

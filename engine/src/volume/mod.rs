@@ -1092,11 +1092,7 @@ impl Volume {
     /// For online verify: per block, the stored checksum and the checksum of the data
     /// actually on the store (overlay blocks: both are the overlay's). Reads bypass the
     /// checksum check, so a corrupt block shows as `stored != actual`.
-    pub fn verify_checksums(
-        &self,
-        first_block: u64,
-        blocks: u64,
-    ) -> Result<(Vec<u32>, Vec<u32>), IoError> {
+    pub fn verify_checksums(&self, first_block: u64, blocks: u64) -> Result<BlockChecks, IoError> {
         let size_blocks = self.shared.geometry.data_blocks();
         if blocks == 0
             || first_block
@@ -1253,6 +1249,15 @@ fn commit_or_hand_off(shared: &Shared, state: MutexGuard<'_, State>) {
     } else {
         shared.wake_writer(&state);
     }
+}
+
+/// Per block of a range: stored CRC32, CRC32 of the data on the store, and the data's
+/// 64-bit digest (what replicas are compared by; see `checksum::block_digest`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockChecks {
+    pub stored: Vec<u32>,
+    pub actual: Vec<u32>,
+    pub digests: Vec<u64>,
 }
 
 /// A whole-block piece of a write, before it gets its sequence number.

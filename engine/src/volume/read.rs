@@ -205,40 +205,48 @@ pub(super) fn verify_checksums(
     shared: &Shared,
     first_block: u64,
     blocks: u64,
-) -> Result<(Vec<u32>, Vec<u32>), IoError> {
+) -> Result<super::BlockChecks, IoError> {
     // Hold the apply lock so no in-place write is half done while we look.
     let _apply = shared.apply_lock.read().unwrap_or_else(|p| p.into_inner());
-    let overlay: Vec<Option<u32>> = {
+    // Blocks with unapplied writes: their newest content, not the store's.
+    let overlay: Vec<Option<Option<Bytes>>> = {
         let state = shared.lock();
         (0..blocks)
             .map(|index| {
                 state
                     .overlay
                     .get(&(first_block + index))
-                    .map(|entry| match &entry.data {
-                        Some(data) => block_crc(data),
-                        None => crate::checksum::zero_block_crc(),
-                    })
+                    .map(|entry| entry.data.clone())
             })
             .collect()
     };
     let mut buf = vec![0u8; (blocks * BLOCK_BYTES) as usize];
     shared.data.read_at(first_block * BLOCK_BYTES, &mut buf)?;
-    let mut stored = Vec::with_capacity(blocks as usize);
-    let mut actual = Vec::with_capacity(blocks as usize);
+    let zeroes = [0u8; BLOCK_BYTES as usize];
+    let mut checks = super::BlockChecks {
+        stored: Vec::new(),
+        actual: Vec::new(),
+        digests: Vec::new(),
+    };
     for (index, block) in buf.chunks(BLOCK_BYTES as usize).enumerate() {
-        match overlay[index] {
-            Some(crc) => {
-                stored.push(crc);
-                actual.push(crc);
+        match &overlay[index] {
+            Some(newest) => {
+                let data: &[u8] = newest.as_deref().unwrap_or(&zeroes);
+                let crc = block_crc(data);
+                checks.stored.push(crc);
+                checks.actual.push(crc);
+                checks.digests.push(crate::checksum::block_digest(data));
             }
             None => {
-                stored.push(shared.checksums.get(first_block + index as u64));
-                actual.push(block_crc(block));
+                checks
+                    .stored
+                    .push(shared.checksums.get(first_block + index as u64));
+                checks.actual.push(block_crc(block));
+                checks.digests.push(crate::checksum::block_digest(block));
             }
         }
     }
-    Ok((stored, actual))
+    Ok(checks)
 }
 
 /// Most reads served in one batch.

@@ -44,7 +44,7 @@ pub(crate) struct ResyncProgress {
 }
 
 /// A peer's answer to a verify request: stored and actual checksums per block.
-pub(crate) type VerifyChecksums = (Vec<u32>, Vec<u32>);
+pub(crate) type VerifyChecksums = engine::volume::BlockChecks;
 
 /// State behind the link's lock.
 pub(crate) struct Inner {

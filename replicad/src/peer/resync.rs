@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::checksum::{block_crc, zero_block_crc};
+use engine::checksum::{block_crc, block_digest, zero_block_crc};
 use engine::repl::{DiskState, PeerAck, ReplicationState, Role};
 use engine::superblock::StoredDiskState;
 use engine::wire::{BlockData, Frame, RecordFrame, MAX_FRAME_BLOCKS};
@@ -181,7 +181,14 @@ async fn source_loop(link: &Arc<Link>, session: u64) -> Result<(), String> {
         let crcs: Vec<u32> = data.chunks(BLOCK_BYTES as usize).map(block_crc).collect();
         let bytes = blocks * BLOCK_BYTES;
         let frame = if checksum_first {
-            Frame::ResyncCheck { first_block, crcs }
+            let digests = data
+                .chunks(BLOCK_BYTES as usize)
+                .map(block_digest)
+                .collect();
+            Frame::ResyncCheck {
+                first_block,
+                digests,
+            }
         } else {
             let all_zero =
                 crcs.iter().all(|crc| *crc == zero_block_crc()) && data.iter().all(|&b| b == 0);
@@ -492,21 +499,43 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
                 blocks: data.blocks,
             });
         }
-        Frame::ResyncCheck { first_block, crcs } => {
-            let mut differ = vec![0u64; crcs.len().div_ceil(64)];
-            for (index, crc) in crcs.iter().enumerate() {
-                // Out of range (or overflowing) blocks "differ": the source then sends
-                // data, which the engine refuses with a clear error.
-                let block = first_block.saturating_add(index as u64);
-                if block >= volume.geometry().data_blocks() || volume.block_checksum(block) != *crc
-                {
-                    differ[index / 64] |= 1 << (index % 64);
+        Frame::ResyncCheck {
+            first_block,
+            digests,
+        } => {
+            // Compare the data itself (its digest), read off the store: blocks outside
+            // the volume "differ", and the engine then refuses their data clearly.
+            let count = digests.len() as u64;
+            let in_range = first_block
+                .checked_add(count)
+                .is_some_and(|end| end <= volume.geometry().data_blocks());
+            let link = link.clone();
+            tokio::spawn(async move {
+                let checks = if in_range {
+                    let check_volume = volume.clone();
+                    tokio::task::spawn_blocking(move || {
+                        check_volume.verify_checksums(first_block, count)
+                    })
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                } else {
+                    None
+                };
+                let mut differ = vec![0u64; digests.len().div_ceil(64)];
+                for (index, digest) in digests.iter().enumerate() {
+                    let same = checks.as_ref().is_some_and(|c| {
+                        c.digests[index] == *digest && c.stored[index] == c.actual[index]
+                    });
+                    if !same {
+                        differ[index / 64] |= 1 << (index % 64);
+                    }
                 }
-            }
-            link.send_meta(Frame::ResyncCheckReply {
-                first_block,
-                blocks: crcs.len() as u32,
-                differ,
+                link.send_meta(Frame::ResyncCheckReply {
+                    first_block,
+                    blocks: count as u32,
+                    differ,
+                });
             });
         }
         Frame::ResyncCheckReply {
@@ -666,21 +695,30 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
                     verify_volume.verify_checksums(first_block, u64::from(blocks))
                 })
                 .await;
-                if let Ok(Ok((stored, actual))) = result {
+                if let Ok(Ok(checks)) = result {
                     link.send_data(Frame::VerifyReply {
                         id,
                         first_block,
-                        stored,
-                        actual,
+                        stored: checks.stored,
+                        actual: checks.actual,
+                        digests: checks.digests,
                     });
                 }
             });
         }
         Frame::VerifyReply {
-            id, stored, actual, ..
+            id,
+            stored,
+            actual,
+            digests,
+            ..
         } => {
             if let Some(sender) = link.lock().verify_waiters.remove(&id) {
-                let _ = sender.send((stored, actual));
+                let _ = sender.send(engine::volume::BlockChecks {
+                    stored,
+                    actual,
+                    digests,
+                });
             }
         }
         Frame::Hello(_) | Frame::Reject(_) => {
@@ -801,19 +839,24 @@ async fn compare_chunk(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let (peer_stored, peer_actual) = tokio::time::timeout(Duration::from_secs(60), receiver)
+    let peer = tokio::time::timeout(Duration::from_secs(60), receiver)
         .await
         .map_err(|_| "the peer did not answer a verify request".to_string())?
         .map_err(|_| "connection lost during verify".to_string())?;
-    if peer_stored.len() as u64 != count || peer_actual.len() as u64 != count {
+    let count_usize = count as usize;
+    if peer.stored.len() != count_usize
+        || peer.actual.len() != count_usize
+        || peer.digests.len() != count_usize
+    {
         return Err("the peer answered verify for the wrong range".into());
     }
-    let (local_stored, local_actual) = local;
-    Ok((0..count as usize)
+    // A block differs if the data differs (by digest), or either side's data does not
+    // match its own stored checksum.
+    Ok((0..count_usize)
         .filter(|&i| {
-            local_actual[i] != peer_actual[i]
-                || local_stored[i] != local_actual[i]
-                || peer_stored[i] != peer_actual[i]
+            local.digests[i] != peer.digests[i]
+                || local.stored[i] != local.actual[i]
+                || peer.stored[i] != peer.actual[i]
         })
         .map(|i| first + i as u64)
         .collect())
