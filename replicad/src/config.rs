@@ -263,7 +263,8 @@ pub struct ResourceConfig {
     /// Resync yields to application I/O (pauses while the volume is busy).
     #[serde(default)]
     pub resync_yield: bool,
-    /// Compare checksums before sending resync data (default: after a primary crash).
+    /// Compare block digests before sending resync data (default off: it reads every
+    /// out-of-sync block on both sides, and pays only when most blocks already match).
     #[serde(default)]
     pub checksum_resync: Option<bool>,
     #[serde(default)]
