@@ -84,6 +84,18 @@ pub(super) fn run(shared: Arc<Shared>) {
             continue;
         }
         waiting_since = None;
+        // A due checkpoint goes first: with the queue never empty (a long resync, a
+        // steady write load) it would otherwise starve, and with it the persisted
+        // progress of a resync target and the reclaiming of journal space.
+        if front_ready && checkpoint_due(&shared, &state) {
+            drop(state);
+            if let Err(error) = checkpoint(&shared) {
+                let mut state = shared.lock();
+                shared.fail(&mut state, format!("checkpoint failed: {error}"));
+                return;
+            }
+            continue;
+        }
         if front_ready {
             let mut batch = Vec::new();
             while batch.len() < MAX_BATCH_ITEMS
@@ -274,6 +286,7 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
             }
             ApplyItem::Resync { first_block, .. } => {
                 state.bitmap.clear_range(*first_block, 1);
+                state.resync_queued_bytes = state.resync_queued_bytes.saturating_sub(BLOCK_BYTES);
             }
         }
     }

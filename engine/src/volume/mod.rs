@@ -231,6 +231,9 @@ struct State {
     progress_waiters: usize,
     /// A group commit round is running (on the journal thread or inline).
     committing: bool,
+    /// Bytes of resync data queued for the applier (bounded: a sync target
+    /// acknowledges resync data when queued, so this bounds what it owes).
+    resync_queued_bytes: u64,
 }
 
 impl State {
@@ -414,6 +417,9 @@ impl std::fmt::Debug for Volume {
 
 /// A boxed completion callback.
 type Callback<T> = Box<dyn FnOnce(Result<T, IoError>) + Send>;
+
+/// Most resync data a sync target holds queued for the applier.
+const MAX_RESYNC_QUEUED_BYTES: u64 = 32 << 20;
 
 /// Calls `done` once all `parts` sub-operations have completed (first error wins).
 struct Join<T> {
@@ -918,6 +924,11 @@ impl Volume {
         let shared = &self.shared;
         let mut state = shared.lock();
         state.check_usable()?;
+        // Back-pressure: the source's window is only as good as our applying.
+        while state.resync_queued_bytes >= MAX_RESYNC_QUEUED_BYTES {
+            state = shared.wait_progress(state, Duration::from_millis(100));
+            state.check_usable()?;
+        }
         let mut queued = 0;
         let mut dropped = 0;
         for index in 0..blocks {
@@ -941,6 +952,7 @@ impl Volume {
                 }
                 None => (None, Vec::new()),
             };
+            state.resync_queued_bytes += BLOCK_BYTES;
             state.apply_queue.push_back(ApplyItem::Resync {
                 first_block: block,
                 data: block_data,

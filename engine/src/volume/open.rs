@@ -377,6 +377,7 @@ impl Volume {
             applier_idle: false,
             progress_waiters: 0,
             committing: false,
+            resync_queued_bytes: 0,
         };
         let reader_threads = options.reader_threads.max(1);
         let shared = Arc::new(Shared {

@@ -486,14 +486,17 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
                 link.resync_bytes
                     .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
             }
-            volume
-                .write_resync(
+            // May wait for the applier (bounded queue: the back-pressure that keeps our
+            // acknowledgements honest), so leave the runtime thread meanwhile.
+            tokio::task::block_in_place(|| {
+                volume.write_resync(
                     data.first_block,
                     u64::from(data.blocks),
                     data.data,
                     data.crcs,
                 )
-                .map_err(|e| e.to_string())?;
+            })
+            .map_err(|e| e.to_string())?;
             link.send_meta(Frame::ResyncAck {
                 first_block: data.first_block,
                 blocks: data.blocks,
