@@ -2169,3 +2169,153 @@ fn render_table(rows: &[Row], format: impl Fn(&Column, f64) -> String) -> String
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tally_of(latencies_us: impl IntoIterator<Item = u64>) -> Tally {
+        let latencies_ns: Vec<u64> = latencies_us.into_iter().map(|us| us * 1000).collect();
+        Tally {
+            ops: latencies_ns.len() as u64,
+            bytes: latencies_ns.len() as u64 * BLOCK_BYTES,
+            latencies_ns,
+            flushes: 2,
+            flush_ns: 3_000_000,
+        }
+    }
+
+    #[test]
+    fn measurement_merges_workers_and_takes_nearest_rank_percentiles() {
+        // Two workers: 1..=50 us and 51..=100 us, over 2 seconds.
+        let measurement = Measurement::new(vec![tally_of(1..=50), tally_of(51..=100)], 2.0);
+        assert_eq!(measurement.ops, 100);
+        assert_eq!(measurement.iops, 50.0);
+        assert_eq!(measurement.mib_per_second, 100.0 * 4096.0 / MIB / 2.0);
+        assert_eq!(measurement.latency_us_p50, 50.0);
+        assert_eq!(measurement.latency_us_p99, 99.0);
+        assert_eq!(measurement.latency_us_max, 100.0);
+        assert_eq!(measurement.latency_us_mean, 50.5);
+        assert_eq!(measurement.flushes, 4);
+        assert_eq!(measurement.flush_latency_us_mean, Some(1500.0));
+    }
+
+    #[test]
+    fn only_completions_inside_the_window_count() {
+        let plan = Plan::new(
+            Workload::RandomWrite4kQd1,
+            1 << 20,
+            Some(Timing {
+                warmup: Duration::from_secs(1),
+                runtime: Duration::from_secs(1),
+            }),
+        );
+        let from = plan.measure_from.unwrap();
+        let op = Op::Write {
+            offset: 0,
+            len: 4096,
+            pattern: 0,
+        };
+        let mut tally = Tally::default();
+        tally.record(&plan, op, from, from - Duration::from_millis(1));
+        tally.record(&plan, op, from, from + Duration::from_millis(500));
+        tally.record(&plan, op, from, from + Duration::from_millis(1001));
+        assert_eq!(tally.ops, 1, "only the completion inside the window counts");
+        assert_eq!(tally.latencies_ns, [500_000_000]);
+        assert_eq!(
+            plan.completed_ops.load(Ordering::Relaxed),
+            3,
+            "progress counts all"
+        );
+    }
+
+    #[test]
+    fn the_fill_covers_the_volume_once_with_a_short_tail() {
+        let span = 3 * CHUNK_BYTES as u64 + 8192;
+        let plan = Plan::new(Workload::Fill, span, None);
+        let mut streams: Vec<Stream<'_>> = (0..2).map(|w| Stream::new(&plan, w)).collect();
+        let mut covered = Vec::new();
+        for turn in 0.. {
+            let Some(op) = streams[turn % 2].next() else {
+                break;
+            };
+            let Op::Write { offset, len, .. } = op else {
+                panic!("the fill only writes: {op}");
+            };
+            covered.push((offset, len as u64));
+        }
+        covered.sort_unstable();
+        let mut next = 0;
+        for (offset, len) in covered {
+            assert_eq!(offset, next, "gap or overlap");
+            next += len;
+        }
+        assert_eq!(next, span);
+    }
+
+    #[test]
+    fn streams_stay_aligned_in_range_and_flush_every_32_writes() {
+        let span = 64 << 20;
+        for workload in Workload::MEASURED {
+            let plan = Plan::new(workload, span, None);
+            let mut stream = Stream::new(&plan, 0);
+            let mut writes_since_flush = 0;
+            for _ in 0..1000 {
+                let op = stream.next().expect("an unbounded stream");
+                match op {
+                    Op::Write {
+                        offset,
+                        len,
+                        pattern,
+                    } => {
+                        assert!(workload != Workload::RandomRead4kQd32);
+                        assert_eq!(len as u64, workload.block_bytes());
+                        assert!(pattern % 4096 == 0 && pattern + len <= POOL_BYTES);
+                        assert!(offset % 4096 == 0 && offset + len as u64 <= span, "{op}");
+                        writes_since_flush += 1;
+                    }
+                    Op::Read { offset, len } => {
+                        assert_eq!(workload, Workload::RandomRead4kQd32);
+                        assert!(offset % 4096 == 0 && offset + len as u64 <= span, "{op}");
+                    }
+                    Op::Flush => {
+                        assert_eq!(workload, Workload::WriteFlush32);
+                        assert_eq!(writes_since_flush, FLUSH_EVERY);
+                        writes_since_flush = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_shows_a_dash_where_a_cell_does_not_apply() {
+        let rows = [
+            Row {
+                name: "raw".into(),
+                cells: vec![
+                    Some(1234.4),
+                    Some(50.25),
+                    Some(150.0),
+                    Some(99.0),
+                    None,
+                    None,
+                    None,
+                ],
+            },
+            Row {
+                name: "pair (sync)".into(),
+                cells: vec![Some(1.0); 7],
+            },
+        ];
+        let table = render_table(&rows, format_value);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(
+            lines.iter().all(|line| line.len() == lines[0].len()),
+            "{table}"
+        );
+        let raw: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(raw, ["raw", "1234", "50.2", "150", "99.0", "-", "-", "-"]);
+    }
+}
