@@ -260,7 +260,8 @@ impl Context {
     /// A fresh directory for one configuration.
     fn config_dir(&self, name: &str) -> anyhow::Result<ScratchDir> {
         let path = self.work.join(name);
-        std::fs::create_dir(&path)?;
+        std::fs::create_dir(&path)
+            .map_err(|error| anyhow::anyhow!("cannot create {}: {error}", path.display()))?;
         Ok(ScratchDir(path))
     }
 
@@ -806,7 +807,8 @@ impl Store {
     fn create(dir: &Path, name: &str, context: &Context) -> anyhow::Result<Store> {
         check_interrupted()?;
         let image = Scratch(dir.join(format!("{name}.img")));
-        engine::volume::create_image_file(&image.0, context.options.size_bytes)?;
+        engine::volume::create_image_file(&image.0, context.options.size_bytes)
+            .map_err(|error| anyhow::anyhow!("cannot create {}: {error}", image.0.display()))?;
         let device = if context.loops {
             Some(LoopDevice::attach(&image.0)?)
         } else {
@@ -1006,7 +1008,8 @@ struct Copy {
 /// with O_DIRECT, reads overlapped with writes, ending with fdatasync.
 fn raw_copy(source: &Path, scratch: &Path, bytes: u64) -> anyhow::Result<Copy> {
     check_interrupted()?;
-    let file = std::fs::File::create(scratch)?;
+    let file = std::fs::File::create(scratch)
+        .map_err(|error| anyhow::anyhow!("cannot create {}: {error}", scratch.display()))?;
     // Allocate up front: the rebuild's target was allocated by the fill too.
     // SAFETY: fallocate on a valid descriptor we own.
     if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes as libc::off_t) } != 0 {
