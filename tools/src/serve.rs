@@ -8,7 +8,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use replicad::control::{Client, Request, ResourceStatus};
@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// The store is all zeroes (skip the checksum scan).
     #[arg(long)]
     pub zeroed: bool,
+    /// The peer's store is all zeroes too, so both are already identical and the copy
+    /// is skipped. Not a command-line option: only a caller that created both stores
+    /// (`replctl bench`) knows it.
+    #[arg(skip)]
+    pub peer_zeroed: bool,
 }
 
 pub(crate) struct Daemon {
@@ -64,10 +69,16 @@ impl Daemon {
             .arg(node)
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: prctl between fork and exec only sets a process attribute.
+        // SAFETY: prctl and sigprocmask between fork and exec only set process
+        // attributes (both are async-signal-safe). The mask is emptied because a
+        // caller may block SIGTERM/SIGINT to take them itself (`replctl bench`), and a
+        // blocked mask survives exec: the daemon would never see `stop`'s SIGTERM.
         unsafe {
             command.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
                 Ok(())
             });
         }
@@ -76,21 +87,23 @@ impl Daemon {
         })
     }
 
-    /// SIGTERM, bounded wait, then SIGKILL.
-    pub(crate) fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill with the pid of our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+    /// SIGTERM, bounded wait, then SIGKILL. Returns the exit status when the daemon
+    /// exited by itself after SIGTERM; `None` when it had to be killed or was stopped
+    /// before.
+    pub(crate) fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill with the pid of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 }
 
@@ -114,6 +127,16 @@ pub(crate) fn call(control: &Path, request: Request) -> anyhow::Result<serde_jso
     Ok(client.call(&request)?)
 }
 
+/// Connected, replicating and both disks UpToDate.
+pub(crate) fn in_sync(status: &ResourceStatus) -> bool {
+    status.disk == "UpToDate"
+        && status.peer.as_ref().is_some_and(|peer| {
+            peer.connection == "Connected"
+                && peer.replication == "Established"
+                && peer.peer_disk.as_deref() == Some("UpToDate")
+        })
+}
+
 /// Polls until `check` holds (bounded).
 pub(crate) fn wait_for(
     control: &Path,
@@ -133,7 +156,7 @@ pub(crate) fn wait_for(
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -168,8 +191,11 @@ pub(crate) fn set_up(args: &ServeArgs) -> anyhow::Result<Setup> {
         dir.join("alpha.ctl").display()
     ));
     if let Some(peer_disk) = &args.peer_disk {
-        // Identical stores skip the initial sync: copy the primary's data over.
-        copy_store(&args.disk, peer_disk)?;
+        // Identical stores skip the initial sync: copy the primary's data over, unless
+        // both are known to be all zeroes.
+        if !(args.zeroed && args.peer_zeroed) {
+            copy_store(&args.disk, peer_disk)?;
+        }
         config_text.push_str(&format!(
             "[resource.r0.nodes.beta]\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"127.0.0.1:{}\"\ncontrol = \"{}\"\n",
             free_port()?,
@@ -240,6 +266,21 @@ pub(crate) fn set_up(args: &ServeArgs) -> anyhow::Result<Setup> {
     })
 }
 
+/// Blocks SIGTERM and SIGINT in the calling thread (and the threads it starts later),
+/// so they can be taken with `sigwait`/`sigtimedwait`; returns the set. Children
+/// inherit the mask: [`Daemon::start`] empties it for the daemons.
+pub(crate) fn block_termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, zero-initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
 /// Copies `from` to `to` (a regular file or block device), whole.
 fn copy_store(from: &Path, to: &Path) -> anyhow::Result<()> {
     let mut source = std::fs::File::open(from)?;
@@ -276,19 +317,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             ", single node".to_string()
         }
     );
-    // Wait for a termination signal. The daemons were spawned before the mask
-    // changes, so they still receive SIGTERM normally.
-    // SAFETY: sigset manipulation on a local, zero-initialised set; blocking
-    // SIGTERM/SIGINT and waiting for them with sigwait is the standard pattern.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        let mut signal = 0;
-        libc::sigwait(&set, &mut signal);
-    }
+    // Wait for a termination signal.
+    let set = block_termination_signals();
+    let mut signal = 0;
+    // SAFETY: the set is initialised and its signals are blocked, as sigwait requires.
+    unsafe { libc::sigwait(&set, &mut signal) };
     setup.primary.stop();
     if let Some(secondary) = setup.secondary.as_mut() {
         secondary.stop();
