@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -141,7 +141,9 @@ pub struct Resource {
     order: Mutex<()>,
     /// In-flight client write payload, in KiB (async back-pressure).
     inflight: Semaphore,
-    inflight_permits: u32,
+    /// Permits the semaphore holds in total: half the attached store's journal, in KiB
+    /// (so the engine's own memory budget, the journal size, is never reached).
+    inflight_permits: AtomicU32,
     events: broadcast::Sender<String>,
     pub repaired_blocks: AtomicU64,
     link: OnceLock<Arc<Link>>,
@@ -165,9 +167,6 @@ impl Resource {
             .ok_or_else(|| format!("node {node} is not part of resource {name}"))?
             .clone();
         let node_id = config.node_id(node).unwrap_or(0);
-        // Half the journal may be in flight from clients; the engine never blocks then.
-        let inflight_permits =
-            (config.journal_bytes() / 2 / 1024).clamp(64 * 1024, u32::MAX as u64 / 2) as u32;
         Ok(Resource {
             name: name.to_string(),
             node: node.to_string(),
@@ -187,8 +186,8 @@ impl Resource {
             last_io_ms: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             order: Mutex::new(()),
-            inflight: Semaphore::new(inflight_permits as usize),
-            inflight_permits,
+            inflight: Semaphore::new(0),
+            inflight_permits: AtomicU32::new(0),
             events,
             repaired_blocks: AtomicU64::new(0),
             link: OnceLock::new(),
@@ -279,6 +278,7 @@ impl Resource {
         state.attaching = false;
         match result {
             Ok((volume, report, lock)) => {
+                self.size_inflight_limit(volume.geometry().journal_bytes);
                 state.lock = Some(lock);
                 state.crashed_primary = report.was_primary && !report.was_clean;
                 state.disk_error = None;
@@ -469,7 +469,7 @@ impl Resource {
         self.lock_state().role = Role::Secondary;
         let _all = self
             .inflight
-            .acquire_many(self.inflight_permits)
+            .acquire_many(self.inflight_permits.load(Ordering::SeqCst).max(1))
             .await
             .map_err(|e| e.to_string())?;
         drop(_all);
@@ -544,6 +544,17 @@ impl Resource {
         });
     }
 
+    /// Sets the in-flight write limit to half of the attached store's journal.
+    fn size_inflight_limit(&self, journal_bytes: u64) {
+        let wanted = (journal_bytes / 2 / 1024).clamp(64, u64::from(u32::MAX) / 2) as u32;
+        let previous = self.inflight_permits.swap(wanted, Ordering::SeqCst);
+        if wanted > previous {
+            self.inflight.add_permits((wanted - previous) as usize);
+        } else {
+            self.inflight.forget_permits((previous - wanted) as usize);
+        }
+    }
+
     /// The store was Primary when it crashed (its last writes may not be on the peer).
     pub fn crashed_primary(&self) -> bool {
         self.lock_state().crashed_primary
@@ -613,7 +624,7 @@ impl Resource {
 
     /// Permits (KiB) a write of `length` bytes takes.
     fn permits(&self, length: u64) -> u32 {
-        (length.div_ceil(1024) as u32 + 1).min(self.inflight_permits)
+        (length.div_ceil(1024) as u32 + 1).min(self.inflight_permits.load(Ordering::Relaxed).max(1))
     }
 
     /// The write path (see the module documentation).

@@ -59,15 +59,20 @@ fn read_block(uri: &str, block: u64) -> Vec<u8> {
     })
 }
 
-/// Fills an image with pseudo-random data quickly (the "existing data" of a store).
-fn fill_random(path: &std::path::Path, bytes: u64, seed: u64) {
+/// Fills an image with pseudo-random data quickly (the "existing data" of a store),
+/// leaving its first `zero_bytes` zero (the checker assumes a zeroed start).
+fn fill_random(path: &std::path::Path, bytes: u64, seed: u64, zero_bytes: u64) {
     use std::io::Write;
     let mut rng = SplitMix64::new(seed);
     let mut file =
         std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path).expect("image"));
     let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..bytes / chunk.len() as u64 {
-        rng.fill(&mut chunk);
+    for index in 0..bytes / chunk.len() as u64 {
+        if index * chunk.len() as u64 >= zero_bytes {
+            rng.fill(&mut chunk);
+        } else {
+            chunk.fill(0);
+        }
         file.write_all(&chunk).expect("fill");
     }
     file.flush().expect("flush");
@@ -171,7 +176,12 @@ fn p6_rebuild_under_load_resumes_after_kill9_of_target_and_source() {
     };
     let mut cluster = Cluster::new("p6-rebuild", &["alpha", "beta"], options);
     // alpha holds 1 GiB of real data; beta is a blank replacement.
-    fill_random(&cluster.node("alpha").image.clone(), image_bytes, 7);
+    fill_random(
+        &cluster.node("alpha").image.clone(),
+        image_bytes,
+        7,
+        64 << 20,
+    );
     cluster.replctl_ok("alpha", &["create-md", RESOURCE]);
     cluster.replctl_ok("beta", &["create-md", RESOURCE, "--zeroed"]);
     cluster.start_all();
@@ -281,7 +291,7 @@ fn p6_stale_resync_data_never_overwrites_a_newer_write() {
         ..ClusterOptions::default()
     };
     let mut cluster = Cluster::new("p6-stale", &["alpha", "beta"], options);
-    fill_random(&cluster.node("alpha").image.clone(), 256 << 20, 9);
+    fill_random(&cluster.node("alpha").image.clone(), 256 << 20, 9, 0);
     cluster.replctl_ok("alpha", &["create-md", RESOURCE]);
     cluster.replctl_ok("beta", &["create-md", RESOURCE, "--zeroed"]);
     cluster.start_all();
@@ -474,7 +484,7 @@ fn verify_finds_a_block_swapped_for_another_with_the_same_crc32() {
     // end in their own CRC32, so they all share one CRC32: only a real digest tells
     // them apart. Swap one such block for another on the secondary.
     let cluster = Cluster::pair("verify-crc-residue", ClusterOptions::default());
-    let (_, output) = checker_write(
+    let (log, output) = checker_write(
         &cluster.dir,
         &cluster.uri("alpha"),
         &["--qd", "8", "--writes", "64", "--blocks", "0..64"],
@@ -484,6 +494,17 @@ fn verify_finds_a_block_swapped_for_another_with_the_same_crc32() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // Two blocks the checker wrote, from its log.
+    let text = std::fs::read_to_string(&log).expect("checker log");
+    let mut written: Vec<u64> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|value| value["t"] == "w")
+        .filter_map(|value| value["b"].as_u64())
+        .collect();
+    written.sort_unstable();
+    written.dedup();
+    let (source, target) = (written[0], written[written.len() - 1]);
     cluster.wait_in_sync(Duration::from_secs(30));
     let clean: serde_json::Value =
         serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
@@ -498,15 +519,15 @@ fn verify_finds_a_block_swapped_for_another_with_the_same_crc32() {
             .open(&image)
             .expect("image");
         let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
-        file.read_exact_at(&mut a, 5 * 4096).expect("read");
-        file.read_exact_at(&mut b, 9 * 4096).expect("read");
+        file.read_exact_at(&mut a, source * 4096).expect("read");
+        file.read_exact_at(&mut b, target * 4096).expect("read");
         assert_ne!(a, b, "the checker wrote different blocks");
         assert_eq!(
             crc32fast::hash(&a),
             crc32fast::hash(&b),
             "self-checking blocks share their CRC32"
         );
-        file.write_all_at(&a, 9 * 4096).expect("write");
+        file.write_all_at(&a, target * 4096).expect("write");
         file.sync_all().expect("sync");
     }
     let found: serde_json::Value =
@@ -518,5 +539,5 @@ fn verify_finds_a_block_swapped_for_another_with_the_same_crc32() {
         .iter()
         .filter_map(|b| b.as_u64())
         .collect();
-    assert_eq!(reported, vec![9], "{found}");
+    assert_eq!(reported, vec![target], "{found}");
 }
