@@ -186,9 +186,10 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
             }
             ApplyItem::Resync {
                 first_block,
+                blocks,
                 data,
                 crcs,
-            } => (*first_block, 1, data.as_ref(), crcs),
+            } => (*first_block, *blocks, data.as_ref(), crcs),
         };
         for index in 0..count {
             let source = match data {
@@ -284,9 +285,15 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
                 state.applied_positions.push_back((header.seq, *end_pos));
                 records += 1;
             }
-            ApplyItem::Resync { first_block, .. } => {
-                state.bitmap.clear_range(*first_block, 1);
-                state.resync_queued_bytes = state.resync_queued_bytes.saturating_sub(BLOCK_BYTES);
+            ApplyItem::Resync {
+                first_block,
+                blocks,
+                ..
+            } => {
+                state.bitmap.clear_range(*first_block, *blocks);
+                state.resync_queued_bytes = state
+                    .resync_queued_bytes
+                    .saturating_sub(blocks * BLOCK_BYTES);
             }
         }
     }

@@ -175,8 +175,10 @@ enum ApplyItem {
     },
     /// Resync data on a sync target: written in place without journaling; its
     /// bitmap bits are cleared once applied and persisted at the next checkpoint.
+    /// One item per run of consecutive blocks, so the applier writes the run at once.
     Resync {
         first_block: u64,
+        blocks: u64,
         data: Option<Bytes>,
         crcs: Vec<u32>,
     },
@@ -931,34 +933,45 @@ impl Volume {
         }
         let mut queued = 0;
         let mut dropped = 0;
-        for index in 0..blocks {
-            let block = first_block + index;
-            let stale = state
-                .resync_written
-                .as_ref()
-                .is_some_and(|written| written.test(block))
-                || state.overlay.contains_key(&block);
-            if stale {
+        // Runs of blocks not rewritten meanwhile (stale ones are dropped): one item each.
+        let mut index = 0;
+        while index < blocks {
+            let is_stale = |index: u64| {
+                let block = first_block + index;
+                state
+                    .resync_written
+                    .as_ref()
+                    .is_some_and(|written| written.test(block))
+                    || state.overlay.contains_key(&block)
+            };
+            if is_stale(index) {
                 dropped += 1;
+                index += 1;
                 continue;
             }
-            let (block_data, crc) = match &data {
-                Some(data) => {
-                    let start = (index * BLOCK_BYTES) as usize;
-                    (
-                        Some(data.slice(start..start + BLOCK_BYTES as usize)),
-                        vec![crcs[index as usize]],
-                    )
-                }
-                None => (None, Vec::new()),
-            };
-            state.resync_queued_bytes += BLOCK_BYTES;
+            let run_start = index;
+            while index < blocks && !is_stale(index) {
+                index += 1;
+            }
+            let run_blocks = index - run_start;
+            let (run_data, run_crcs) =
+                match &data {
+                    Some(data) => (
+                        Some(data.slice(
+                            (run_start * BLOCK_BYTES) as usize..(index * BLOCK_BYTES) as usize,
+                        )),
+                        crcs[run_start as usize..index as usize].to_vec(),
+                    ),
+                    None => (None, Vec::new()),
+                };
+            state.resync_queued_bytes += run_blocks * BLOCK_BYTES;
             state.apply_queue.push_back(ApplyItem::Resync {
-                first_block: block,
-                data: block_data,
-                crcs: crc,
+                first_block: first_block + run_start,
+                blocks: run_blocks,
+                data: run_data,
+                crcs: run_crcs,
             });
-            queued += 1;
+            queued += run_blocks;
         }
         shared.wake_applier(&state);
         drop(state);
