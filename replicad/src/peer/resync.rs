@@ -24,6 +24,8 @@ use super::{Link, ResyncProgress};
 const BITMAP_WORDS_PER_FRAME: usize = 128 * 1024;
 /// Resync bytes in flight (sent, not yet acknowledged).
 const RESYNC_WINDOW_BYTES: u64 = 16 << 20;
+/// Most out-of-sync runs the source reads in one batch.
+const MAX_RUNS_PER_GROUP: usize = 64;
 /// Blocks per verify request.
 const VERIFY_CHUNK_BLOCKS: u32 = 4096;
 
@@ -145,8 +147,20 @@ async fn source_loop(link: &Arc<Link>, session: u64) -> Result<(), String> {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
-        let run = volume.next_out_of_sync_run(cursor, u64::from(MAX_FRAME_BLOCKS));
-        let Some((first_block, blocks)) = run else {
+        // A group of runs (at most one frame's worth of blocks) read together: scattered
+        // single blocks are read in one batch, not one disk round trip each.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut group_blocks = 0u64;
+        while runs.len() < MAX_RUNS_PER_GROUP && group_blocks < u64::from(MAX_FRAME_BLOCKS) {
+            let room = u64::from(MAX_FRAME_BLOCKS) - group_blocks;
+            let Some((first_block, blocks)) = volume.next_out_of_sync_run(cursor, room) else {
+                break;
+            };
+            cursor = first_block + blocks;
+            group_blocks += blocks;
+            runs.push((first_block, blocks));
+        }
+        if runs.is_empty() {
             if in_flight > 0 {
                 wait_for_change(link).await;
                 continue;
@@ -161,8 +175,7 @@ async fn source_loop(link: &Arc<Link>, session: u64) -> Result<(), String> {
                 continue;
             }
             return finish_source(link, &volume, session).await;
-        };
-        cursor = first_block + blocks;
+        }
         if let Some(rate) = rate_limit {
             // Fixed-rate throttle: never ahead of `rate` bytes per second on average.
             let due = Duration::from_secs_f64(sent_bytes_for_rate as f64 / rate as f64);
@@ -171,46 +184,58 @@ async fn source_loop(link: &Arc<Link>, session: u64) -> Result<(), String> {
                 tokio::time::sleep(due - elapsed).await;
             }
         }
-        let read_volume = volume.clone();
-        let data = tokio::task::spawn_blocking(move || {
-            read_volume.read_blocking(first_block * BLOCK_BYTES, blocks * BLOCK_BYTES)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|error| format!("reading blocks {first_block}+{blocks} to resync: {error}"))?;
-        let crcs: Vec<u32> = data.chunks(BLOCK_BYTES as usize).map(block_crc).collect();
-        let bytes = blocks * BLOCK_BYTES;
-        let frame = if checksum_first {
-            let digests = data
-                .chunks(BLOCK_BYTES as usize)
-                .map(block_digest)
-                .collect();
-            Frame::ResyncCheck {
-                first_block,
-                digests,
-            }
-        } else {
-            let all_zero =
-                crcs.iter().all(|crc| *crc == zero_block_crc()) && data.iter().all(|&b| b == 0);
-            let block_data = BlockData {
-                first_block,
-                blocks: blocks as u32,
-                crcs,
-                data: (!all_zero).then_some(data.clone()),
+        let reads: Vec<_> = runs
+            .iter()
+            .map(|&(first_block, blocks)| {
+                let (sender, receiver) = oneshot::channel();
+                volume.read(
+                    first_block * BLOCK_BYTES,
+                    blocks * BLOCK_BYTES,
+                    Box::new(move |result| {
+                        let _ = sender.send(result);
+                    }),
+                );
+                receiver
+            })
+            .collect();
+        for ((first_block, blocks), read) in runs.into_iter().zip(reads) {
+            let data = read
+                .await
+                .map_err(|_| "the engine dropped a resync read".to_string())?
+                .map_err(|error| {
+                    format!("reading blocks {first_block}+{blocks} to resync: {error}")
+                })?;
+            let bytes = blocks * BLOCK_BYTES;
+            let frame = if checksum_first {
+                let digests = data
+                    .chunks(BLOCK_BYTES as usize)
+                    .map(block_digest)
+                    .collect();
+                link.lock().pending_checks.insert(first_block, data);
+                Frame::ResyncCheck {
+                    first_block,
+                    digests,
+                }
+            } else {
+                let crcs: Vec<u32> = data.chunks(BLOCK_BYTES as usize).map(block_crc).collect();
+                let all_zero =
+                    crcs.iter().all(|crc| *crc == zero_block_crc()) && data.iter().all(|&b| b == 0);
+                if !all_zero {
+                    link.resync_bytes
+                        .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                    sent_bytes_for_rate += bytes;
+                }
+                Frame::ResyncData(BlockData {
+                    first_block,
+                    blocks: blocks as u32,
+                    crcs,
+                    data: (!all_zero).then_some(data),
+                })
             };
-            if !all_zero {
-                link.resync_bytes
-                    .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-                sent_bytes_for_rate += bytes;
+            link.lock().resync_in_flight += bytes;
+            if !link.send_data(frame) {
+                return Ok(());
             }
-            Frame::ResyncData(block_data)
-        };
-        if checksum_first {
-            link.lock().pending_checks.insert(first_block, data);
-        }
-        link.lock().resync_in_flight += bytes;
-        if !link.send_data(frame) {
-            return Ok(());
         }
     }
 }
