@@ -531,13 +531,14 @@ fn prepare(
             let (target, piece_bytes) = match bounce_alignment {
                 Some(alignment) => {
                     let piece_bytes = remaining.min(MAX_BOUNCE_BYTES);
-                    let mut bounce = AlignedBuf::zeroed(piece_bytes, alignment);
-                    if request.action == Action::Write {
+                    let mut bounce = if request.action == Action::Write {
                         // SAFETY: [caller, caller + piece_bytes) lies inside the caller's
                         // buffer, which this call borrows and nobody writes meanwhile.
                         let source = unsafe { std::slice::from_raw_parts(caller, piece_bytes) };
-                        bounce.copy_from_slice(source);
-                    }
+                        AlignedBuf::copy_from(source, alignment)
+                    } else {
+                        AlignedBuf::zeroed(piece_bytes, alignment)
+                    };
                     let target = bounce.as_mut_ptr();
                     slot.bounce = Some(bounce);
                     (target, piece_bytes)
