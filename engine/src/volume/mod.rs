@@ -835,8 +835,30 @@ impl Volume {
     }
 
     /// Secondary: journals a record received from the primary, keeping its sequence
-    /// number. `done` fires when it is in the journal (durable too if FUA).
+    /// number. `done` fires when it is in the journal (durable too if FUA). Waits while
+    /// the engine's memory budget is full.
     pub fn append_replicated(&self, record: Record, done: WriteDone) -> Result<(), IoError> {
+        self.append_replicated_with(record, done, true).map(drop)
+    }
+
+    /// As [`Volume::append_replicated`], but never waits: when the memory budget is
+    /// full, the record and its callback come back untouched (`Some`), for the caller
+    /// to retry where blocking is allowed. Lets an async caller stay on its thread in
+    /// the common case.
+    pub fn try_append_replicated(
+        &self,
+        record: Record,
+        done: WriteDone,
+    ) -> Result<Option<(Record, WriteDone)>, IoError> {
+        self.append_replicated_with(record, done, false)
+    }
+
+    fn append_replicated_with(
+        &self,
+        record: Record,
+        done: WriteDone,
+        wait: bool,
+    ) -> Result<Option<(Record, WriteDone)>, IoError> {
         let header = &record.header;
         let end = header.offset_bytes.checked_add(header.length_bytes);
         if end.is_none_or(|end| end > self.size_bytes()) {
@@ -872,13 +894,16 @@ impl Volume {
         while state.pending_bytes > 0
             && state.pending_bytes + record.total_bytes() > shared.max_memory_bytes()
         {
+            if !wait {
+                return Ok(Some((record, done)));
+            }
             state = shared.wait_progress(state, Duration::from_millis(100));
             state.check_usable()?;
         }
         state.next_seq = header.seq + 1;
         self.sequence(&mut state, record, Some(done), true);
         commit_or_hand_off(shared, state);
-        Ok(())
+        Ok(None)
     }
 
     /// Sync target: begins tracking blocks written through the stream, so stale

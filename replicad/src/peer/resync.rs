@@ -434,9 +434,18 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
                     }
                 }
             });
-            // May wait briefly for the engine's memory budget (bounded back-pressure).
-            tokio::task::block_in_place(|| volume.append_replicated(record, done))
-                .map_err(|error| format!("peer sent a record we cannot take: {error}"))?;
+            // Only when the engine's memory budget is full (bounded back-pressure) does
+            // this wait, and then off the runtime's hands: handing the worker over
+            // for every record cost more than journaling it.
+            let refused =
+                |error: engine::IoError| format!("peer sent a record we cannot take: {error}");
+            if let Some((record, done)) = volume
+                .try_append_replicated(record, done)
+                .map_err(refused)?
+            {
+                tokio::task::block_in_place(|| volume.append_replicated(record, done))
+                    .map_err(refused)?;
+            }
         }
         Frame::AckReceived(seq) => complete_acks(link, PeerAck::Received, seq),
         Frame::AckWritten(seq) => {
