@@ -101,10 +101,11 @@ fn failover_rounds_with(
 
 #[test]
 fn p1_sync_failover_kill9_primary_loses_no_acknowledged_write() {
+    // 14 kill moments here and 6 in the flush-heavy sync test: 20 in `sync` mode.
     failover_rounds(
         "p1-sync",
         "sync",
-        8,
+        14,
         &["--qd", "32", "--seconds", "30", "--blocks", "0..20000"],
         "acked",
     );
