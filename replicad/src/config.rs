@@ -263,8 +263,9 @@ pub struct ResourceConfig {
     /// Resync yields to application I/O (pauses while the volume is busy).
     #[serde(default)]
     pub resync_yield: bool,
-    /// Compare block digests before sending resync data (default off: it reads every
-    /// out-of-sync block on both sides, and pays only when most blocks already match).
+    /// Compare block digests before sending resync data. Default: only for a resync
+    /// after a primary crash (then most marked blocks match); otherwise it reads every
+    /// out-of-sync block on both sides and pays only when most blocks already match.
     #[serde(default)]
     pub checksum_resync: Option<bool>,
     #[serde(default)]

@@ -914,7 +914,8 @@ fn p2_a_returning_crashed_primary_resyncs_its_last_async_writes_to_a_rejoined_pe
 /// The checker writes through `primary`; it is killed with SIGKILL and restarted with
 /// nobody promoted. It comes back Secondary and, as the crashed primary, is the source
 /// of the blocks its crash left in doubt: afterwards both replicas are identical.
-fn reboot_round(test: &str, primary: &str, rng: &mut SplitMix64) {
+/// Returns the resync bytes the returning primary skipped (digests matched) and sent.
+fn reboot_round(test: &str, primary: &str, rng: &mut SplitMix64) -> (u64, u64) {
     let delay = Duration::from_millis(10 + rng.below(30));
     let mut cluster = slow_link_pair(test, 64 << 20, "8M", delay);
     if primary == "beta" {
@@ -939,16 +940,29 @@ fn reboot_round(test: &str, primary: &str, rng: &mut SplitMix64) {
         assert_eq!(cluster.status(name).role, "Secondary");
         verify_ok(&cluster, name, &log);
     }
-    // Bytes, not checksums: the checker's blocks all have the same CRC32.
+    // Bytes, not checksums: the checker's blocks all have the same CRC32, so a resync
+    // that compared CRC32s would skip blocks that differ; digests must not.
     cluster.assert_exports_identical("alpha", "beta");
+    let returned = cluster.status(primary);
+    let peer = returned.peer.expect("the returned primary has a peer");
+    (peer.resync_skipped_bytes, peer.resync_bytes)
 }
 
 #[test]
 fn p1_a_crashed_primary_returning_before_a_failover_resyncs_its_peer() {
     // Either side: as beta the returning source is the accepting node, whose session
     // starts after the target has already sent its bitmap.
+    let mut skipped = 0;
     rounds(4, |round, rng| {
         let primary = ["alpha", "beta"][round as usize % 2];
-        reboot_round(&format!("reboot-{round}"), primary, rng)
+        let (round_skipped, round_sent) = reboot_round(&format!("reboot-{round}"), primary, rng);
+        eprintln!("round {round}: resync skipped {round_skipped} bytes, sent {round_sent}");
+        skipped += round_skipped;
     });
+    // After a primary crash the resync compares digests first (the default): blocks
+    // both journals hold are not sent again.
+    assert!(
+        skipped > 0,
+        "no block was skipped by digest in four crash resyncs"
+    );
 }

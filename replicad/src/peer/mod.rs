@@ -74,6 +74,9 @@ pub(crate) struct Inner {
     pub shipped_bytes_unacked: u64,
     pub resync: Option<ResyncProgress>,
     pub paused: bool,
+    /// The session began with a crashed primary on either side: this resync
+    /// compares digests first unless the config says otherwise (`checksum-resync`).
+    pub resync_after_crash: bool,
     /// Bumped for each session; tasks of an older session stop touching state.
     pub session: u64,
     pub verify_out_of_sync: Option<u64>,
@@ -151,6 +154,7 @@ impl Link {
                 shipped_bytes_unacked: 0,
                 resync: None,
                 paused: false,
+                resync_after_crash: false,
                 session: 0,
                 verify_out_of_sync: None,
                 unacked_bytes: VecDeque::new(),

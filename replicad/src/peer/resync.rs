@@ -124,10 +124,15 @@ async fn source_loop(link: &Arc<Link>, session: u64) -> Result<(), String> {
         total_blocks * BLOCK_BYTES
     ));
     let rate_limit = resource.config.resync_rate.filter(|&rate| rate > 0);
-    // Only on request: a CRC32 cannot tell every two blocks apart (any block that ends
-    // in its own CRC32 has the same one, 0x2144DF1C), so skipping "equal" blocks after
-    // a crash left the target with the differing data of such blocks, silently.
-    let checksum_first = resource.config.checksum_resync.unwrap_or(false);
+    // Compare first after a primary crash (the marked blocks then mostly hold the same
+    // data on both sides: records both journals have, which the primary had not yet
+    // reported durable), else only on request. The comparison is of 64-bit digests of
+    // the data as read, not of the stored CRC32s: a CRC32 cannot tell every two blocks
+    // apart (any block that ends in its own CRC32 has the same one, 0x2144DF1C).
+    let checksum_first = resource
+        .config
+        .checksum_resync
+        .unwrap_or_else(|| link.lock().resync_after_crash);
     let started = Instant::now();
     let mut sent_bytes_for_rate = 0u64;
     let mut cursor = 0u64;

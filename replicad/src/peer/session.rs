@@ -360,6 +360,7 @@ async fn run_session(
         &side(&local, resource.node_id),
         &side(&peer, link.peer_node_id),
     );
+    link.lock().resync_after_crash = local.crashed_primary || peer.crashed_primary;
     link.lock().discard_my_data = false;
     let refusal = match decision {
         Decision::SplitBrain => Some("split brain: both nodes wrote since they last saw each other; no data exchanged. Resolve with `replctl connect RES --discard-my-data` on the node whose changes to drop"),
