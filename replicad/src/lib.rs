@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod nbd;
 pub mod peer;
+mod read_into;
 pub mod resource;
 
 /// Current time as RFC 3339 (UTC, seconds), for event lines.

@@ -596,19 +596,9 @@ async fn read_payload<R: AsyncRead + Unpin>(
     } else {
         BytesMut::with_capacity(length)
     };
-    while data.len() < length {
-        let remaining = (length - data.len()) as u64;
-        let read = (&mut *reader)
-            .take(remaining)
-            .read_buf(&mut data)
-            .await
-            .map_err(TransmissionError::Truncated)?;
-        if read == 0 {
-            return Err(TransmissionError::Truncated(
-                io::ErrorKind::UnexpectedEof.into(),
-            ));
-        }
-    }
+    crate::read_into::read_exact_into(reader, &mut data, length)
+        .await
+        .map_err(TransmissionError::Truncated)?;
     Ok(data.freeze())
 }
 

@@ -37,9 +37,8 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<F
         .map_err(|error| format!("connection lost: {error}"))?;
     let header =
         wire::decode_header(&head).map_err(|error| format!("bad frame from peer: {error}"))?;
-    let mut body = BytesMut::zeroed(header.body_bytes as usize);
-    reader
-        .read_exact(&mut body)
+    let mut body = BytesMut::new();
+    crate::read_into::read_exact_into(reader, &mut body, header.body_bytes as usize)
         .await
         .map_err(|error| format!("connection lost mid-frame: {error}"))?;
     wire::decode_body(&header, body.freeze())
