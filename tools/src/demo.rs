@@ -375,8 +375,20 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         Duration::from_secs(300),
         in_sync,
     )?;
-    let resynced = rejoined.peer.as_ref().map_or(0, |p| p.resync_bytes);
-    step(started, &format!("alpha restarted, rejoined as Secondary and resynced {} from beta (its unreplicated writes were overwritten)", human_bytes(resynced)));
+    let (resynced, skipped) = rejoined
+        .peer
+        .as_ref()
+        .map_or((0, 0), |p| (p.resync_bytes, p.resync_skipped_bytes));
+    step(
+        started,
+        &format!(
+            "alpha restarted and rejoined as Secondary; beta compared the blocks either side \
+             may have written unreplicated: {} differed and were resent from beta, {} were \
+             equal and skipped",
+            human_bytes(resynced),
+            human_bytes(skipped)
+        ),
+    );
     let a = std::fs::File::open(&alpha_img)?;
     let b = std::fs::File::open(&beta_img)?;
     let compared = compare_prefix(&a, &b, synced.size_bytes)?;
