@@ -198,6 +198,42 @@ fn large_writes_split_into_records_and_stay_whole() {
 }
 
 #[test]
+fn deferred_writes_share_one_commit_and_all_complete() {
+    let sim = sim_store(16 << 20);
+    let (volume, _) = open(&sim).unwrap();
+    let before = volume.stats().journal_commits;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    for block in 0..8u64 {
+        let sender = sender.clone();
+        volume
+            .write_deferred(
+                WriteRequest {
+                    offset: block * 4096,
+                    kind: WriteKind::Data(Bytes::from(vec![block as u8 + 1; 4096])),
+                    fua: false,
+                },
+                Box::new(move |result| drop(sender.send(result))),
+            )
+            .unwrap();
+    }
+    volume.commit_pending();
+    for _ in 0..8 {
+        let result = receiver
+            .recv_timeout(Duration::from_secs(10))
+            .expect("completion");
+        result.expect("write");
+    }
+    let commits = volume.stats().journal_commits - before;
+    // Written one by one with `write`, each would have been its own commit.
+    assert!(commits < 8, "8 deferred writes took {commits} commits");
+    for block in 0..8u64 {
+        let data = volume.read_blocking(block * 4096, 4096).unwrap();
+        assert!(data.iter().all(|&b| b == block as u8 + 1));
+    }
+    volume.close().unwrap();
+}
+
+#[test]
 fn many_concurrent_writers_share_group_commits() {
     let sim = sim_store(16 << 20);
     let (volume, _) = open(&sim).unwrap();

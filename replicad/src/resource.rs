@@ -642,16 +642,35 @@ impl Resource {
         let volume = self.volume().ok_or(Errno::EIO)?;
         let fua = request.fua;
         let (sender, receiver) = oneshot::channel();
-        let peer_wait = {
+        let (peer_wait, commit) = {
             let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(link) = self.link() {
                 link.before_write(&volume);
             }
-            let records = volume
-                .write(request, Box::new(move |result| drop(sender.send(result))))
-                .map_err(|e| errno(&e))?;
-            self.link().and_then(|link| link.ship(&records, fua))
+            let done: engine::volume::WriteDone = Box::new(move |result| drop(sender.send(result)));
+            let link = self.link();
+            // A one-node resource defers the group commit past one yield (below).
+            let (records, commit) = if link.is_none() {
+                let records = volume
+                    .write_deferred(request, done)
+                    .map_err(|e| errno(&e))?;
+                (records, Some(CommitOnDrop(volume.clone())))
+            } else {
+                (volume.write(request, done).map_err(|e| errno(&e))?, None)
+            };
+            (link.and_then(|link| link.ship(&records, fua)), commit)
         };
+        if let Some(commit) = commit {
+            // One yield lets the writes an NBD connection has already read be sequenced
+            // too, so one group commit (one fresh journal page) takes them all: through
+            // NBD at QD32 each write had been its own commit. Measured with fio on one
+            // node: QD32 +9-14%, QD1 p50 67 -> 33 us. On a pair one session measured
+            // 7-10% less at QD32, not clearly apart from noise, so a pair commits at
+            // once until that is settled. The guard commits even if this future is
+            // dropped at the yield.
+            tokio::task::yield_now().await;
+            drop(commit);
+        }
         receiver
             .await
             .map_err(|_| Errno::EIO)?
@@ -812,5 +831,14 @@ impl Export for Resource {
             fua,
         })
         .await
+    }
+}
+
+/// Commits the engine's sequenced writes when dropped (see `Resource::submit`).
+struct CommitOnDrop(Volume);
+
+impl Drop for CommitOnDrop {
+    fn drop(&mut self) {
+        self.0.commit_pending();
     }
 }

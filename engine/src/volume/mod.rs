@@ -542,6 +542,39 @@ impl Volume {
     /// replication stream ships them); `done` fires when all are in the journal
     /// (durable there too if `fua`). Blocks while the engine's memory budget is full.
     pub fn write(&self, request: WriteRequest, done: WriteDone) -> Result<Vec<Record>, IoError> {
+        self.write_with(request, done, true)
+    }
+
+    /// As [`Volume::write`], but when the group commit could run on this thread, it is
+    /// left for [`Volume::commit_pending`]: a caller that knows more writes are about to
+    /// be sequenced (an async front end that yields once) lets one commit take them all,
+    /// instead of one commit (and one fresh journal page) per write. The caller must
+    /// call `commit_pending` afterwards; until then the write stays uncommitted.
+    pub fn write_deferred(
+        &self,
+        request: WriteRequest,
+        done: WriteDone,
+    ) -> Result<Vec<Record>, IoError> {
+        self.write_with(request, done, false)
+    }
+
+    /// Commits whatever is sequenced and not yet committed: on this thread when that is
+    /// cheap (see `write`), else by waking the journal thread. Cheap when nothing waits.
+    pub fn commit_pending(&self) {
+        let shared = &self.shared;
+        let state = shared.lock();
+        if state.pending.is_empty() {
+            return;
+        }
+        commit_or_hand_off(shared, state);
+    }
+
+    fn write_with(
+        &self,
+        request: WriteRequest,
+        done: WriteDone,
+        commit_now: bool,
+    ) -> Result<Vec<Record>, IoError> {
         let size_bytes = self.size_bytes();
         let length = request.length();
         check_io("write", request.offset, length, size_bytes)?;
@@ -588,7 +621,9 @@ impl Volume {
             self.sequence(&mut state, record.clone(), Some(done), false);
             records.push(record);
         }
-        commit_or_hand_off(shared, state);
+        if commit_now || !journal::may_commit_inline(shared, &state) {
+            commit_or_hand_off(shared, state);
+        }
         Ok(records)
     }
 
