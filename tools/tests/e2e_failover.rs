@@ -21,10 +21,13 @@ fn failover_round(
     // The checker runs in the background; the primary dies under it.
     let kill_after = Duration::from_millis(300 + rng.below(1500));
     let args: Vec<String> = checker_args.iter().map(|s| s.to_string()).collect();
+    let writes_before = cluster.status("alpha").io.writes;
     let writer = std::thread::spawn(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         checker_write(&dir, &primary_uri, &args)
     });
+    // The kill moment is random, but counted from when the checker's writes arrive.
+    cluster.wait_writes_beyond("alpha", writes_before, Duration::from_secs(30));
     std::thread::sleep(kill_after);
     cluster.kill9("alpha");
     let (log, output) = writer.join().expect("checker thread");

@@ -455,6 +455,7 @@ fn rejoin_round(round: u32, rng: &mut SplitMix64) {
 
     // Phase 1: the checker writes through alpha; alpha dies under it.
     let alpha_uri = cluster.uri("alpha");
+    let writes_before = cluster.status("alpha").io.writes;
     let writer = {
         let dir = dir.clone();
         std::thread::spawn(move || {
@@ -465,6 +466,8 @@ fn rejoin_round(round: u32, rng: &mut SplitMix64) {
             )
         })
     };
+    // A random kill moment, counted from when the checker's writes arrive.
+    cluster.wait_writes_beyond("alpha", writes_before, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500 + rng.below(1000)));
     cluster.kill9("alpha");
     let log_on_alpha = writer.join().expect("checker thread");
@@ -589,13 +592,15 @@ impl LatencyWriter {
             .clone()
     }
 
-    /// Waits until a write issued after `since` completed.
-    fn wait_progress_after(&self, since: Instant, timeout: Duration) {
-        wait_until("a write to complete", timeout, || {
-            self.samples()
+    /// Waits until `count` writes issued after `since` completed.
+    fn wait_writes_after(&self, since: Instant, count: usize, timeout: Duration) {
+        wait_until("writes to complete", timeout, || {
+            let done = self
+                .samples()
                 .iter()
-                .any(|(issued, _)| *issued > since)
-                .then_some(())
+                .filter(|(issued, _)| *issued > since)
+                .count();
+            (done >= count).then_some(())
         });
     }
 
@@ -616,8 +621,8 @@ fn dead_link_blackhole_is_noticed_within_the_timeout_and_resyncs_on_heal() {
     let timeout = Duration::from_secs(2);
     let slack = Duration::from_millis(1500);
     let writer = LatencyWriter::start(&cluster.uri("alpha"), 2048);
-    writer.wait_progress_after(Instant::now(), Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
+    // A steady stream of replicated writes before the partition.
+    writer.wait_writes_after(Instant::now(), 20, Duration::from_secs(30));
 
     let blackholed = Instant::now();
     proxy(&cluster).blackhole();
@@ -635,8 +640,8 @@ fn dead_link_blackhole_is_noticed_within_the_timeout_and_resyncs_on_heal() {
         "alpha noticed after {alpha_noticed:?}: the link was not silent (a fault in the test)"
     );
     let noticed = Instant::now();
-    writer.wait_progress_after(noticed, Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(500));
+    // Enough writes without the peer for the latency check below (at least 10).
+    writer.wait_writes_after(noticed, 20, Duration::from_secs(30));
     let alone = cluster.status("alpha");
     assert!(
         alone.out_of_sync_bytes > 0,
@@ -821,6 +826,7 @@ fn p1_writes_completed_by_a_link_cut_survive_a_demotion_and_the_reconnect() {
         .enable_all()
         .build()
         .expect("runtime");
+    let writes_before = cluster.status("beta").io.writes;
     runtime.block_on(async {
         let client = tools::nbd_client::NbdClient::connect(&cluster.uri("beta"))
             .await
@@ -834,7 +840,17 @@ fn p1_writes_completed_by_a_link_cut_survive_a_demotion_and_the_reconnect() {
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Cut once beta has sequenced all of them: they then wait on the slow link.
+        let all_sequenced = writes_before + (region.1 - region.0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster.status("beta").io.writes < all_sequenced {
+            assert!(
+                Instant::now() < deadline,
+                "the writes never reached beta's engine"
+            );
+            // Polling interval of a bounded wait; lets the write tasks run meanwhile.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         proxy(&cluster).cut();
         for write in writes {
             write
@@ -922,6 +938,7 @@ fn reboot_round(test: &str, primary: &str, rng: &mut SplitMix64) -> (u64, u64) {
         switch_over_to_beta(&cluster);
     }
     let (dir, uri) = (cluster.dir.clone(), cluster.uri(primary));
+    let writes_before = cluster.status(primary).io.writes;
     let writer = std::thread::spawn(move || {
         checker_ok(
             &dir,
@@ -929,6 +946,8 @@ fn reboot_round(test: &str, primary: &str, rng: &mut SplitMix64) -> (u64, u64) {
             &["--qd", "32", "--seconds", "30", "--blocks", "0..6000"],
         )
     });
+    // A random kill moment, counted from when the checker's writes arrive.
+    cluster.wait_writes_beyond(primary, writes_before, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
     cluster.kill9(primary);
     let log = writer.join().expect("checker thread");

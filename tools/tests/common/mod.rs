@@ -422,6 +422,12 @@ impl Cluster {
         self.client(name).call(&request).map_err(|e| e.to_string())
     }
 
+    /// Waits until `name` has taken more than `since` writes: a workload started
+    /// in the background is really writing (so a kill that follows lands under load).
+    pub fn wait_writes_beyond(&self, name: &str, since: u64, timeout: Duration) {
+        self.wait_status(name, "writes to arrive", timeout, |s| s.io.writes > since);
+    }
+
     /// Waits until `name`'s status satisfies `check`.
     pub fn wait_status(
         &self,
