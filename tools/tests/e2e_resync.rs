@@ -103,6 +103,22 @@ fn assert_replicas_identical(cluster: &Cluster, size_bytes: u64, journal: u64) {
     assert!(table("alpha") == table("beta"), "checksum tables differ");
 }
 
+/// `replctl verify r0 --json` on alpha, parsed.
+fn verify_json(cluster: &Cluster) -> serde_json::Value {
+    serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
+        .expect("verify --json")
+}
+
+/// The block numbers a `verify --json` answer reports as different.
+fn reported_blocks(found: &serde_json::Value) -> Vec<u64> {
+    found["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .filter_map(|b| b.as_u64())
+        .collect()
+}
+
 #[test]
 fn p6_minimal_resync_moves_only_the_dirtied_blocks() {
     let options = ClusterOptions {
@@ -374,15 +390,8 @@ fn verify_finds_planted_divergence_and_repair_fixes_it() {
         }
         file.sync_all().expect("sync");
     }
-    let found: serde_json::Value =
-        serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
-            .expect("json");
-    let reported: Vec<u64> = found["blocks"]
-        .as_array()
-        .expect("blocks")
-        .iter()
-        .filter_map(|b| b.as_u64())
-        .collect();
+    let found = verify_json(&cluster);
+    let reported = reported_blocks(&found);
     assert_eq!(
         reported,
         planted.to_vec(),
@@ -396,9 +405,7 @@ fn verify_finds_planted_divergence_and_repair_fixes_it() {
                 .is_some_and(|p| p.replication == "Established")
     });
     cluster.wait_in_sync(Duration::from_secs(60));
-    let again: serde_json::Value =
-        serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
-            .expect("json");
+    let again = verify_json(&cluster);
     assert_eq!(again["out_of_sync_blocks"], 0, "after repair: {again}");
     // Reads on beta (promoted read-only view) return the good data again.
     cluster.stop("alpha");
@@ -506,9 +513,7 @@ fn verify_finds_a_block_swapped_for_another_with_the_same_crc32() {
     written.dedup();
     let (source, target) = (written[0], written[written.len() - 1]);
     cluster.wait_in_sync(Duration::from_secs(30));
-    let clean: serde_json::Value =
-        serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
-            .expect("json");
+    let clean = verify_json(&cluster);
     assert_eq!(clean["out_of_sync_blocks"], 0, "{clean}");
     let image = cluster.node("beta").image.clone();
     {
@@ -530,14 +535,7 @@ fn verify_finds_a_block_swapped_for_another_with_the_same_crc32() {
         file.write_all_at(&a, target * 4096).expect("write");
         file.sync_all().expect("sync");
     }
-    let found: serde_json::Value =
-        serde_json::from_str(&cluster.replctl_ok("alpha", &["verify", RESOURCE, "--json"]))
-            .expect("json");
-    let reported: Vec<u64> = found["blocks"]
-        .as_array()
-        .expect("blocks")
-        .iter()
-        .filter_map(|b| b.as_u64())
-        .collect();
+    let found = verify_json(&cluster);
+    let reported = reported_blocks(&found);
     assert_eq!(reported, vec![target], "{found}");
 }

@@ -89,9 +89,7 @@ pub(super) fn run(shared: Arc<Shared>) {
         // progress of a resync target and the reclaiming of journal space.
         if front_ready && checkpoint_due(&shared, &state) {
             drop(state);
-            if let Err(error) = checkpoint(&shared) {
-                let mut state = shared.lock();
-                shared.fail(&mut state, format!("checkpoint failed: {error}"));
+            if !checkpoint_or_fail(&shared) {
                 return;
             }
             continue;
@@ -129,9 +127,7 @@ pub(super) fn run(shared: Arc<Shared>) {
         }
         if closing_idle || checkpoint_due(&shared, &state) {
             drop(state);
-            if let Err(error) = checkpoint(&shared) {
-                let mut state = shared.lock();
-                shared.fail(&mut state, format!("checkpoint failed: {error}"));
+            if !checkpoint_or_fail(&shared) {
                 return;
             }
             continue;
@@ -303,6 +299,18 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
         .fetch_add(records, Ordering::Relaxed);
     shared.wake_progress(&state);
     Ok(())
+}
+
+/// Runs a checkpoint; if it fails, the volume is failed and the applier must stop.
+fn checkpoint_or_fail(shared: &Shared) -> bool {
+    match checkpoint(shared) {
+        Ok(()) => true,
+        Err(error) => {
+            let mut state = shared.lock();
+            shared.fail(&mut state, format!("checkpoint failed: {error}"));
+            false
+        }
+    }
 }
 
 /// Makes everything applied so far durable and moves the checkpoint forward.
