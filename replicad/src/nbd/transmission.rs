@@ -679,15 +679,25 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let mut batch = Batch::default();
     while let Some(reply) = replies.recv().await {
         batch.push(reply);
-        while batch.queued_bytes < COALESCE_BYTES_MAX {
-            match replies.try_recv() {
-                Ok(reply) => batch.push(reply),
-                Err(_) => break,
-            }
-        }
+        drain_ready(&mut replies, &mut batch);
+        // One yield lets requests that are already running finish and queue their
+        // replies, so one writev carries them all (with one runtime thread each reply
+        // had been its own writev).
+        tokio::task::yield_now().await;
+        drain_ready(&mut replies, &mut batch);
         batch.write_to(&mut writer).await?;
     }
     writer.shutdown().await
+}
+
+/// Moves replies that are ready into the batch, up to the coalescing limit.
+fn drain_ready(replies: &mut mpsc::Receiver<Reply>, batch: &mut Batch) {
+    while batch.queued_bytes < COALESCE_BYTES_MAX {
+        match replies.try_recv() {
+            Ok(reply) => batch.push(reply),
+            Err(_) => break,
+        }
+    }
 }
 
 /// Writes every chunk with as few vectored writes as the socket allows.
