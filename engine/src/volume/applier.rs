@@ -272,7 +272,11 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
                         state.overlay.remove(&block);
                     }
                 }
-                if *from_peer {
+                // A record streamed during a resync brings its blocks in sync. Outside
+                // one, a bit set on a secondary means "the primary may not hold this
+                // block" (or a verify found it different): a record applied late,
+                // after the session that carried it ended, must not clear that.
+                if *from_peer && state.resync_written.is_some() {
                     state
                         .bitmap
                         .clear_range(header.first_block(), header.block_count());

@@ -512,6 +512,11 @@ fn end_session(link: &Arc<Link>, ended: &Ended) {
     }
     let recent: Vec<(u64, u64, u64)> = link.lock().recent.drain(..).collect();
     if let Some(volume) = resource.as_ref().and_then(|r| r.volume()) {
+        if was_target {
+            // First: from here on, records of this session applied late no longer
+            // clear out-of-sync bits (the marks just below among them).
+            volume.end_resync_target();
+        }
         // Blocks of records the primary may not have: reconcile at the next resync.
         for (_, first_block, blocks) in &recent {
             volume.set_out_of_sync(*first_block, *blocks);
@@ -522,9 +527,6 @@ fn end_session(link: &Arc<Link>, ended: &Ended) {
             if let Some(resource) = &resource {
                 resource.detach_peer(&volume, link, completes_alone);
             }
-        }
-        if was_target {
-            volume.end_resync_target();
         }
     }
     link.release_waiters();
