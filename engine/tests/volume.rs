@@ -307,6 +307,51 @@ fn a_replicated_record_clears_out_of_sync_bits_only_during_a_resync() {
 }
 
 #[test]
+fn deferred_replicated_records_share_one_commit_and_all_complete() {
+    let primary_sim = sim_store(16 << 20);
+    let (primary, _) = open(&primary_sim).unwrap();
+    let secondary_sim = sim_store(16 << 20);
+    let (secondary, _) = open(&secondary_sim).unwrap();
+    let records: Vec<_> = (0..8u64)
+        .flat_map(|block| {
+            primary
+                .write(
+                    WriteRequest {
+                        offset: block * 4096,
+                        kind: WriteKind::Data(Bytes::from(vec![block as u8 + 1; 4096])),
+                        fua: false,
+                    },
+                    Box::new(|_| {}),
+                )
+                .unwrap()
+        })
+        .collect();
+    secondary.advance_seq(records[0].header.seq);
+    let before = secondary.stats().journal_commits;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    for record in records {
+        let sender = sender.clone();
+        let refused = secondary
+            .try_append_replicated_deferred(record, Box::new(move |r| drop(sender.send(r))))
+            .unwrap();
+        assert!(refused.is_none(), "the memory budget is far from full");
+    }
+    secondary.commit_pending();
+    for _ in 0..8 {
+        let result = receiver.recv_timeout(Duration::from_secs(10));
+        result.expect("completion").expect("journal");
+    }
+    let commits = secondary.stats().journal_commits - before;
+    assert!(commits < 8, "8 deferred records took {commits} commits");
+    for block in 0..8u64 {
+        let data = secondary.read_blocking(block * 4096, 4096).unwrap();
+        assert!(data.iter().all(|&b| b == block as u8 + 1));
+    }
+    primary.close().unwrap();
+    secondary.close().unwrap();
+}
+
+#[test]
 fn many_concurrent_writers_share_group_commits() {
     let sim = sim_store(16 << 20);
     let (volume, _) = open(&sim).unwrap();

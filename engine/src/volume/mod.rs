@@ -876,11 +876,12 @@ impl Volume {
         self.append_replicated_with(record, done, true).map(drop)
     }
 
-    /// As [`Volume::append_replicated`], but never waits: when the memory budget is
-    /// full, the record and its callback come back untouched (`Some`), for the caller
-    /// to retry where blocking is allowed. Lets an async caller stay on its thread in
-    /// the common case.
-    pub fn try_append_replicated(
+    /// As [`Volume::append_replicated`], but never waits and leaves the group commit
+    /// to the caller (as [`Volume::write_deferred`]): when the memory budget is full,
+    /// the record and its callback come back untouched (`Some`), for the caller to
+    /// [`Volume::commit_pending`] and retry where blocking is allowed. Lets an async
+    /// caller stay on its thread and commit every record it has at hand in one round.
+    pub fn try_append_replicated_deferred(
         &self,
         record: Record,
         done: WriteDone,
@@ -937,7 +938,9 @@ impl Volume {
         }
         state.next_seq = header.seq + 1;
         self.sequence(&mut state, record, Some(done), true);
-        commit_or_hand_off(shared, state);
+        if wait || !journal::may_commit_inline(shared, &state) {
+            commit_or_hand_off(shared, state);
+        }
         Ok(None)
     }
 

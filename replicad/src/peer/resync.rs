@@ -441,13 +441,15 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
             });
             // Only when the engine's memory budget is full (bounded back-pressure) does
             // this wait, and then off the runtime's hands: handing the worker over
-            // for every record cost more than journaling it.
+            // for every record cost more than journaling it. The group commit is left
+            // to the session's reader, which commits once no further frame is at hand.
             let refused =
                 |error: engine::IoError| format!("peer sent a record we cannot take: {error}");
             if let Some((record, done)) = volume
-                .try_append_replicated(record, done)
+                .try_append_replicated_deferred(record, done)
                 .map_err(refused)?
             {
+                volume.commit_pending();
                 tokio::task::block_in_place(|| volume.append_replicated(record, done))
                     .map_err(refused)?;
             }

@@ -1,7 +1,9 @@
 //! Connection management, the handshake, and one connected session.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -574,13 +576,54 @@ async fn reader_task<R: AsyncRead + Unpin>(
     epoch: Instant,
     session: u64,
 ) -> Result<(), String> {
+    // Also when the session aborts this task: records left uncommitted would sit in
+    // the overlay, neither durable nor applied, until some later write commits.
+    let _commit = CommitOnExit(link.clone());
+    let mut uncommitted = 0usize;
     loop {
-        let frame = read_frame(&mut reader).await?;
+        let frame = {
+            let mut read = std::pin::pin!(read_frame(&mut reader));
+            match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                Poll::Ready(frame) if uncommitted < COMMIT_FRAMES_MAX => frame?,
+                ready => {
+                    // No further frame at hand (or many already): the records
+                    // journaled since the last commit go to the journal in one
+                    // group commit (each had been its own commit, a fresh journal
+                    // page per 4 KiB record).
+                    commit_received(&link);
+                    uncommitted = 0;
+                    match ready {
+                        Poll::Ready(frame) => frame?,
+                        Poll::Pending => read.await?,
+                    }
+                }
+            }
+        };
+        uncommitted += 1;
         last_heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         if link.lock().session != session {
             return Ok(());
         }
         super::resync::handle_frame(&link, frame).await?;
+    }
+}
+
+/// Commits deferred received records when the reader ends, however it ends.
+struct CommitOnExit(Arc<Link>);
+
+impl Drop for CommitOnExit {
+    fn drop(&mut self) {
+        commit_received(&self.0);
+    }
+}
+
+/// The most frames a reader handles between two group commits of received records.
+const COMMIT_FRAMES_MAX: usize = 64;
+
+/// Commits the replicated records whose group commit the reader deferred.
+fn commit_received(link: &Link) {
+    if let Some(volume) = link.resource().and_then(|resource| resource.volume()) {
+        volume.commit_pending();
     }
 }
 
