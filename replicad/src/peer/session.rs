@@ -476,7 +476,11 @@ async fn run_session(
         }
         _ = shutdown.changed() => "daemon shutting down".to_string(),
     };
-    tasks.abort_all();
+    // Wait until every task has stopped, not only been told to: on a multi-thread
+    // runtime a reader could otherwise still be handling a record on another thread
+    // while `end_session` takes the `recent` marks, and that record's blocks would go
+    // unmarked.
+    tasks.shutdown().await;
     let standalone = link.lock().standalone;
     Ended { reason, standalone }
 }

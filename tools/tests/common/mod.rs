@@ -319,6 +319,12 @@ impl Cluster {
             .arg("info")
             .stdout(Stdio::null())
             .stderr(log);
+        // alpha runs two runtime threads (tasks truly concurrent, as on larger
+        // machines), every other node the default (one on a two-CPU machine), so a
+        // pair test drives both kinds of daemon.
+        if name == "alpha" {
+            command.arg("--threads").arg("2");
+        }
         // SAFETY: prctl in the child between fork and exec only sets a process
         // attribute; the daemon dies with the test process.
         unsafe {
