@@ -559,18 +559,27 @@ async fn writer_task<W: AsyncWrite + Unpin>(
     let mut batch = Vec::with_capacity(64);
     while let Some(frame) = frames.recv().await {
         batch.push(frame);
-        while batch.len() < 256 {
-            match frames.try_recv() {
-                Ok(frame) => batch.push(frame),
-                Err(_) => break,
-            }
-        }
+        drain_ready(&mut frames, &mut batch);
+        // One yield lets the frames that running tasks are about to queue (records of
+        // writes being sequenced, acknowledgements of a group commit) join this write.
+        tokio::task::yield_now().await;
+        drain_ready(&mut frames, &mut batch);
         write_frames(&mut writer, &batch)
             .await
             .map_err(|error| format!("connection lost: {error}"))?;
         batch.clear();
     }
     Ok(())
+}
+
+/// Moves the frames that are ready into the batch, up to 256.
+fn drain_ready(frames: &mut mpsc::UnboundedReceiver<Frame>, batch: &mut Vec<Frame>) {
+    while batch.len() < 256 {
+        match frames.try_recv() {
+            Ok(frame) => batch.push(frame),
+            Err(_) => break,
+        }
+    }
 }
 
 async fn reader_task<R: AsyncRead + Unpin>(
