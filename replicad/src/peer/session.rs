@@ -562,8 +562,14 @@ async fn writer_task<W: AsyncWrite + Unpin>(
         drain_ready(&mut frames, &mut batch);
         // One yield lets the frames that running tasks are about to queue (records of
         // writes being sequenced, acknowledgements of a group commit) join this write.
-        tokio::task::yield_now().await;
-        drain_ready(&mut frames, &mut batch);
+        // Not for resync data: those frames are large already, and the source waits.
+        if !batch
+            .iter()
+            .any(|frame| matches!(frame, Frame::ResyncData(_)))
+        {
+            tokio::task::yield_now().await;
+            drain_ready(&mut frames, &mut batch);
+        }
         write_frames(&mut writer, &batch)
             .await
             .map_err(|error| format!("connection lost: {error}"))?;
