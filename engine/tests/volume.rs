@@ -246,14 +246,34 @@ fn append_and_apply(secondary: &Volume, record: engine::record::Record) {
         .expect("journaled")
         .expect("journal");
     secondary.flush_blocking().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while secondary.stats().applied_seq < seq {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "record {seq} never applied"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    assert!(
+        secondary.wait_applied(Duration::from_secs(10)),
+        "record {seq} never applied"
+    );
+    assert!(secondary.stats().applied_seq >= seq);
+}
+
+/// The records a volume makes of 4 KiB writes to blocks `0..blocks`, block `b` filled
+/// with `fill(b)` (the journal's completion is not awaited).
+fn records_of_writes(
+    volume: &Volume,
+    blocks: u64,
+    fill: impl Fn(u64) -> u8,
+) -> Vec<engine::record::Record> {
+    (0..blocks)
+        .flat_map(|block| {
+            volume
+                .write(
+                    WriteRequest {
+                        offset: block * 4096,
+                        kind: WriteKind::Data(Bytes::from(vec![fill(block); 4096])),
+                        fua: false,
+                    },
+                    Box::new(|_| {}),
+                )
+                .unwrap()
+        })
+        .collect()
 }
 
 #[test]
@@ -265,26 +285,7 @@ fn a_replicated_record_clears_out_of_sync_bits_only_during_a_resync() {
     let (primary, _) = open(&primary_sim).unwrap();
     let secondary_sim = sim_store(16 << 20);
     let (secondary, _) = open(&secondary_sim).unwrap();
-    let mut records = Vec::new();
-    for block in 0..2u64 {
-        let (sender, receiver) = std::sync::mpsc::channel();
-        records.extend(
-            primary
-                .write(
-                    WriteRequest {
-                        offset: block * 4096,
-                        kind: WriteKind::Data(Bytes::from(vec![7u8; 4096])),
-                        fua: false,
-                    },
-                    Box::new(move |result| drop(sender.send(result))),
-                )
-                .unwrap(),
-        );
-        receiver
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-            .unwrap();
-    }
+    let records = records_of_writes(&primary, 2, |_| 7);
     let mut records = records.into_iter();
     secondary.advance_seq(records.as_slice()[0].header.seq);
 
@@ -312,20 +313,7 @@ fn deferred_replicated_records_share_one_commit_and_all_complete() {
     let (primary, _) = open(&primary_sim).unwrap();
     let secondary_sim = sim_store(16 << 20);
     let (secondary, _) = open(&secondary_sim).unwrap();
-    let records: Vec<_> = (0..8u64)
-        .flat_map(|block| {
-            primary
-                .write(
-                    WriteRequest {
-                        offset: block * 4096,
-                        kind: WriteKind::Data(Bytes::from(vec![block as u8 + 1; 4096])),
-                        fua: false,
-                    },
-                    Box::new(|_| {}),
-                )
-                .unwrap()
-        })
-        .collect();
+    let records = records_of_writes(&primary, 8, |block| block as u8 + 1);
     secondary.advance_seq(records[0].header.seq);
     let before = secondary.stats().journal_commits;
     let (sender, receiver) = std::sync::mpsc::channel();
