@@ -558,7 +558,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
 ) -> Result<(), String> {
     let mut batch = Vec::with_capacity(64);
     while let Some(frame) = frames.recv().await {
-        batch.push(frame);
+        push_coalesced(&mut batch, frame);
         drain_ready(&mut frames, &mut batch);
         // One yield lets the frames that running tasks are about to queue (records of
         // writes being sequenced, acknowledgements of a group commit) join this write.
@@ -582,10 +582,28 @@ async fn writer_task<W: AsyncWrite + Unpin>(
 fn drain_ready(frames: &mut mpsc::UnboundedReceiver<Frame>, batch: &mut Vec<Frame>) {
     while batch.len() < 256 {
         match frames.try_recv() {
-            Ok(frame) => batch.push(frame),
+            Ok(frame) => push_coalesced(batch, frame),
             Err(_) => break,
         }
     }
+}
+
+/// Adds a frame to a batch that goes out in one write. Acknowledgements are
+/// cumulative ("everything up to `seq`"), so one of a kind the batch already holds
+/// merges into that one (the higher wins: callbacks of two group commits may queue
+/// their acks out of order). A group commit of 32 records then sends two frames, not 64.
+fn push_coalesced(batch: &mut Vec<Frame>, frame: Frame) {
+    for held in batch.iter_mut().rev() {
+        match (held, &frame) {
+            (Frame::AckReceived(held), Frame::AckReceived(seq))
+            | (Frame::AckWritten(held), Frame::AckWritten(seq)) => {
+                *held = (*held).max(*seq);
+                return;
+            }
+            _ => {}
+        }
+    }
+    batch.push(frame);
 }
 
 async fn reader_task<R: AsyncRead + Unpin>(
@@ -676,5 +694,47 @@ async fn watchdog(
                 timeout.as_millis()
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch_of(frames: &[Frame]) -> Vec<Frame> {
+        let mut batch = Vec::new();
+        for frame in frames {
+            push_coalesced(&mut batch, frame.clone());
+        }
+        batch
+    }
+
+    #[test]
+    fn acknowledgements_of_one_kind_merge_into_the_highest() {
+        let batch = batch_of(&[
+            Frame::AckReceived(1),
+            Frame::AckReceived(2),
+            Frame::AckWritten(1),
+            Frame::Ping(7),
+            Frame::AckReceived(3),
+            Frame::AckWritten(2),
+        ]);
+        assert_eq!(
+            batch,
+            vec![Frame::AckReceived(3), Frame::AckWritten(2), Frame::Ping(7)]
+        );
+    }
+
+    #[test]
+    fn an_acknowledgement_queued_late_never_lowers_the_batch() {
+        // Two group commits may queue their callbacks' acks out of order.
+        let batch = batch_of(&[Frame::AckWritten(9), Frame::AckWritten(5)]);
+        assert_eq!(batch, vec![Frame::AckWritten(9)]);
+    }
+
+    #[test]
+    fn other_frames_are_kept_in_order() {
+        let frames = [Frame::Ping(1), Frame::FlushAck(4), Frame::Ping(2)];
+        assert_eq!(batch_of(&frames), frames.to_vec());
     }
 }
