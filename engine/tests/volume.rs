@@ -308,6 +308,37 @@ fn a_replicated_record_clears_out_of_sync_bits_only_during_a_resync() {
 }
 
 #[test]
+fn a_secondary_keeps_records_in_its_journal_until_the_primary_reports_them_durable() {
+    // A primary ships a record before its own journal has it. If both nodes lose
+    // power, the primary may lack a record the secondary applied: the secondary must
+    // still have it in its journal, so replay marks its block for the next resync.
+    let primary_sim = sim_store(16 << 20);
+    let (primary, _) = open(&primary_sim).unwrap();
+    let secondary_sim = sim_store(16 << 20);
+    let (secondary, _) = open(&secondary_sim).unwrap();
+    let records = records_of_writes(&primary, 2, |block| block as u8 + 1);
+    let first_seq = records[0].header.seq;
+    secondary.advance_seq(first_seq);
+    for record in records {
+        append_and_apply(&secondary, record);
+    }
+    // The primary's journal holds the first record durably, not yet the second.
+    secondary.peer_acked(first_seq);
+    assert!(secondary.checkpoint_blocking(Duration::from_secs(10)));
+    assert_eq!(secondary.stats().checkpoint_seq, first_seq);
+    assert_eq!(secondary.stats().out_of_sync_blocks, 0);
+    secondary.abandon();
+    drop(secondary);
+
+    let (secondary, report) = open(&secondary_sim).unwrap();
+    assert_eq!(report.records_replayed, 1, "{report:?}");
+    assert_eq!(secondary.stats().out_of_sync_blocks, 1);
+    assert_eq!(secondary.next_out_of_sync_run(0, 16), Some((1, 1)));
+    primary.close().unwrap();
+    secondary.close().unwrap();
+}
+
+#[test]
 fn deferred_replicated_records_share_one_commit_and_all_complete() {
     let primary_sim = sim_store(16 << 20);
     let (primary, _) = open(&primary_sim).unwrap();

@@ -184,7 +184,11 @@ enum ApplyItem {
     },
 }
 
-/// A record sent to the peer and not yet acknowledged by it.
+/// A record the peer may not hold: on a primary, one shipped and not yet acknowledged;
+/// on a secondary, one received that the primary has not yet reported durable in its
+/// own journal. Held in the journal (the checkpoint stops before it), so a crash
+/// replays it and replay marks it out of sync; released by [`Volume::peer_acked`];
+/// marked out of sync by [`Volume::peer_detached`].
 #[derive(Debug, Clone, Copy)]
 struct Unacked {
     seq: u64,
@@ -649,17 +653,16 @@ impl Volume {
                 .overlay
                 .insert(first_block + index, OverlayEntry { seq, data });
         }
-        if !from_peer {
-            if state.peer_attached {
-                state.unacked.push_back(Unacked {
-                    seq,
-                    first_block,
-                    blocks,
-                });
-            } else {
-                state.bitmap.set_range(first_block, blocks);
-            }
-        } else if let Some(written) = state.resync_written.as_mut() {
+        if from_peer || state.peer_attached {
+            state.unacked.push_back(Unacked {
+                seq,
+                first_block,
+                blocks,
+            });
+        } else {
+            state.bitmap.set_range(first_block, blocks);
+        }
+        if let (true, Some(written)) = (from_peer, state.resync_written.as_mut()) {
             written.set_range(first_block, blocks);
         }
         state.last_sequenced = state.last_sequenced.max(seq);
@@ -871,7 +874,9 @@ impl Volume {
 
     /// Secondary: journals a record received from the primary, keeping its sequence
     /// number. `done` fires when it is in the journal (durable too if FUA). Waits while
-    /// the engine's memory budget is full.
+    /// the engine's memory budget is full. The record stays in the journal until
+    /// [`Volume::peer_acked`] covers it (the primary's journal has it too), so a crash
+    /// of both nodes cannot leave it in place here and absent there unnoticed.
     pub fn append_replicated(&self, record: Record, done: WriteDone) -> Result<(), IoError> {
         self.append_replicated_with(record, done, true).map(drop)
     }
@@ -1097,7 +1102,8 @@ impl Volume {
         self.shared.lock().peer_attached = true;
     }
 
-    /// The peer acknowledged every record up to `seq`.
+    /// The peer holds every record up to `seq`: a primary's peer acknowledged them, or
+    /// a secondary's primary reported them durable in its journal.
     pub fn peer_acked(&self, seq: u64) {
         let mut state = self.shared.lock();
         let mut released = false;
@@ -1115,8 +1121,8 @@ impl Volume {
         drop(state);
     }
 
-    /// The peer is gone: every record it did not acknowledge is marked out of sync,
-    /// and later writes are too.
+    /// The peer is gone: every record it may not hold is marked out of sync, and
+    /// later writes are too.
     pub fn peer_detached(&self) {
         let mut state = self.shared.lock();
         state.peer_attached = false;

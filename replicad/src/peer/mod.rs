@@ -91,12 +91,6 @@ pub(crate) struct Inner {
     pub resync_in_flight: u64,
     /// Source: data read for checksum comparison, waiting for the target's verdict.
     pub pending_checks: HashMap<u64, bytes::Bytes>,
-    /// Secondary: `(seq, first block, blocks)` of records received that the primary has
-    /// not yet reported durable in its own journal. A primary ships a record as it
-    /// sequences it, before its journal has it; if it dies, it may lack records we
-    /// hold. When the session ends these blocks are marked out of sync, so the next
-    /// resync reconciles them (what DRBD's activity log does on the primary's side).
-    pub recent: VecDeque<(u64, u64, u64)>,
 }
 
 /// See the module documentation.
@@ -163,7 +157,6 @@ impl Link {
                 resync_source_active: false,
                 resync_in_flight: 0,
                 pending_checks: HashMap::new(),
-                recent: VecDeque::new(),
             }),
             wake: Notify::new(),
             incoming: Mutex::new(None),

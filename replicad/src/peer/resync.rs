@@ -425,11 +425,6 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
                 return Err("peer sent a record to a Primary (two primaries?); refusing".into());
             }
             let seq = record.header.seq;
-            link.lock().recent.push_back((
-                seq,
-                record.header.first_block(),
-                record.header.block_count(),
-            ));
             link.send_meta(Frame::AckReceived(seq));
             let meta = link.lock().meta_tx.clone();
             let done = Box::new(move |result: Result<u64, engine::IoError>| {
@@ -668,16 +663,8 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
             link.send_meta(Frame::Pong(nonce));
         }
         Frame::Pong(_) => {}
-        Frame::Durable(seq) => {
-            let mut inner = link.lock();
-            while inner
-                .recent
-                .front()
-                .is_some_and(|(recorded, _, _)| *recorded <= seq)
-            {
-                inner.recent.pop_front();
-            }
-        }
+        // The primary's journal holds every record up to `seq`: ours may let go of them.
+        Frame::Durable(seq) => volume.peer_acked(seq),
         Frame::ReadRequest {
             id,
             first_block,

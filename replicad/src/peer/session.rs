@@ -455,6 +455,7 @@ async fn run_session(
         epoch,
         session,
     ));
+    tasks.spawn(durable_reporter(link.clone()));
     tasks.spawn(watchdog(
         link.clone(),
         last_heard,
@@ -516,23 +517,22 @@ fn end_session(link: &Arc<Link>, ended: &Ended) {
         }
         inner.last_error = Some(ended.reason.clone());
     }
-    let recent: Vec<(u64, u64, u64)> = link.lock().recent.drain(..).collect();
     if let Some(volume) = resource.as_ref().and_then(|r| r.volume()) {
         if was_target {
             // First: from here on, records of this session applied late no longer
             // clear out-of-sync bits (the marks just below among them).
             volume.end_resync_target();
         }
-        // Blocks of records the primary may not have: reconcile at the next resync.
-        for (_, first_block, blocks) in &recent {
-            volume.set_out_of_sync(*first_block, *blocks);
-        }
-        if was_attached {
+        match &resource {
             // Under the order lock, so no write slips between "shipped" and "marked";
             // before the waiting writes are released below.
-            if let Some(resource) = &resource {
+            Some(resource) if was_attached => {
                 resource.detach_peer(&volume, link, completes_alone);
             }
+            // A secondary: records received above the primary's last DURABLE mark may
+            // be missing there (it ships a record before its own journal has it), so
+            // their blocks are reconciled at the next resync.
+            _ => volume.peer_detached(),
         }
     }
     link.release_waiters();
@@ -678,13 +678,6 @@ async fn watchdog(
         ticker.tick().await;
         nonce += 1;
         link.send_meta(Frame::Ping(nonce));
-        // As primary: tell the peer how far our own journal is durable (see `recent`).
-        let attached = link.lock().attached;
-        if attached {
-            if let Some(volume) = link.resource().and_then(|r| r.volume()) {
-                link.send_meta(Frame::Durable(volume.durable_seq()));
-            }
-        }
         let heard = Duration::from_millis(last_heard.load(Ordering::Relaxed));
         let silent = epoch.elapsed().saturating_sub(heard);
         if silent > timeout {
@@ -693,6 +686,32 @@ async fn watchdog(
                 silent.as_millis(),
                 timeout.as_millis()
             ));
+        }
+    }
+}
+
+/// How often a primary reports how far its journal is durable, when that moved.
+const DURABLE_REPORT_INTERVAL: Duration = Duration::from_millis(20);
+
+/// As primary: tells the peer how far our own journal is durable (DURABLE). The
+/// secondary holds every record above that mark in its journal, so this must come
+/// often enough that the hold never fills its ring: the journal is made durable at
+/// least every 10 ms while records wait, and reported within 20 ms of that.
+async fn durable_reporter(link: Arc<Link>) -> Result<(), String> {
+    let mut ticker = tokio::time::interval(DURABLE_REPORT_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = 0u64;
+    loop {
+        ticker.tick().await;
+        if !link.lock().attached {
+            continue;
+        }
+        let Some(volume) = link.resource().and_then(|r| r.volume()) else {
+            continue;
+        };
+        let durable = volume.durable_seq();
+        if durable > reported && link.send_meta(Frame::Durable(durable)) {
+            reported = durable;
         }
     }
 }
