@@ -253,6 +253,14 @@ fn append_and_apply(secondary: &Volume, record: engine::record::Record) {
     assert!(secondary.stats().applied_seq >= seq);
 }
 
+/// A primary (only a maker of records here) and a secondary with its store, fresh.
+fn open_pair() -> (Volume, Volume, Arc<SimBackend>) {
+    let (primary, _) = open(&sim_store(16 << 20)).unwrap();
+    let secondary_sim = sim_store(16 << 20);
+    let (secondary, _) = open(&secondary_sim).unwrap();
+    (primary, secondary, secondary_sim)
+}
+
 /// The records a volume makes of 4 KiB writes to blocks `0..blocks`, block `b` filled
 /// with `fill(b)` (the journal's completion is not awaited).
 fn records_of_writes(
@@ -281,10 +289,7 @@ fn a_replicated_record_clears_out_of_sync_bits_only_during_a_resync() {
     // A secondary marks the blocks of records the primary may not hold when a session
     // ends; a record of that session applied afterwards must leave the mark set, or
     // the next resync skips a block the two nodes hold differently.
-    let primary_sim = sim_store(16 << 20);
-    let (primary, _) = open(&primary_sim).unwrap();
-    let secondary_sim = sim_store(16 << 20);
-    let (secondary, _) = open(&secondary_sim).unwrap();
+    let (primary, secondary, _) = open_pair();
     let records = records_of_writes(&primary, 2, |_| 7);
     let mut records = records.into_iter();
     secondary.advance_seq(records.as_slice()[0].header.seq);
@@ -312,10 +317,7 @@ fn a_secondary_keeps_records_in_its_journal_until_the_primary_reports_them_durab
     // A primary ships a record before its own journal has it. If both nodes lose
     // power, the primary may lack a record the secondary applied: the secondary must
     // still have it in its journal, so replay marks its block for the next resync.
-    let primary_sim = sim_store(16 << 20);
-    let (primary, _) = open(&primary_sim).unwrap();
-    let secondary_sim = sim_store(16 << 20);
-    let (secondary, _) = open(&secondary_sim).unwrap();
+    let (primary, secondary, secondary_sim) = open_pair();
     let records = records_of_writes(&primary, 2, |block| block as u8 + 1);
     let first_seq = records[0].header.seq;
     secondary.advance_seq(first_seq);
@@ -340,10 +342,7 @@ fn a_secondary_keeps_records_in_its_journal_until_the_primary_reports_them_durab
 
 #[test]
 fn deferred_replicated_records_share_one_commit_and_all_complete() {
-    let primary_sim = sim_store(16 << 20);
-    let (primary, _) = open(&primary_sim).unwrap();
-    let secondary_sim = sim_store(16 << 20);
-    let (secondary, _) = open(&secondary_sim).unwrap();
+    let (primary, secondary, _) = open_pair();
     let records = records_of_writes(&primary, 8, |block| block as u8 + 1);
     secondary.advance_seq(records[0].header.seq);
     let before = secondary.stats().journal_commits;
