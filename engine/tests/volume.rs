@@ -370,6 +370,38 @@ fn deferred_replicated_records_share_one_commit_and_all_complete() {
 }
 
 #[test]
+fn wait_applied_waits_for_a_batch_the_applier_is_still_writing() {
+    // The applier takes a batch off its queue before writing it in place: an empty
+    // queue does not mean "applied" (a test caught `wait_applied` returning early).
+    struct ReleaseOnDrop(Arc<SimBackend>);
+    impl Drop for ReleaseOnDrop {
+        fn drop(&mut self) {
+            self.0.release_writes();
+        }
+    }
+    let sim = sim_store(16 << 20);
+    let (volume, _) = open(&sim).unwrap();
+    sim.hold_writes(0..volume.geometry().data_bytes);
+    // Declared after the volume, so dropped first: a failing assertion cannot leave
+    // the applier stuck at the gate while the volume's threads are joined.
+    let gate = ReleaseOnDrop(sim.clone());
+    let seq = write(&volume, 0, &[9u8; 4096]).unwrap();
+    volume.flush_blocking().unwrap();
+    assert!(
+        sim.wait_for_held_write(Duration::from_secs(10)),
+        "the applier never wrote the record in place"
+    );
+    assert!(
+        !volume.wait_applied(Duration::from_millis(100)),
+        "wait_applied returned while the in-place write was still held"
+    );
+    drop(gate);
+    assert!(volume.wait_applied(Duration::from_secs(10)));
+    assert!(volume.stats().applied_seq >= seq);
+    volume.close().unwrap();
+}
+
+#[test]
 fn many_concurrent_writers_share_group_commits() {
     let sim = sim_store(16 << 20);
     let (volume, _) = open(&sim).unwrap();

@@ -6,11 +6,12 @@
 //! possibly torn at sector granularity — exactly the freedom a volatile disk cache has.
 //! A crash point (`crash_after_ops`) makes the N-th write or flush and everything after
 //! it fail, so a test can crash a workload at every write and flush point.
-//! Read and write faults (EIO) can be planted on byte ranges.
+//! Read and write faults (EIO) can be planted on byte ranges, and writes to a range can
+//! be held at a gate (a slow disk, frozen mid-operation for a test to look at).
 
 use std::io;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use super::{check_range, Backend, BackendError};
 use crate::rng::SplitMix64;
@@ -29,6 +30,10 @@ struct SimState {
     read_faults: Vec<Range<u64>>,
     write_faults: Vec<Range<u64>>,
     flushes: u64,
+    /// Writes overlapping this range wait until it is lifted.
+    held: Option<Range<u64>>,
+    /// Writes waiting at the gate now.
+    writes_waiting: u64,
 }
 
 /// See the module documentation.
@@ -36,6 +41,7 @@ struct SimState {
 pub struct SimBackend {
     size_bytes: u64,
     state: Mutex<SimState>,
+    gate: Condvar,
 }
 
 fn crashed_error() -> io::Error {
@@ -68,7 +74,37 @@ impl SimBackend {
                 live: image,
                 ..SimState::default()
             }),
+            gate: Condvar::new(),
         }
+    }
+
+    /// Writes overlapping `range` wait from now on, until [`SimBackend::release_writes`].
+    pub fn hold_writes(&self, range: Range<u64>) {
+        self.lock().held = Some(range);
+    }
+
+    /// Lets held writes go on.
+    pub fn release_writes(&self) {
+        self.lock().held = None;
+        self.gate.notify_all();
+    }
+
+    /// Waits (at most `timeout`) until a write waits at the gate; false on timeout.
+    pub fn wait_for_held_write(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut state = self.lock();
+        while state.writes_waiting == 0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .gate
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        true
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
@@ -219,6 +255,19 @@ impl Backend for SimBackend {
             SIM_SECTOR_BYTES,
         )?;
         let mut state = self.lock();
+        while state
+            .held
+            .as_ref()
+            .is_some_and(|held| overlaps(std::slice::from_ref(held), offset, buf.len() as u64))
+        {
+            state.writes_waiting += 1;
+            self.gate.notify_all();
+            state = self
+                .gate
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.writes_waiting -= 1;
+        }
         let write_error = |source| BackendError::Write {
             offset,
             len: buf.len(),

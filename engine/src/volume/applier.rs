@@ -106,9 +106,11 @@ pub(super) fn run(shared: Arc<Shared>) {
                     batch.push(item);
                 }
             }
+            state.applying = true;
             drop(state);
             if let Err(error) = apply_batch(&shared, batch) {
                 let mut state = shared.lock();
+                state.applying = false;
                 shared.fail(&mut state, format!("writing data in place failed: {error}"));
                 return;
             }
@@ -301,6 +303,7 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
         .stats
         .records_applied
         .fetch_add(records, Ordering::Relaxed);
+    state.applying = false;
     shared.wake_progress(&state);
     Ok(())
 }

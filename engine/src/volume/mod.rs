@@ -233,6 +233,8 @@ struct State {
     /// a futex system call, is only paid when someone actually waits).
     writer_idle: bool,
     applier_idle: bool,
+    /// The applier has taken a batch off `apply_queue` and not yet finished it.
+    applying: bool,
     /// Threads waiting on `progress`.
     progress_waiters: usize,
     /// A group commit round is running (on the journal thread or inline).
@@ -1060,7 +1062,9 @@ impl Volume {
         let shared = &self.shared;
         let mut state = shared.lock();
         loop {
-            if state.apply_queue.is_empty() && state.pending.is_empty() || state.failed.is_some() {
+            let drained =
+                state.apply_queue.is_empty() && state.pending.is_empty() && !state.applying;
+            if drained || state.failed.is_some() {
                 return state.failed.is_none();
             }
             shared.applier_wake.notify_one();

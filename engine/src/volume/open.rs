@@ -375,6 +375,7 @@ impl Volume {
             resync_written: None,
             writer_idle: false,
             applier_idle: false,
+            applying: false,
             progress_waiters: 0,
             committing: false,
             resync_queued_bytes: 0,
