@@ -6,7 +6,8 @@
 # middle of the run, the bytes the kernel wrote to the disk holding the image
 # (/proc/diskstats) and the busy and idle CPU time of the whole machine (/proc/stat).
 # It prints IOPS, client MiB/s, disk MiB/s, disk bytes per client byte, busy CPU
-# microseconds per I/O (fio included) and idle share. Targets:
+# microseconds per I/O (fio included) and idle share. IOPS is fio's over its whole run;
+# the window's disk bytes and CPU time are divided by it (steady load, so close). Targets:
 #   nbdkit      nbdkit's file plugin (writes land in the page cache; flush = fdatasync)
 #   qemu-nbd    qemu-nbd --cache=none --aio=io_uring (O_DIRECT, every write reaches the disk)
 #   standalone  replctl serve on the image (one replicad node, journal and checksums on)
@@ -24,7 +25,7 @@ while (($#)); do
     --size) SIZE=$2; shift ;;        --runtime) RUNTIME=$2; shift ;;
     --window) WINDOW=$2; shift ;;    --bs) BS=$2; shift ;;
     --qd) QD=$2; shift ;;            --dir) PARENT=$2; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

@@ -593,6 +593,11 @@ fn drain_ready(frames: &mut mpsc::UnboundedReceiver<Frame>, batch: &mut Vec<Fram
 /// merges into that one (the higher wins: callbacks of two group commits may queue
 /// their acks out of order). A group commit of 32 records then sends two frames, not 64.
 fn push_coalesced(batch: &mut Vec<Frame>, frame: Frame) {
+    // Records, the bulk of the data connection, go straight in: no scan per record.
+    if !matches!(frame, Frame::AckReceived(_) | Frame::AckWritten(_)) {
+        batch.push(frame);
+        return;
+    }
     for held in batch.iter_mut().rev() {
         match (held, &frame) {
             (Frame::AckReceived(held), Frame::AckReceived(seq))
