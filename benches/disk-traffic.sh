@@ -25,7 +25,7 @@ while (($#)); do
     --size) SIZE=$2; shift ;;        --runtime) RUNTIME=$2; shift ;;
     --window) WINDOW=$2; shift ;;    --bs) BS=$2; shift ;;
     --qd) QD=$2; shift ;;            --dir) PARENT=$2; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

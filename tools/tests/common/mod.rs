@@ -221,9 +221,9 @@ impl Cluster {
             let real = format!("127.0.0.1:{}", second.listen_port)
                 .parse()
                 .expect("address");
-            let listen = format!("127.0.0.1:{}", free_port())
-                .parse()
-                .expect("address");
+            // Port 0: the kernel picks one that is free at bind time (a port probed
+            // free earlier can be taken by someone else before the proxy binds it).
+            let listen = "127.0.0.1:0".parse().expect("address");
             let proxy = tools::faultproxy::FaultProxy::start(listen, real).expect("start proxy");
             second.replication_port = proxy.listen.port();
             cluster.proxy = Some(proxy);
