@@ -30,7 +30,7 @@ pub const FRAME_HEADER_BYTES: usize = 24;
 /// Largest body: a 32 MiB record plus its header, with room to spare.
 pub const MAX_BODY_BYTES: u32 = 33 << 20;
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Most blocks in one RESYNC_DATA, READ_REPLY or VERIFY frame.
 pub const MAX_FRAME_BLOCKS: u32 = 256;
 

@@ -589,16 +589,17 @@ impl Resource {
         }
     }
 
-    /// The peer is gone: records it did not acknowledge are marked out of sync. With
-    /// `completes_alone` (writes the peer did not acknowledge complete without it), this
-    /// node has moved on alone as with a write alone: a new generation is started and
-    /// persisted before those writes complete, so the next handshake makes this node the
+    /// The peer is gone: records it did not report durable are marked out of sync.
+    /// When that marks anything, or `completes_alone` (writes the peer did not
+    /// acknowledge complete without it), this node has moved on alone as with a write
+    /// alone: a new generation is started and persisted before those writes (and any
+    /// FLUSH waiting for the peer) complete, so the next handshake makes this node the
     /// source of their blocks (or sees a split brain) instead of a tie-break letting
     /// the peer's older data overwrite acknowledged writes.
     pub fn detach_peer(&self, volume: &Volume, link: &Link, completes_alone: bool) {
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        volume.peer_detached();
-        if completes_alone {
+        let marked = volume.peer_detached();
+        if completes_alone || marked > 0 {
             link.before_write(volume);
         }
     }

@@ -1126,15 +1126,18 @@ impl Volume {
     }
 
     /// The peer is gone: every record it may not hold is marked out of sync, and
-    /// later writes are too.
-    pub fn peer_detached(&self) {
+    /// later writes are too. Returns how many held records were marked.
+    pub fn peer_detached(&self) -> usize {
         let mut state = self.shared.lock();
         state.peer_attached = false;
+        let mut marked = 0;
         while let Some(unacked) = state.unacked.pop_front() {
             state.bitmap.set_range(unacked.first_block, unacked.blocks);
+            marked += 1;
         }
         self.shared.wake_applier(&state);
         drop(state);
+        marked
     }
 
     /// Makes the out-of-sync bitmap durable now (a sync target persists the bits it

@@ -450,10 +450,11 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
             }
         }
         Frame::AckReceived(seq) => complete_acks(link, PeerAck::Received, seq),
-        Frame::AckWritten(seq) => {
-            complete_acks(link, PeerAck::Written, seq);
-            volume.peer_acked(seq);
-        }
+        // ACK_WRITTEN completes client writes (the record is in the peer's journal),
+        // but the record stays held until the peer reports it durable (DURABLE): a
+        // power cut of the peer can still lose what is only in its page cache, and a
+        // held record is marked out of sync when the session ends.
+        Frame::AckWritten(seq) => complete_acks(link, PeerAck::Written, seq),
         Frame::Flush(id) => {
             let meta = link.lock().meta_tx.clone();
             volume.flush(Box::new(move |result| {
@@ -663,7 +664,9 @@ pub(crate) async fn handle_frame(link: &Arc<Link>, frame: Frame) -> Result<(), S
             link.send_meta(Frame::Pong(nonce));
         }
         Frame::Pong(_) => {}
-        // The primary's journal holds every record up to `seq`: ours may let go of them.
+        // The peer's journal holds every record up to `seq` durably: on a secondary,
+        // the primary has the records we hold for it; on a primary, the secondary has
+        // the records we shipped. Either way ours may let go of them.
         Frame::Durable(seq) => volume.peer_acked(seq),
         Frame::ReadRequest {
             id,

@@ -532,7 +532,9 @@ fn end_session(link: &Arc<Link>, ended: &Ended) {
             // A secondary: records received above the primary's last DURABLE mark may
             // be missing there (it ships a record before its own journal has it), so
             // their blocks are reconciled at the next resync.
-            _ => volume.peer_detached(),
+            _ => {
+                volume.peer_detached();
+            }
         }
     }
     link.release_waiters();
@@ -695,22 +697,23 @@ async fn watchdog(
     }
 }
 
-/// How often a primary reports how far its journal is durable, when that moved.
+/// How often a node reports how far its journal is durable, when that moved.
 const DURABLE_REPORT_INTERVAL: Duration = Duration::from_millis(20);
 
-/// As primary: tells the peer how far our own journal is durable (DURABLE). The
-/// secondary holds every record above that mark in its journal, so this must come
-/// often enough that the hold never fills its ring: the journal is made durable at
-/// least every 10 ms while records wait, and reported within 20 ms of that.
+/// Tells the peer how far our own journal is durable (DURABLE), in both roles. Each
+/// side holds the records the other may not have durably in its journal until this
+/// report covers them: the secondary those above the primary's mark (the primary
+/// ships a record before its own journal has it), the primary those above the
+/// secondary's mark (ACK_WRITTEN means "in the peer's journal", which a power cut of
+/// the peer can still lose). Whatever is held when the session ends is marked out of
+/// sync. So this must come often enough that the hold never fills a ring: the journal
+/// is made durable at least every 10 ms while records wait, and reported within 20 ms.
 async fn durable_reporter(link: Arc<Link>) -> Result<(), String> {
     let mut ticker = tokio::time::interval(DURABLE_REPORT_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = 0u64;
     loop {
         ticker.tick().await;
-        if !link.lock().attached {
-            continue;
-        }
         let Some(volume) = link.resource().and_then(|r| r.volume()) else {
             continue;
         };

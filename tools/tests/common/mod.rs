@@ -636,10 +636,21 @@ impl NbdFuse {
     pub fn file(&self) -> PathBuf {
         self.dir.join("nbd")
     }
+
+    /// Kills nbdfuse with SIGKILL and unmounts lazily: whatever the kernel still held
+    /// for the file is lost (a power cut of the store behind it).
+    pub fn cut(mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
 }
 
 impl Drop for NbdFuse {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.process.try_wait() {
+            return;
+        }
         let _ = Command::new("fusermount3")
             .arg("-u")
             .arg(&self.dir)
@@ -1307,4 +1318,89 @@ pub fn teardown_dead_stack(mount: Mount, loop_device: LoopDevice, fuse: NbdFuse)
     }
     drop(loop_device);
     drop(fuse);
+}
+
+// ---------------------------------------------------------------------------------
+// A store that can lose power: only what was flushed survives.
+// ---------------------------------------------------------------------------------
+
+/// A store whose unflushed writes a test can drop, as a power cut drops a disk's
+/// volatile cache: the image file sits behind `nbdkit --filter=cache
+/// cache=writeback` (writes stay in nbdkit's cache until a FLUSH writes them back),
+/// exposed as the file `mount/nbd` by `nbdfuse` (O_DIRECT works on it). A daemon
+/// whose `disk` is that file sees an ordinary store; [`VolatileStore::power_cut`]
+/// kills nbdkit and nbdfuse with SIGKILL and unmounts lazily, so the image file keeps
+/// exactly what the daemon's fdatasyncs made durable.
+pub struct VolatileStore {
+    pub image: PathBuf,
+    mount: PathBuf,
+    socket: PathBuf,
+    nbdkit: Option<Child>,
+    fuse: Option<NbdFuse>,
+}
+
+impl VolatileStore {
+    /// Starts the stack over `image` (an existing file) in `dir`.
+    pub fn start(dir: &Path, image: &Path) -> VolatileStore {
+        require_tool("nbdkit", "nbdkit");
+        std::fs::create_dir_all(dir).expect("store dir");
+        let mut store = VolatileStore {
+            image: image.to_path_buf(),
+            mount: dir.join("mount"),
+            socket: dir.join("nbdkit.sock"),
+            nbdkit: None,
+            fuse: None,
+        };
+        store.power_on();
+        store
+    }
+
+    /// The file the daemon uses as its store.
+    pub fn file(&self) -> PathBuf {
+        self.mount.join("nbd")
+    }
+
+    /// (Re)starts nbdkit and nbdfuse over the image; waits until the file is there.
+    pub fn power_on(&mut self) {
+        assert!(self.nbdkit.is_none(), "the store is already on");
+        let _ = std::fs::remove_file(&self.socket);
+        let mut nbdkit = Command::new("nbdkit");
+        nbdkit
+            .arg("--foreground")
+            .arg("--exit-with-parent")
+            .arg("--unix")
+            .arg(&self.socket)
+            .arg("--filter=cache")
+            .arg("file")
+            .arg(&self.image)
+            .arg("cache=writeback")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.nbdkit = Some(nbdkit.spawn().expect("start nbdkit"));
+        let socket = self.socket.clone();
+        wait_until("nbdkit's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket)
+                .ok()
+                .map(|_| ())
+        });
+        let uri = format!("nbd+unix:///?socket={}", self.socket.display());
+        self.fuse = Some(NbdFuse::mount(&self.mount, &uri));
+    }
+
+    /// The power goes: everything not flushed to the image file is lost.
+    pub fn power_cut(&mut self) {
+        if let Some(mut nbdkit) = self.nbdkit.take() {
+            let _ = nbdkit.kill();
+            let _ = nbdkit.wait();
+        }
+        if let Some(fuse) = self.fuse.take() {
+            fuse.cut();
+        }
+    }
+}
+
+impl Drop for VolatileStore {
+    fn drop(&mut self) {
+        self.power_cut();
+    }
 }
