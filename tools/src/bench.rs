@@ -50,8 +50,9 @@ use replicad::control::{Client, Request};
 use serde::Serialize;
 
 use crate::admin::human_bytes;
+use crate::launch::{self, NodeProcess};
 use crate::nbd_client::{ConnectOptions, NbdClient};
-use crate::serve::{self, Daemon, ServeArgs};
+use crate::serve::{self, ServeArgs};
 
 /// Options of `replctl bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -553,7 +554,7 @@ impl Volume {
         secondary: Option<&Store>,
     ) -> anyhow::Result<Volume> {
         check_interrupted()?;
-        let port = serve::free_port()?;
+        let port = launch::free_port()?;
         let args = ServeArgs {
             disk: primary.path().to_path_buf(),
             nbd: format!("127.0.0.1:{port}"),
@@ -619,7 +620,7 @@ impl Volume {
     }
 }
 
-fn stop_cleanly(daemon: &mut Daemon, name: &str) -> anyhow::Result<()> {
+fn stop_cleanly(daemon: &mut NodeProcess, name: &str) -> anyhow::Result<()> {
     match daemon.stop() {
         Some(status) if status.success() => Ok(()),
         Some(status) => anyhow::bail!("{name} exited with {status} on SIGTERM"),
@@ -685,12 +686,12 @@ fn time_rebuild(context: &Context, volume: &Volume) -> anyhow::Result<Rebuild> {
         primary,
         "the pair in sync before the rebuild",
         Duration::from_secs(30),
-        serve::in_sync,
+        launch::in_sync,
     )?;
     let sent_before = before.peer.as_ref().map_or(0, |peer| peer.resync_bytes);
     let timeout = Duration::from_secs(120 + bytes / (10 << 20));
     let started = Instant::now();
-    serve::call(
+    launch::call(
         &volume.secondary_control,
         Request::Invalidate {
             resource: RESOURCE.into(),
@@ -699,7 +700,7 @@ fn time_rebuild(context: &Context, volume: &Volume) -> anyhow::Result<Rebuild> {
     let mut transfer_started = None;
     let (finished, sent) = loop {
         check_interrupted()?;
-        let status = serve::status(primary)?;
+        let status = launch::status(primary, serve::RESOURCE)?;
         let now = Instant::now();
         let peer = status.peer.as_ref();
         let sent = peer.map_or(0, |p| p.resync_bytes.saturating_sub(sent_before));
@@ -710,7 +711,7 @@ fn time_rebuild(context: &Context, volume: &Volume) -> anyhow::Result<Rebuild> {
         }
         // Resync counters only grow once the session after `invalidate` started: a
         // status from before the secondary dropped the connection cannot pass.
-        if sent > 0 && serve::in_sync(&status) {
+        if sent > 0 && launch::in_sync(&status) {
             break (now, sent);
         }
         if now - started > timeout {

@@ -1,22 +1,21 @@
 //! `replctl demo`: the whole story on a fresh machine, with nothing but temp image files
 //! and loopback: mirror, fail the primary, promote the spare, verify every byte.
 //!
-//! Two daemons run as child processes of `replctl` (the `replicad` binary next to it).
+//! Two daemons run as child processes of `replctl` (`replctl daemon`, so nothing but
+//! `replctl` needs to be built).
 //! The write-verify checker writes through the primary's NBD export at queue depth 32;
 //! the primary is killed with SIGKILL mid-write; the spare is promoted; every
 //! acknowledged write is verified on it; the old primary restarts, rejoins as
 //! Secondary and resyncs; both replicas are compared byte for byte. No root needed.
 
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use replicad::control::{Client, Request, ResourceStatus};
+use replicad::control::{Request, ResourceStatus};
 
 use crate::admin::human_bytes;
 use crate::checker::{self, LogWriter, Mode, WritePlan};
+use crate::launch::{self, free_port, in_sync, NodeProcess};
 use crate::nbd_client::NbdClient;
 
 /// Options of `replctl demo`.
@@ -41,25 +40,6 @@ pub struct DemoArgs {
 
 const RESOURCE: &str = "r0";
 
-struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 struct Work {
     dir: PathBuf,
     remove: bool,
@@ -73,38 +53,13 @@ impl Drop for Work {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn step(started: Instant, text: &str) {
     println!("[{:>5.1}s] {text}", started.elapsed().as_secs_f64());
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} not found next to replctl ({})",
-        name,
-        exe.display()
-    );
-    Ok(path)
-}
-
-fn status(control: &Path) -> anyhow::Result<ResourceStatus> {
-    let mut client = Client::connect(control, Duration::from_secs(10))?;
-    client
-        .status(Some(RESOURCE))?
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no status"))
-}
-
+/// Sends `request`; the daemon's answer as text.
 fn call(control: &Path, request: Request) -> anyhow::Result<String> {
-    let mut client = Client::connect(control, Duration::from_secs(60))?;
-    Ok(match client.call(&request)? {
+    Ok(match launch::call(control, request)? {
         serde_json::Value::String(text) => text,
         other => other.to_string(),
     })
@@ -117,56 +72,7 @@ fn wait_for(
     timeout: Duration,
     check: impl Fn(&ResourceStatus) -> bool,
 ) -> anyhow::Result<ResourceStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(status) = status(control) {
-            if check(&status) {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                anyhow::bail!(
-                    "timed out after {timeout:?} waiting for {what} (disk:{} peer:{:?})",
-                    status.disk,
-                    status.peer.map(|p| (p.connection, p.replication))
-                );
-            }
-        } else if Instant::now() >= deadline {
-            anyhow::bail!("timed out after {timeout:?} waiting for {what} (daemon not answering)");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn in_sync(status: &ResourceStatus) -> bool {
-    status.disk == "UpToDate"
-        && status.peer.as_ref().is_some_and(|p| {
-            p.connection == "Connected"
-                && p.replication == "Established"
-                && p.peer_disk.as_deref() == Some("UpToDate")
-        })
-}
-
-fn start(binary: &Path, config: &Path, name: &'static str, log: &Path) -> anyhow::Result<Daemon> {
-    let log = std::fs::File::create(log)?;
-    let mut command = Command::new(binary);
-    command
-        .arg("--config")
-        .arg(config)
-        .arg("--node")
-        .arg(name)
-        .stdout(Stdio::null())
-        .stderr(log);
-    // SAFETY: prctl between fork and exec only sets a process attribute: the daemon
-    // dies with replctl even if replctl is killed.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    Ok(Daemon {
-        child: Some(command.spawn()?),
-    })
+    launch::wait_for(control, RESOURCE, what, timeout, check)
 }
 
 /// Runs the demo; prints each step; fails on any broken promise.
@@ -185,7 +91,6 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         dir: dir.clone(),
         remove: !args.keep && args.dir.is_none(),
     };
-    let replicad = sibling("replicad")?;
     let (alpha_img, beta_img) = (dir.join("alpha.img"), dir.join("beta.img"));
     let (alpha_ctl, beta_ctl) = (dir.join("alpha.ctl"), dir.join("beta.ctl"));
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect::<Result<_, _>>()?;
@@ -220,8 +125,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     for node in ["alpha", "beta"] {
         crate::admin::create_md(&config, node, RESOURCE, false, true)?;
     }
-    let mut alpha = start(&replicad, &config, "alpha", &dir.join("alpha.log"))?;
-    let _beta = start(&replicad, &config, "beta", &dir.join("beta.log"))?;
+    let mut alpha = NodeProcess::start(&config, "alpha", &dir.join("alpha.log"))?;
+    let _beta = NodeProcess::start(&config, "beta", &dir.join("beta.log"))?;
     wait_for(
         &alpha_ctl,
         "alpha to connect to beta",
@@ -285,7 +190,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     step(started, &format!("writing self-checking blocks through alpha's NBD export ({alpha_uri}), queue depth 32, {mode} mode"));
     let log_file = std::io::BufWriter::new(std::fs::File::create(&log_path)?);
     let kill_after = Duration::from_secs(args.seconds);
-    let alpha_pid = alpha.child.as_ref().map(|c| c.id()).unwrap_or(0);
+    let alpha_pid = alpha.id().unwrap_or(0);
     let summary = runtime.block_on(async {
         let mut log = LogWriter::new(log_file);
         let killer = async {
@@ -362,7 +267,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
 
     // The old primary comes back as Secondary and resyncs from beta.
-    let _alpha = start(&replicad, &config, "alpha", &dir.join("alpha-restart.log"))?;
+    let _alpha = NodeProcess::start(&config, "alpha", &dir.join("alpha-restart.log"))?;
     wait_for(
         &alpha_ctl,
         "alpha to rejoin",

@@ -6,5 +6,7 @@ pub mod bench;
 pub mod checker;
 pub mod demo;
 pub mod faultproxy;
+pub mod launch;
 pub mod nbd_client;
+pub mod node;
 pub mod serve;

@@ -6,12 +6,25 @@
 //! they are identical), so the export is ready in seconds and measured in steady
 //! state. Runs until SIGTERM/SIGINT, then stops both daemons cleanly.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use replicad::control::{Client, Request, ResourceStatus};
+use replicad::control::Request;
+
+use crate::launch::{call, free_port, NodeProcess};
+
+/// The resource `serve` sets up.
+pub(crate) const RESOURCE: &str = "r0";
+
+/// Polls the resource's status at `control` until `check` holds (bounded).
+pub(crate) fn wait_for(
+    control: &Path,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&replicad::control::ResourceStatus) -> bool,
+) -> anyhow::Result<replicad::control::ResourceStatus> {
+    crate::launch::wait_for(control, RESOURCE, what, timeout, check)
+}
 
 /// Options of `replctl serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,125 +60,10 @@ pub struct ServeArgs {
     pub peer_zeroed: bool,
 }
 
-pub(crate) struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    /// Starts `replicad` (next to this binary) for `node`; it dies with us.
-    pub(crate) fn start(config: &Path, node: &str, log: &Path) -> anyhow::Result<Daemon> {
-        let binary = std::env::current_exe()?.with_file_name("replicad");
-        anyhow::ensure!(
-            binary.exists(),
-            "replicad not found next to replctl ({})",
-            binary.display()
-        );
-        let log = std::fs::File::create(log)?;
-        let mut command = Command::new(binary);
-        command
-            .arg("--config")
-            .arg(config)
-            .arg("--node")
-            .arg(node)
-            .stdout(Stdio::null())
-            .stderr(log);
-        // SAFETY: prctl and sigprocmask between fork and exec only set process
-        // attributes (both are async-signal-safe). The mask is emptied because a
-        // caller may block SIGTERM/SIGINT to take them itself (`replctl bench`), and a
-        // blocked mask survives exec: the daemon would never see `stop`'s SIGTERM.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                Ok(())
-            });
-        }
-        Ok(Daemon {
-            child: Some(command.spawn()?),
-        })
-    }
-
-    /// SIGTERM, bounded wait, then SIGKILL. Returns the exit status when the daemon
-    /// exited by itself after SIGTERM; `None` when it had to be killed or was stopped
-    /// before.
-    pub(crate) fn stop(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        // SAFETY: kill with the pid of our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-pub(crate) fn status(control: &Path) -> anyhow::Result<ResourceStatus> {
-    let mut client = Client::connect(control, Duration::from_secs(30))?;
-    client
-        .status(Some("r0"))?
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no status for r0"))
-}
-
-pub(crate) fn call(control: &Path, request: Request) -> anyhow::Result<serde_json::Value> {
-    let mut client = Client::connect(control, Duration::from_secs(120))?;
-    Ok(client.call(&request)?)
-}
-
-/// Connected, replicating and both disks UpToDate.
-pub(crate) fn in_sync(status: &ResourceStatus) -> bool {
-    status.disk == "UpToDate"
-        && status.peer.as_ref().is_some_and(|peer| {
-            peer.connection == "Connected"
-                && peer.replication == "Established"
-                && peer.peer_disk.as_deref() == Some("UpToDate")
-        })
-}
-
-/// Polls until `check` holds (bounded).
-pub(crate) fn wait_for(
-    control: &Path,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&ResourceStatus) -> bool,
-) -> anyhow::Result<ResourceStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match status(control) {
-            Ok(status) if check(&status) => return Ok(status),
-            _ if Instant::now() >= deadline => {
-                anyhow::bail!("timed out after {timeout:?} waiting for {what}")
-            }
-            _ => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// A running single node or pair; stops its daemons on drop.
 pub(crate) struct Setup {
-    pub primary: Daemon,
-    pub secondary: Option<Daemon>,
+    pub primary: NodeProcess,
+    pub secondary: Option<NodeProcess>,
     pub size_bytes: u64,
 }
 
@@ -214,10 +112,10 @@ pub(crate) fn set_up(args: &ServeArgs) -> anyhow::Result<Setup> {
     for node in &nodes {
         crate::admin::create_md(&config, node, "r0", true, args.zeroed)?;
     }
-    let primary = Daemon::start(&config, "alpha", &dir.join("alpha.log"))?;
+    let primary = NodeProcess::start(&config, "alpha", &dir.join("alpha.log"))?;
     let primary_control = dir.join("alpha.ctl");
     let secondary = match args.peer_disk {
-        Some(_) => Some(Daemon::start(&config, "beta", &dir.join("beta.log"))?),
+        Some(_) => Some(NodeProcess::start(&config, "beta", &dir.join("beta.log"))?),
         None => None,
     };
     let status = wait_for(
@@ -268,7 +166,7 @@ pub(crate) fn set_up(args: &ServeArgs) -> anyhow::Result<Setup> {
 
 /// Blocks SIGTERM and SIGINT in the calling thread (and the threads it starts later),
 /// so they can be taken with `sigwait`/`sigtimedwait`; returns the set. Children
-/// inherit the mask: [`Daemon::start`] empties it for the daemons.
+/// inherit the mask: [`NodeProcess::spawn`] empties it for the daemons.
 pub(crate) fn block_termination_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local, zero-initialised set.
     unsafe {

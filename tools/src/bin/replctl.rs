@@ -1,6 +1,7 @@
 //! `replctl` — the admin CLI of replicad: a thin client of the daemon's control socket,
-//! plus the commands that work on a store directly (`create-md`, `dump-md`) and the
-//! self-contained `demo` and `bench`.
+//! plus the commands that work on a store directly (`create-md`, `dump-md`), the
+//! self-contained `demo` and `bench`, and `daemon` (the node daemon itself, so that
+//! `replctl` alone can start the nodes of a demo).
 //!
 //! Exit codes: 0 done, 1 refused or failed (one-line reason on stderr), 2 usage error.
 
@@ -122,6 +123,8 @@ enum Command {
     /// Run a throwaway node or pair on image files in the foreground (for external
     /// benchmarks such as fio); stops cleanly on SIGTERM.
     Serve(tools::serve::ServeArgs),
+    /// Run this node's daemon in the foreground: the same daemon as `replicad`.
+    Daemon(tools::node::DaemonArgs),
 }
 
 fn main() -> ExitCode {
@@ -323,6 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => tools::demo::run(args),
         Command::Bench(args) => tools::bench::run(args),
         Command::Serve(args) => tools::serve::run(args),
+        Command::Daemon(args) => tools::node::run(&cli.config, cli.node.as_deref(), args),
     }
 }
 

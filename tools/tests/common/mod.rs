@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -162,7 +161,7 @@ pub struct Node {
     pub nbd_socket: PathBuf,
     pub control: PathBuf,
     pub log: PathBuf,
-    pub process: Option<Child>,
+    pub process: Option<tools::launch::NodeProcess>,
     starts: u32,
 }
 
@@ -309,31 +308,18 @@ impl Cluster {
             .append(true)
             .open(&node.log)
             .expect("log file");
-        let mut command = Command::new(replicad_bin());
-        command
-            .arg("--config")
-            .arg(&config)
-            .arg("--node")
-            .arg(name)
-            .arg("--log")
-            .arg("info")
-            .stdout(Stdio::null())
-            .stderr(log);
         // alpha runs two runtime threads (tasks truly concurrent, as on larger
         // machines), every other node the default (one on a two-CPU machine), so a
         // pair test drives both kinds of daemon.
+        let mut extra = vec!["--log", "info"];
         if name == "alpha" {
-            command.arg("--threads").arg("2");
+            extra.extend(["--threads", "2"]);
         }
-        // SAFETY: prctl in the child between fork and exec only sets a process
-        // attribute; the daemon dies with the test process.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        node.process = Some(command.spawn().expect("spawn replicad"));
+        let program = tools::launch::DaemonProgram::binary(&replicad_bin());
+        node.process = Some(
+            tools::launch::NodeProcess::spawn(&program, &config, name, log, &extra)
+                .expect("spawn replicad"),
+        );
         let control = node.control.clone();
         let log_path = node.log.clone();
         let mut attempts = 0;
@@ -343,7 +329,7 @@ impl Cluster {
             || {
                 attempts += 1;
                 if let Some(child) = self.nodes.get_mut(name).and_then(|n| n.process.as_mut()) {
-                    if let Ok(Some(status)) = child.try_wait() {
+                    if let Some(status) = child.exited() {
                         panic!(
                             "replicad {name} exited during startup ({status}):\n{}",
                             std::fs::read_to_string(&log_path).unwrap_or_default()
@@ -373,8 +359,7 @@ impl Cluster {
             .get_mut(name)
             .unwrap_or_else(|| panic!("no node {name}"));
         if let Some(mut child) = node.process.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
         }
     }
 
@@ -385,29 +370,12 @@ impl Cluster {
             .get_mut(name)
             .unwrap_or_else(|| panic!("no node {name}"));
         if let Some(mut child) = node.process.take() {
-            // SAFETY: kill with a valid pid of our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => {
-                        assert!(
-                            status.success(),
-                            "replicad {name} exited with {status} on SIGTERM:\n{}",
-                            self.log_tail(name)
-                        );
-                        return;
-                    }
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        panic!("replicad {name} did not stop within 60s of SIGTERM");
-                    }
-                }
-            }
+            let status = child.stop();
+            assert!(
+                status.is_some_and(|status| status.success()),
+                "replicad {name} did not stop cleanly on SIGTERM ({status:?}):\n{}",
+                self.log_tail(name)
+            );
         }
     }
 
@@ -526,8 +494,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for node in self.nodes.values_mut() {
             if let Some(mut child) = node.process.take() {
-                let _ = child.kill();
-                let _ = child.wait();
+                child.kill();
             }
         }
         if !self.keep || !std::thread::panicking() {
@@ -722,7 +689,7 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no node {name}"));
         node.process
             .as_mut()
-            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+            .is_some_and(|child| child.exited().is_none())
     }
 
     /// Stops `name` as `how` says, starts it again and promotes it: a restarted node
