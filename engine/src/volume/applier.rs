@@ -1,4 +1,4 @@
-//! The applier thread: journaled records (and resync data) into place, checkpoints.
+//! The applier: journaled records (and resync data) into place, checkpoints.
 //!
 //! Records are applied only once durable in the journal (the write-ahead rule). A
 //! batch is applied with the apply lock held for writing: last writer wins per block,
@@ -10,10 +10,14 @@
 //! bitmap and checksum-table pages; metadata fdatasync; superblock with the new
 //! checkpoint; fdatasync. A crash anywhere in between leaves the previous superblock,
 //! whose checkpoint is older, and replay redoes the difference.
+//!
+//! One unit of this work is a [`step`]; the applier thread ([`run`]) loops over it,
+//! lets records written to the journal wait up to [`APPLY_DELAY`] for the fdatasync
+//! that makes them appliable, and sleeps when it finds nothing.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{journal, ApplyItem, Shared, State};
@@ -26,7 +30,7 @@ use crate::BLOCK_BYTES;
 /// Most items applied in one batch.
 const MAX_BATCH_ITEMS: usize = 8192;
 /// How long durable-but-unapplied records may wait so that one journal fdatasync
-/// covers many of them (reads are served from the overlay meanwhile).
+/// covers many of them (reads are served from the overlay meanwhile). Threaded mode.
 const APPLY_DELAY: Duration = Duration::from_millis(10);
 
 fn item_ready(state: &State, item: &ApplyItem) -> bool {
@@ -36,6 +40,10 @@ fn item_ready(state: &State, item: &ApplyItem) -> bool {
     }
 }
 
+/// Whether a checkpoint is due: when requested; when the ring is over half full and
+/// the checkpoint can move its tail; or when there is something to make durable
+/// (applied records, changed checksum or bitmap pages) and the checkpoint interval
+/// has passed.
 fn checkpoint_due(shared: &Shared, state: &State) -> bool {
     if state.checkpoint_requested {
         return true;
@@ -52,99 +60,135 @@ fn checkpoint_due(shared: &Shared, state: &State) -> bool {
     meta_dirty && state.last_checkpoint.elapsed() >= shared.options.checkpoint_interval
 }
 
+/// Whether the journal should be fdatasynced now for records waiting to be applied,
+/// without waiting out the apply delay: space, a checkpoint or the close waits.
+fn sync_pressing(shared: &Shared, state: &State) -> bool {
+    state.ring_used > shared.geometry.journal_bytes / 4
+        || state.checkpoint_requested
+        || state.closing
+}
+
+/// What one [`step`] found.
+pub(super) enum Step<'a> {
+    /// It did one unit of work: a journal fdatasync, an apply batch or a checkpoint
+    /// (which may have failed the volume).
+    Worked,
+    /// The volume failed, or it is closing and everything is done: stop.
+    Stop,
+    /// The oldest item waits for a journal fdatasync that `sync_now` put off.
+    WaitsForSync(MutexGuard<'a, State>),
+    /// Nothing to do.
+    Idle(MutexGuard<'a, State>),
+}
+
+/// One unit of the applier's work, in this order of preference: an fdatasync of the
+/// journal when the oldest record waits for one (if `sync_now` agrees); a due
+/// checkpoint (first, so a queue that never drains cannot starve it, and with it the
+/// persisted progress of a resync target and the reclaiming of journal space); an
+/// apply batch; the final checkpoint of a close; a checkpoint due while idle.
+pub(super) fn step<'a>(
+    shared: &'a Shared,
+    mut state: MutexGuard<'a, State>,
+    sync_now: impl FnOnce(&State) -> bool,
+) -> Step<'a> {
+    if state.failed.is_some() {
+        return Step::Stop;
+    }
+    let front_ready = state
+        .apply_queue
+        .front()
+        .is_some_and(|item| item_ready(&state, item));
+    if !front_ready && !state.apply_queue.is_empty() {
+        if !sync_now(&state) {
+            return Step::WaitsForSync(state);
+        }
+        let target = state.written_seq;
+        drop(state);
+        journal::sync(shared, target);
+        return Step::Worked;
+    }
+    if front_ready && checkpoint_due(shared, &state) {
+        drop(state);
+        checkpoint_or_fail(shared);
+        return Step::Worked;
+    }
+    if front_ready {
+        let mut batch = Vec::new();
+        while batch.len() < MAX_BATCH_ITEMS
+            && state
+                .apply_queue
+                .front()
+                .is_some_and(|item| item_ready(&state, item))
+        {
+            if let Some(item) = state.apply_queue.pop_front() {
+                batch.push(item);
+            }
+        }
+        state.applying = true;
+        drop(state);
+        if let Err(error) = apply_batch(shared, batch) {
+            let mut state = shared.lock();
+            state.applying = false;
+            shared.fail(&mut state, format!("writing data in place failed: {error}"));
+        }
+        return Step::Worked;
+    }
+    let closing_idle = state.closing && state.pending.is_empty() && state.apply_queue.is_empty();
+    if closing_idle {
+        let final_checkpoint_needed = !state.applied_positions.is_empty()
+            || state.checkpoint_requested
+            || state.bitmap_dirty()
+            || shared.checksums_dirty();
+        if !final_checkpoint_needed {
+            return Step::Stop;
+        }
+    }
+    if closing_idle || checkpoint_due(shared, &state) {
+        drop(state);
+        checkpoint_or_fail(shared);
+        return Step::Worked;
+    }
+    Step::Idle(state)
+}
+
 /// The applier thread's body.
 pub(super) fn run(shared: Arc<Shared>) {
     let mut waiting_since: Option<Instant> = None;
     loop {
-        let mut state = shared.lock();
-        if state.failed.is_some() {
-            return;
-        }
-        let front_ready = state
-            .apply_queue
-            .front()
-            .is_some_and(|item| item_ready(&state, item));
-        let front_waits_for_sync = !front_ready && !state.apply_queue.is_empty();
-        if front_waits_for_sync {
+        let state = shared.lock();
+        let mut front_waits = false;
+        let step = step(&shared, state, |state| {
+            front_waits = true;
             let since = *waiting_since.get_or_insert_with(Instant::now);
-            let pressure = state.ring_used > shared.geometry.journal_bytes / 4
-                || state.checkpoint_requested
-                || state.closing
-                || since.elapsed() >= APPLY_DELAY;
-            if pressure {
-                let target = state.written_seq;
-                drop(state);
-                journal::sync(&shared, target);
-                continue;
-            }
-            // Not marked idle: new commits need not wake us, the timer will. Ring
-            // pressure and shutdown wake us explicitly.
-            let remaining = APPLY_DELAY.saturating_sub(since.elapsed());
-            drop(shared.applier_wake.wait_timeout(state, remaining));
-            continue;
+            sync_pressing(&shared, state) || since.elapsed() >= APPLY_DELAY
+        });
+        if !front_waits {
+            waiting_since = None;
         }
-        waiting_since = None;
-        // A due checkpoint goes first: with the queue never empty (a long resync, a
-        // steady write load) it would otherwise starve, and with it the persisted
-        // progress of a resync target and the reclaiming of journal space.
-        if front_ready && checkpoint_due(&shared, &state) {
-            drop(state);
-            if !checkpoint_or_fail(&shared) {
-                return;
+        match step {
+            Step::Worked => {}
+            Step::Stop => return,
+            Step::WaitsForSync(state) => {
+                // Not marked idle: new commits need not wake us, the timer will. Ring
+                // pressure and shutdown wake us explicitly.
+                let waited = waiting_since.map_or(Duration::ZERO, |since| since.elapsed());
+                let remaining = APPLY_DELAY.saturating_sub(waited);
+                drop(shared.applier_wake.wait_timeout(state, remaining));
             }
-            continue;
-        }
-        if front_ready {
-            let mut batch = Vec::new();
-            while batch.len() < MAX_BATCH_ITEMS
-                && state
-                    .apply_queue
-                    .front()
-                    .is_some_and(|item| item_ready(&state, item))
-            {
-                if let Some(item) = state.apply_queue.pop_front() {
-                    batch.push(item);
-                }
-            }
-            state.applying = true;
-            drop(state);
-            if let Err(error) = apply_batch(&shared, batch) {
-                let mut state = shared.lock();
-                state.applying = false;
-                shared.fail(&mut state, format!("writing data in place failed: {error}"));
-                return;
-            }
-            continue;
-        }
-        let closing_idle =
-            state.closing && state.pending.is_empty() && state.apply_queue.is_empty();
-        if closing_idle {
-            let final_checkpoint_needed = !state.applied_positions.is_empty()
-                || state.checkpoint_requested
-                || state.bitmap_dirty()
-                || shared.checksums_dirty();
-            if !final_checkpoint_needed {
-                return;
+            Step::Idle(mut state) => {
+                let timeout = shared
+                    .options
+                    .checkpoint_interval
+                    .saturating_sub(state.last_checkpoint.elapsed())
+                    .max(Duration::from_millis(5));
+                state.applier_idle = true;
+                let (mut state, _) = shared
+                    .applier_wake
+                    .wait_timeout(state, timeout)
+                    .unwrap_or_else(|p| p.into_inner());
+                state.applier_idle = false;
             }
         }
-        if closing_idle || checkpoint_due(&shared, &state) {
-            drop(state);
-            if !checkpoint_or_fail(&shared) {
-                return;
-            }
-            continue;
-        }
-        let timeout = shared
-            .options
-            .checkpoint_interval
-            .saturating_sub(state.last_checkpoint.elapsed())
-            .max(Duration::from_millis(5));
-        state.applier_idle = true;
-        let (mut state, _) = shared
-            .applier_wake
-            .wait_timeout(state, timeout)
-            .unwrap_or_else(|p| p.into_inner());
-        state.applier_idle = false;
     }
 }
 
@@ -308,15 +352,11 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
     Ok(())
 }
 
-/// Runs a checkpoint; if it fails, the volume is failed and the applier must stop.
-fn checkpoint_or_fail(shared: &Shared) -> bool {
-    match checkpoint(shared) {
-        Ok(()) => true,
-        Err(error) => {
-            let mut state = shared.lock();
-            shared.fail(&mut state, format!("checkpoint failed: {error}"));
-            false
-        }
+/// Runs a checkpoint; if it fails, the volume is failed (the next step stops).
+fn checkpoint_or_fail(shared: &Shared) {
+    if let Err(error) = checkpoint(shared) {
+        let mut state = shared.lock();
+        shared.fail(&mut state, format!("checkpoint failed: {error}"));
     }
 }
 

@@ -275,6 +275,13 @@ pub(super) fn round(shared: &Shared, mut state: MutexGuard<'_, State>) -> Round 
     Round::Committed
 }
 
+/// Whether a round would have something to do: records wait or a flush wants an
+/// fdatasync, and no round is running.
+pub(super) fn has_work(state: &State) -> bool {
+    let want_flush = state.flush_requested > state.durable_seq;
+    (!state.pending.is_empty() || want_flush) && !state.committing
+}
+
 /// The journal writer thread's body.
 pub(super) fn run(shared: Arc<Shared>) {
     loop {
@@ -284,8 +291,7 @@ pub(super) fn run(shared: Arc<Shared>) {
                 fail_everything(&shared, state);
                 return;
             }
-            let want_flush = state.flush_requested > state.durable_seq;
-            if (!state.pending.is_empty() || want_flush) && !state.committing {
+            if has_work(&state) {
                 break;
             }
             if state.closing && state.pending.is_empty() && !state.committing {
