@@ -66,6 +66,12 @@ pub enum IoError {
     Closed,
     #[error("replicated record rejected: {0}")]
     BadRecord(Arc<str>),
+    /// Manual mode only (see `volume::Background::Manual`): the call would have to
+    /// wait for something no inline work can bring about (typically a journal full of
+    /// records held for the peer's acknowledgement). Nothing was lost; retry after the
+    /// driver has made that happen.
+    #[error("cannot go on without outside progress: {0}")]
+    Stalled(&'static str),
 }
 
 impl IoError {
@@ -80,6 +86,7 @@ impl IoError {
             IoError::Checksum { .. } | IoError::Failed(_) => libc::EIO,
             IoError::Backend(error) => error.errno(),
             IoError::Closed => libc::ESHUTDOWN,
+            IoError::Stalled(_) => libc::EAGAIN,
         }
     }
 }

@@ -41,6 +41,7 @@ fn options() -> VolumeOptions {
         checkpoint_interval: Duration::from_millis(1),
         reader_threads: 1,
         mark_replayed_out_of_sync: true,
+        ..VolumeOptions::default()
     }
 }
 

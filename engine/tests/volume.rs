@@ -33,6 +33,7 @@ fn options() -> VolumeOptions {
         checkpoint_interval: Duration::from_millis(20),
         reader_threads: 2,
         mark_replayed_out_of_sync: true,
+        ..VolumeOptions::default()
     }
 }
 

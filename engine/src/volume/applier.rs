@@ -11,9 +11,12 @@
 //! checkpoint; fdatasync. A crash anywhere in between leaves the previous superblock,
 //! whose checkpoint is older, and replay redoes the difference.
 //!
-//! One unit of this work is a [`step`]; the applier thread ([`run`]) loops over it,
-//! lets records written to the journal wait up to [`APPLY_DELAY`] for the fdatasync
-//! that makes them appliable, and sleeps when it finds nothing.
+//! One unit of this work is a [`step`]: the applier thread ([`run`]) loops over it and
+//! sleeps when it finds nothing; manual mode's `Volume::pump` calls it directly. The
+//! two differ only in time: the thread lets records written to the journal wait up
+//! to [`APPLY_DELAY`] for the fdatasync that makes them appliable, and checkpoints on
+//! an interval; manual mode syncs at once and checkpoints when nothing is left to
+//! apply (see [`checkpoint_due`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -42,8 +45,9 @@ fn item_ready(state: &State, item: &ApplyItem) -> bool {
 
 /// Whether a checkpoint is due: when requested; when the ring is over half full and
 /// the checkpoint can move its tail; or when there is something to make durable
-/// (applied records, changed checksum or bitmap pages) and the checkpoint interval
-/// has passed.
+/// (applied records, changed checksum or bitmap pages) and — threaded mode — the
+/// checkpoint interval has passed, or — manual mode, which keeps no clock — nothing
+/// is left to apply.
 fn checkpoint_due(shared: &Shared, state: &State) -> bool {
     if state.checkpoint_requested {
         return true;
@@ -57,7 +61,14 @@ fn checkpoint_due(shared: &Shared, state: &State) -> bool {
         return true;
     }
     let meta_dirty = can_advance || state.bitmap_dirty() || shared.checksums_dirty();
-    meta_dirty && state.last_checkpoint.elapsed() >= shared.options.checkpoint_interval
+    meta_dirty
+        && if shared.manual() {
+            state.apply_queue.is_empty()
+        } else {
+            state
+                .last_checkpoint
+                .is_none_or(|at| at.elapsed() >= shared.options.checkpoint_interval)
+        }
 }
 
 /// Whether the journal should be fdatasynced now for records waiting to be applied,
@@ -176,10 +187,13 @@ pub(super) fn run(shared: Arc<Shared>) {
                 drop(shared.applier_wake.wait_timeout(state, remaining));
             }
             Step::Idle(mut state) => {
+                let since_checkpoint = state
+                    .last_checkpoint
+                    .map_or(Duration::ZERO, |at| at.elapsed());
                 let timeout = shared
                     .options
                     .checkpoint_interval
-                    .saturating_sub(state.last_checkpoint.elapsed())
+                    .saturating_sub(since_checkpoint)
                     .max(Duration::from_millis(5));
                 state.applier_idle = true;
                 let (mut state, _) = shared
@@ -419,7 +433,9 @@ fn checkpoint(shared: &Shared) -> Result<(), EngineError> {
         state.ring_used = (state.ring_head + ring_bytes - pos) % ring_bytes;
     }
     state.checkpoint_requested = false;
-    state.last_checkpoint = Instant::now();
+    if !shared.manual() {
+        state.last_checkpoint = Some(Instant::now());
+    }
     shared.stats.checkpoints.fetch_add(1, Ordering::Release);
     shared.wake_progress(&state);
     Ok(())

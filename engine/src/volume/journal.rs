@@ -1,4 +1,4 @@
-//! The journal writer thread: group commit into the ring.
+//! The journal writer: group commit into the ring.
 //!
 //! Each round takes every queued record that fits, lays them out contiguously from
 //! the ring head (a PAD fills the ring's end when a record does not fit there; a PAD
@@ -8,6 +8,12 @@
 //! a flush is waiting. Then it completes the callbacks and hands the records to the
 //! applier. A full ring waits for the applier's checkpoint (after making the written
 //! records durable, so the applier may apply them).
+//!
+//! A [`round`] runs on the journal thread ([`run`]), inline on a writer's thread
+//! (threaded mode, when no fdatasync is needed), or from `Volume::pump` and the
+//! inline paths of manual mode (see `manual.rs`), which decide with the same
+//! [`has_work`] as the thread. Manual mode does not wait on a full ring: the
+//! applier's step (fdatasync, apply, checkpoint) runs next instead.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
@@ -353,8 +359,8 @@ fn take_satisfied_flushes(state: &mut State) -> Vec<FlushDone> {
     ready.into_iter().map(|(_, done)| done).collect()
 }
 
-/// The volume failed: fail every queued write and flush.
-fn fail_everything(shared: &Shared, mut state: std::sync::MutexGuard<'_, State>) {
+/// The volume failed: fail every queued write and flush. Returns whether there was any.
+pub(super) fn fail_everything(shared: &Shared, mut state: MutexGuard<'_, State>) -> bool {
     let reason = state.failed.clone().unwrap_or_else(|| "failed".into());
     let pending: Vec<Pending> = state.pending.drain(..).collect();
     state.pending_bytes = 0;
@@ -365,6 +371,7 @@ fn fail_everything(shared: &Shared, mut state: std::sync::MutexGuard<'_, State>)
         .collect();
     shared.progress.notify_all();
     drop(state);
+    let any = !pending.is_empty() || !flushes.is_empty();
     for pending in pending {
         if let Some(done) = pending.done {
             done(Err(IoError::Failed(reason.clone())));
@@ -373,4 +380,5 @@ fn fail_everything(shared: &Shared, mut state: std::sync::MutexGuard<'_, State>)
     for done in flushes {
         done(Err(IoError::Failed(reason.clone())));
     }
+    any
 }

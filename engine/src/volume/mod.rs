@@ -23,9 +23,22 @@
 //!
 //! Memory is bounded: queued-but-unwritten record bytes by `journal_bytes`, written-
 //! but-unapplied bytes by the ring itself. Writers block (back-pressure) when full.
+//!
+//! Two ways to run ([`Background`], chosen at open):
+//! * **Threads** (the daemon): a journal writer thread, an applier thread and reader
+//!   threads do the work described above; writers wait on condition variables.
+//! * **Manual** (a deterministic simulator): no thread is started. Every call does
+//!   its own work on the caller's thread and never blocks — a write commits inline, a
+//!   flush syncs inline, a read reads inline, back-pressure is worked off inline —
+//!   and [`Volume::pump`] does the rest one unit at a time (a group commit round, a
+//!   journal fdatasync, an apply batch or a checkpoint). Callbacks run on the
+//!   caller's thread, and nothing depends on the clock, so a run replays exactly.
+//!   The thread bodies and `pump` share the same step functions (`journal::round`,
+//!   `applier::step`); the rules are in `manual.rs`.
 
 mod applier;
 mod journal;
+mod manual;
 mod open;
 mod read;
 
@@ -51,16 +64,33 @@ use crate::record::{self, Record};
 use crate::superblock::Superblock;
 use crate::{BLOCK_BYTES, MAX_IO_BYTES};
 
+/// Who does an open volume's background work (group commit, journal fdatasyncs,
+/// applying, checkpoints, reads).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Background {
+    /// A journal writer thread, an applier thread and reader threads; writers wait
+    /// when the engine's memory or ring is full. What the daemon runs.
+    #[default]
+    Threads,
+    /// No thread at all: every call does its own work inline and never blocks, and
+    /// the rest is done one unit at a time by [`Volume::pump`]. No wall clock either,
+    /// so a driver (a deterministic simulator) replays a run exactly. See the
+    /// `manual` module of `volume` for the rules.
+    Manual,
+}
+
 /// Tuning knobs of an open volume.
 #[derive(Debug, Clone)]
 pub struct VolumeOptions {
-    /// Longest time between checkpoints while records are waiting.
+    /// Longest time between checkpoints while records are waiting (threaded mode).
     pub checkpoint_interval: Duration,
-    /// Threads serving reads from the store.
+    /// Threads serving reads from the store (threaded mode).
     pub reader_threads: usize,
     /// Mark the blocks of records replayed at open in the out-of-sync bitmap (their
     /// peer may never have seen them). On for replicated resources.
     pub mark_replayed_out_of_sync: bool,
+    /// Engine threads, or work driven by the caller.
+    pub background: Background,
 }
 
 impl Default for VolumeOptions {
@@ -69,6 +99,7 @@ impl Default for VolumeOptions {
             checkpoint_interval: Duration::from_millis(500),
             reader_threads: 2,
             mark_replayed_out_of_sync: true,
+            background: Background::Threads,
         }
     }
 }
@@ -220,7 +251,8 @@ struct State {
     flush_waiters: Vec<(u64, FlushDone)>,
     flush_requested: u64,
     checkpoint_requested: bool,
-    last_checkpoint: Instant,
+    /// When the last checkpoint finished (threaded mode; manual mode keeps no clock).
+    last_checkpoint: Option<Instant>,
     failed: Option<Arc<str>>,
     closing: bool,
     bitmap: Bitmap,
@@ -257,6 +289,11 @@ impl State {
 
     fn bitmap_dirty(&self) -> bool {
         self.bitmap.has_dirty()
+    }
+
+    /// Everything sequenced is journaled and written in place.
+    fn all_applied(&self) -> bool {
+        self.apply_queue.is_empty() && self.pending.is_empty() && !self.applying
     }
 
     fn checkpoint_limit(&self) -> u64 {
@@ -305,6 +342,11 @@ pub(crate) struct Shared {
     bitmap_io: Mutex<()>,
     reads: Mutex<ReadQueue>,
     reads_wake: Condvar,
+    /// Manual mode: held (with `try_lock`, never waited for) while a unit of the
+    /// applier's work runs, so two callers of `pump` on different threads cannot
+    /// apply or checkpoint at once. Threaded mode never touches it: there the applier
+    /// thread alone does that work.
+    applier_turn: Mutex<()>,
     stats: Stats,
 }
 
@@ -315,6 +357,30 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Manual mode: no threads, the caller drives the background work.
+    fn manual(&self) -> bool {
+        self.options.background == Background::Manual
+    }
+
+    /// Back-pressure: returns once `full(state)` is false. Threaded mode waits for the
+    /// background threads; manual mode does their work inline instead and fails with
+    /// [`IoError::Stalled`] (`stalled` says what is full) when none can be done.
+    fn wait_while<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        full: impl Fn(&State) -> bool,
+        stalled: &'static str,
+    ) -> Result<MutexGuard<'a, State>, IoError> {
+        if self.manual() {
+            return manual::work_while(self, state, full, stalled);
+        }
+        while full(&state) {
+            state = self.wait_progress(state, Duration::from_millis(100));
+            state.check_usable()?;
+        }
+        Ok(state)
     }
 
     fn fail(&self, state: &mut State, reason: String) {
@@ -428,6 +494,9 @@ type Callback<T> = Box<dyn FnOnce(Result<T, IoError>) + Send>;
 
 /// Most resync data a sync target holds queued for the applier.
 const MAX_RESYNC_QUEUED_BYTES: u64 = 32 << 20;
+
+/// Why a manual-mode write or replicated record cannot be taken (`IoError::Stalled`).
+const MEMORY_FULL: &str = "the journal queue is full and no inline work can make room";
 
 /// Calls `done` once all `parts` sub-operations have completed (first error wins).
 struct Join<T> {
@@ -547,6 +616,10 @@ impl Volume {
     /// Submits a client write. Returns the records it became, in sequence order (the
     /// replication stream ships them); `done` fires when all are in the journal
     /// (durable there too if `fua`). Blocks while the engine's memory budget is full.
+    ///
+    /// Manual mode: makes room and commits inline, so `done` has run when this
+    /// returns, unless the journal cannot take the records yet (they wait for the
+    /// peer's acknowledgements); then a later [`Volume::pump`] runs it.
     pub fn write(&self, request: WriteRequest, done: WriteDone) -> Result<Vec<Record>, IoError> {
         self.write_with(request, done, true)
     }
@@ -556,6 +629,8 @@ impl Volume {
     /// be sequenced (an async front end that yields once) lets one commit take them all,
     /// instead of one commit (and one fresh journal page) per write. The caller must
     /// call `commit_pending` afterwards; until then the write stays uncommitted.
+    /// Manual mode: only sequences (after making room inline if the memory budget is
+    /// full); the commit happens in `commit_pending` or [`Volume::pump`].
     pub fn write_deferred(
         &self,
         request: WriteRequest,
@@ -566,8 +641,13 @@ impl Volume {
 
     /// Commits whatever is sequenced and not yet committed: on this thread when that is
     /// cheap (see `write`), else by waking the journal thread. Cheap when nothing waits.
+    /// Manual mode: runs group-commit rounds inline (fdatasync included when a record
+    /// has FUA or a flush waits) until nothing is pending, or nothing can be placed.
     pub fn commit_pending(&self) {
         let shared = &self.shared;
+        if shared.manual() {
+            return manual::commit(shared);
+        }
         let state = shared.lock();
         if state.pending.is_empty() {
             return;
@@ -596,10 +676,13 @@ impl Volume {
         let budget = length.next_multiple_of(BLOCK_BYTES) + 2 * BLOCK_BYTES;
         let mut state = shared.lock();
         state.check_usable()?;
-        while state.pending_bytes > 0 && state.pending_bytes + budget > shared.max_memory_bytes() {
-            state = shared.wait_progress(state, Duration::from_millis(100));
-            state.check_usable()?;
-        }
+        state = shared.wait_while(
+            state,
+            |state| {
+                state.pending_bytes > 0 && state.pending_bytes + budget > shared.max_memory_bytes()
+            },
+            MEMORY_FULL,
+        )?;
         // Turn the request into whole-block pieces (read-modify-write at the edges).
         let pieces = match &request.kind {
             WriteKind::Data(data) => {
@@ -627,9 +710,7 @@ impl Volume {
             self.sequence(&mut state, record.clone(), Some(done), false);
             records.push(record);
         }
-        if commit_now || !journal::may_commit_inline(shared, &state) {
-            commit_or_hand_off(shared, state);
-        }
+        commit_after_sequencing(shared, state, commit_now);
         Ok(records)
     }
 
@@ -816,22 +897,31 @@ impl Volume {
         }
         state.flush_requested = state.flush_requested.max(target);
         state.flush_waiters.push((target, done));
+        if shared.manual() {
+            drop(state);
+            return manual::commit(shared);
+        }
         shared.wake_writer(&state);
         drop(state);
     }
 
-    /// Submits a read; `done` gets exactly `length` bytes or an error.
+    /// Submits a read; `done` gets exactly `length` bytes or an error. Manual mode:
+    /// the read runs on this thread and `done` has run when this returns.
     pub fn read(&self, offset: u64, length: u64, done: ReadDone) {
         if let Err(error) = check_io("read", offset, length, self.size_bytes()) {
             return done(Err(error));
         }
         let shared = &self.shared;
-        let mut queue = shared.reads.lock().unwrap_or_else(|p| p.into_inner());
-        queue.jobs.push_back(ReadJob {
+        let job = ReadJob {
             offset,
             length,
             done,
-        });
+        };
+        if shared.manual() {
+            return read::read_batch(shared, vec![job]);
+        }
+        let mut queue = shared.reads.lock().unwrap_or_else(|p| p.into_inner());
+        queue.jobs.push_back(job);
         if queue.idle > 0 {
             shared.reads_wake.notify_one();
         }
@@ -843,18 +933,37 @@ impl Volume {
         read::read_now(&self.shared, offset, length)
     }
 
-    /// Writes synchronously (tools and tests).
+    /// Writes synchronously (tools and tests). Manual mode: never waits; a write the
+    /// journal cannot take yet fails with [`IoError::Stalled`] (it stays sequenced and
+    /// completes at a later [`Volume::pump`]).
     pub fn write_blocking(&self, request: WriteRequest) -> Result<u64, IoError> {
         let (sender, receiver) = std::sync::mpsc::channel();
         self.write(request, Box::new(move |result| drop(sender.send(result))))?;
-        receiver.recv().unwrap_or(Err(IoError::Closed))
+        self.completion(&receiver, "the write is not in the journal yet")
     }
 
-    /// Flushes synchronously.
+    /// Flushes synchronously (manual mode: as `write_blocking`).
     pub fn flush_blocking(&self) -> Result<(), IoError> {
         let (sender, receiver) = std::sync::mpsc::channel();
         self.flush(Box::new(move |result| drop(sender.send(result))));
-        receiver.recv().unwrap_or(Err(IoError::Closed))
+        self.completion(&receiver, "the flush cannot be made durable yet")
+    }
+
+    /// The result a callback sent: waited for in threaded mode; in manual mode the
+    /// call that caused it ran it already, or `Stalled` (`stalled` says why).
+    fn completion<T>(
+        &self,
+        receiver: &std::sync::mpsc::Receiver<Result<T, IoError>>,
+        stalled: &'static str,
+    ) -> Result<T, IoError> {
+        if !self.shared.manual() {
+            return receiver.recv().unwrap_or(Err(IoError::Closed));
+        }
+        match receiver.try_recv() {
+            Ok(result) => result,
+            Err(std::sync::mpsc::TryRecvError::Empty) => Err(IoError::Stalled(stalled)),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(IoError::Closed),
+        }
     }
 
     /// Every record up to this sequence number is durable in the journal.
@@ -888,6 +997,8 @@ impl Volume {
     /// the record and its callback come back untouched (`Some`), for the caller to
     /// [`Volume::commit_pending`] and retry where blocking is allowed. Lets an async
     /// caller stay on its thread and commit every record it has at hand in one round.
+    /// Manual mode: when the budget is full, room is first made inline; the record
+    /// comes back only when no inline work can make room.
     pub fn try_append_replicated_deferred(
         &self,
         record: Record,
@@ -934,20 +1045,21 @@ impl Volume {
                 .into(),
             ));
         }
-        while state.pending_bytes > 0
-            && state.pending_bytes + record.total_bytes() > shared.max_memory_bytes()
-        {
-            if !wait {
-                return Ok(Some((record, done)));
-            }
-            state = shared.wait_progress(state, Duration::from_millis(100));
-            state.check_usable()?;
+        let size = record.total_bytes();
+        let full = |state: &State| {
+            state.pending_bytes > 0 && state.pending_bytes + size > shared.max_memory_bytes()
+        };
+        if !wait && !shared.manual() && full(&state) {
+            return Ok(Some((record, done)));
         }
+        state = match shared.wait_while(state, full, MEMORY_FULL) {
+            Ok(state) => state,
+            Err(IoError::Stalled(_)) if !wait => return Ok(Some((record, done))),
+            Err(error) => return Err(error),
+        };
         state.next_seq = header.seq + 1;
         self.sequence(&mut state, record, Some(done), true);
-        if wait || !journal::may_commit_inline(shared, &state) {
-            commit_or_hand_off(shared, state);
-        }
+        commit_after_sequencing(shared, state, wait);
         Ok(None)
     }
 
@@ -968,7 +1080,8 @@ impl Volume {
     /// place (not journaled; the out-of-sync bits stay set on disk until it is
     /// durable). `data` is `None` for zero blocks, else whole blocks matching `crcs`.
     /// Blocks the stream wrote since the resync began are skipped (stale). Returns
-    /// the number of blocks queued.
+    /// the number of blocks queued. Waits while the resync queue is full (manual mode:
+    /// applies inline instead).
     pub fn write_resync(
         &self,
         first_block: u64,
@@ -994,13 +1107,14 @@ impl Volume {
             }
         }
         let shared = &self.shared;
-        let mut state = shared.lock();
+        let state = shared.lock();
         state.check_usable()?;
         // Back-pressure: the source's window is only as good as our applying.
-        while state.resync_queued_bytes >= MAX_RESYNC_QUEUED_BYTES {
-            state = shared.wait_progress(state, Duration::from_millis(100));
-            state.check_usable()?;
-        }
+        let mut state = shared.wait_while(
+            state,
+            |state| state.resync_queued_bytes >= MAX_RESYNC_QUEUED_BYTES,
+            "the resync queue is full and no inline work can apply it",
+        )?;
         let mut queued = 0;
         let mut dropped = 0;
         // Runs of blocks not rewritten meanwhile (stale ones are dropped): one item each.
@@ -1057,14 +1171,20 @@ impl Volume {
     }
 
     /// Blocks until the applier has written everything queued so far in place.
+    /// Manual mode: does that work inline (ignoring `timeout`) and returns at once;
+    /// false if it could not all be done (failed, or records wait for the peer).
     pub fn wait_applied(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
         let shared = &self.shared;
+        if shared.manual() {
+            let (state, _) = manual::drive(shared, |state| {
+                state.all_applied() || state.failed.is_some()
+            });
+            return state.all_applied() && state.failed.is_none();
+        }
+        let deadline = Instant::now() + timeout;
         let mut state = shared.lock();
         loop {
-            let drained =
-                state.apply_queue.is_empty() && state.pending.is_empty() && !state.applying;
-            if drained || state.failed.is_some() {
+            if state.all_applied() || state.failed.is_some() {
                 return state.failed.is_none();
             }
             shared.applier_wake.notify_one();
@@ -1077,9 +1197,20 @@ impl Volume {
     }
 
     /// Forces a checkpoint now and waits for it (makes applied resync data and bitmap
-    /// changes durable).
+    /// changes durable). Manual mode: does it inline (ignoring `timeout`).
     pub fn checkpoint_blocking(&self, timeout: Duration) -> bool {
         let shared = &self.shared;
+        if shared.manual() {
+            if !self.wait_applied(timeout) {
+                return false;
+            }
+            let before = shared.stats.checkpoints.load(Ordering::Acquire);
+            shared.lock().checkpoint_requested = true;
+            let checkpointed = || shared.stats.checkpoints.load(Ordering::Acquire) != before;
+            let (state, _) =
+                manual::drive(shared, |state| checkpointed() || state.failed.is_some());
+            return checkpointed() && state.failed.is_none();
+        }
         let before = shared.stats.checkpoints.load(Ordering::Acquire);
         if !self.wait_applied(timeout) {
             return false;
@@ -1272,8 +1403,13 @@ impl Volume {
                 state.bitmap.set_range(unacked.first_block, unacked.blocks);
             }
         }
-        self.wake_all();
-        self.join_threads();
+        if self.shared.manual() {
+            // What the threads would do before they stop: journal, apply, checkpoint.
+            manual::pump_until_idle(&self.shared, manual::MAX_INLINE_UNITS);
+        } else {
+            self.wake_all();
+            self.join_threads();
+        }
         let state = self.shared.lock();
         if let Some(reason) = &state.failed {
             return Err(EngineError::Failed(reason.to_string()));
@@ -1303,17 +1439,44 @@ impl Volume {
         }
     }
 
-    /// Stops the threads without a checkpoint (what a crash leaves; for tests).
+    /// Stops the threads without a checkpoint (what a crash leaves; for tests). Writes
+    /// and flushes still waiting fail (manual mode: before this returns).
     pub fn abandon(&self) {
-        {
-            let mut state = self.shared.lock();
-            state.closing = true;
-            if state.failed.is_none() {
-                state.failed = Some("abandoned".into());
-            }
+        let mut state = self.shared.lock();
+        state.closing = true;
+        if state.failed.is_none() {
+            state.failed = Some("abandoned".into());
         }
+        if self.shared.manual() {
+            // No journal thread to fail what waits: do it here.
+            journal::fail_everything(&self.shared, state);
+            return;
+        }
+        drop(state);
         self.wake_all();
         self.join_threads();
+    }
+
+    /// Manual mode: does one unit of the work the background threads would do and
+    /// returns whether there was any. In order of preference: one group-commit round
+    /// (pending records or a waiting flush); one journal fdatasync so written records
+    /// may be applied (the apply delay counts as elapsed); one apply batch; one
+    /// checkpoint when due. A checkpoint is due when requested (`checkpoint_blocking`,
+    /// `close`), when the ring is over half full and it can free space, or when there
+    /// is something to checkpoint (applied records, changed checksum or bitmap pages)
+    /// and nothing left to apply — never by the clock. A volume found failed has its
+    /// waiting writes and flushes failed (that is a unit too). Callbacks the unit
+    /// completes run on this thread before it returns.
+    ///
+    /// Threaded mode: does nothing and returns false (the threads do this work).
+    pub fn pump(&self) -> bool {
+        manual::pump(&self.shared)
+    }
+
+    /// [`Volume::pump`] until it finds nothing to do, at most `max_units` times;
+    /// returns how many units it did.
+    pub fn pump_until_idle(&self, max_units: usize) -> usize {
+        manual::pump_until_idle(&self.shared, max_units)
     }
 }
 
@@ -1329,12 +1492,33 @@ impl Clone for Volume {
 impl Drop for Volume {
     fn drop(&mut self) {
         // The engine threads hold one reference each to `shared`, the handles the rest.
-        // When the last handle goes without close(), stop the threads.
-        if Arc::strong_count(&self.threads) == 1
-            && !self.threads.lock().map(|t| t.is_empty()).unwrap_or(true)
-        {
+        // When the last handle goes without close(), stop the threads (manual mode:
+        // fail what still waits, as the journal thread would).
+        if Arc::strong_count(&self.threads) != 1 {
+            return;
+        }
+        let running = if self.shared.manual() {
+            !self.shared.lock().closing
+        } else {
+            !self.threads.lock().map(|t| t.is_empty()).unwrap_or(true)
+        };
+        if running {
             self.abandon();
         }
+    }
+}
+
+/// After sequencing: commit now (`commit_now`) or leave it to `commit_pending`. In
+/// threaded mode a deferred commit still goes to the journal thread when it could not
+/// run inline anyway; manual mode commits on this thread, whatever it takes.
+fn commit_after_sequencing(shared: &Shared, state: MutexGuard<'_, State>, commit_now: bool) {
+    if shared.manual() {
+        drop(state);
+        if commit_now {
+            manual::commit(shared);
+        }
+    } else if commit_now || !journal::may_commit_inline(shared, &state) {
+        commit_or_hand_off(shared, state);
     }
 }
 

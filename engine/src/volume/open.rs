@@ -1,4 +1,5 @@
-//! `create` (write fresh metadata), `open` (validate, recover, start the threads).
+//! `create` (write fresh metadata), `open` (validate, recover, start the threads —
+//! none in manual mode).
 //!
 //! Recovery scans the journal from the checkpoint: each record must have a valid
 //! header CRC, a sequence number above the previous one (a PAD: equal to it), fit in
@@ -16,7 +17,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Shared, State, Volume, VolumeOptions};
+use super::{Background, Shared, State, Volume, VolumeOptions};
 use crate::backend::{Backend, BackendError};
 use crate::bitmap::Bitmap;
 use crate::checksum::{block_crc, zero_block_crc, ChecksumTable};
@@ -216,8 +217,8 @@ impl Volume {
     }
 
     /// Opens a store: validates identity and geometry, recovers from the journal,
-    /// checkpoints, and starts the engine threads. `expected_uuid`, when given, must
-    /// match the store's resource UUID.
+    /// checkpoints, and starts the engine threads (none with [`Background::Manual`]).
+    /// `expected_uuid`, when given, must match the store's resource UUID.
     pub fn open(
         data: Arc<dyn Backend>,
         meta: MetaStore,
@@ -366,7 +367,8 @@ impl Volume {
             flush_waiters: Vec::new(),
             flush_requested: 0,
             checkpoint_requested: false,
-            last_checkpoint: Instant::now(),
+            // Manual mode keeps no clock (`applier::checkpoint_due`).
+            last_checkpoint: (options.background == Background::Threads).then(Instant::now),
             failed: None,
             closing: false,
             bitmap,
@@ -396,36 +398,39 @@ impl Volume {
             bitmap_io: Mutex::new(()),
             reads: Mutex::new(super::ReadQueue::default()),
             reads_wake: Condvar::new(),
+            applier_turn: Mutex::new(()),
             stats: Default::default(),
         });
         let mut threads = Vec::new();
-        let spawn = |name: String, body: fn(Arc<Shared>), shared: Arc<Shared>| {
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || body(shared))
-                .map_err(|source| {
-                    EngineError::Backend(BackendError::Open {
-                        path: "engine thread".into(),
-                        source,
+        if !shared.manual() {
+            let spawn = |name: String, body: fn(Arc<Shared>), shared: Arc<Shared>| {
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || body(shared))
+                    .map_err(|source| {
+                        EngineError::Backend(BackendError::Open {
+                            path: "engine thread".into(),
+                            source,
+                        })
                     })
-                })
-        };
-        threads.push(spawn(
-            "journal".into(),
-            super::journal::run,
-            shared.clone(),
-        )?);
-        threads.push(spawn(
-            "applier".into(),
-            super::applier::run,
-            shared.clone(),
-        )?);
-        for index in 0..reader_threads {
+            };
             threads.push(spawn(
-                format!("reader-{index}"),
-                super::read::run,
+                "journal".into(),
+                super::journal::run,
                 shared.clone(),
             )?);
+            threads.push(spawn(
+                "applier".into(),
+                super::applier::run,
+                shared.clone(),
+            )?);
+            for index in 0..reader_threads {
+                threads.push(spawn(
+                    format!("reader-{index}"),
+                    super::read::run,
+                    shared.clone(),
+                )?);
+            }
         }
         Ok((
             Volume {

@@ -5,6 +5,9 @@
 //! (its newer write landed after our overlay lookup), so the read is retried while
 //! holding the apply lock for reading; a mismatch then is real corruption and fails
 //! the read with [`IoError::Checksum`] — never bad data.
+//!
+//! Queued reads are served in batches by the reader threads ([`run`]); in manual mode
+//! `Volume::read` runs the same [`read_batch`] for its one read on the caller's thread.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -161,7 +164,7 @@ impl PreparedRead {
 
 /// Serves a batch of queued reads with one overlay pass and one `read_many` (the
 /// io_uring backend runs them concurrently).
-fn read_batch(shared: &Shared, jobs: Vec<super::ReadJob>) {
+pub(super) fn read_batch(shared: &Shared, jobs: Vec<super::ReadJob>) {
     let mut reads: Vec<PreparedRead> = jobs
         .iter()
         .map(|job| PreparedRead::new(shared, job.offset, job.length))
