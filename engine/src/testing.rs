@@ -32,15 +32,7 @@ impl Workload {
     pub fn next_write(&mut self) -> WorkloadWrite {
         let rng = &mut self.rng;
         let aligned = rng.below(4) != 0;
-        let length = if aligned {
-            (1 + rng.below(16)) * BLOCK_BYTES
-        } else {
-            1 + rng.below(16 * BLOCK_BYTES)
-        };
-        let mut offset = rng.below(self.size_bytes - length);
-        if aligned {
-            offset = offset / BLOCK_BYTES * BLOCK_BYTES;
-        }
+        let (offset, length) = random_extent(rng, self.size_bytes, 16, aligned);
         let mut data = vec![0u8; length as usize];
         rng.fill(&mut data);
         self.written += 1;
@@ -50,4 +42,25 @@ impl Workload {
             data,
         }
     }
+}
+
+/// A random extent `(offset, length)` of a volume of `size_bytes`: `aligned`, whole
+/// blocks (1 to `max_blocks`) at a block boundary; else 1 byte to `max_blocks` blocks
+/// anywhere. Draws the length, then the offset.
+pub fn random_extent(
+    rng: &mut SplitMix64,
+    size_bytes: u64,
+    max_blocks: u64,
+    aligned: bool,
+) -> (u64, u64) {
+    let length = if aligned {
+        (1 + rng.below(max_blocks)) * BLOCK_BYTES
+    } else {
+        1 + rng.below(max_blocks * BLOCK_BYTES)
+    };
+    let mut offset = rng.below(size_bytes - length);
+    if aligned {
+        offset = offset / BLOCK_BYTES * BLOCK_BYTES;
+    }
+    (offset, length)
 }

@@ -11,6 +11,11 @@
 //! * the visible writes form a prefix of the write order (the crash consistency the
 //!   replica's promise P2 builds on).
 //!
+//! The same workload runs in manual mode (no engine threads, the test pumps the
+//! background work one unit at a time), where a run is exactly reproducible: it is
+//! cut at its backend operations and, as a simulator would, right after every unit
+//! of `Volume::pump`.
+//!
 //! A failure prints the seed and crash point; rerun with `CRASH_SEED=<seed>`.
 
 use std::collections::hash_map::DefaultHasher;
@@ -24,7 +29,8 @@ use engine::backend::sim::SimBackend;
 use engine::backend::Backend;
 use engine::layout::MIN_JOURNAL_BYTES;
 use engine::rng::SplitMix64;
-use engine::volume::{CreateOptions, MetaStore};
+use engine::testing::random_extent;
+use engine::volume::{Background, CreateOptions, MetaStore};
 use engine::{IoError, Volume, VolumeOptions, WriteKind, WriteRequest, BLOCK_BYTES};
 
 const STORE_BYTES: u64 = 2 << 20;
@@ -36,12 +42,12 @@ fn hash_block(block: &[u8]) -> u64 {
     hasher.finish()
 }
 
-fn options() -> VolumeOptions {
+fn options(background: Background) -> VolumeOptions {
     VolumeOptions {
         checkpoint_interval: Duration::from_millis(1),
         reader_threads: 1,
         mark_replayed_out_of_sync: true,
-        ..VolumeOptions::default()
+        background,
     }
 }
 
@@ -114,18 +120,80 @@ impl Model {
 }
 
 struct Outcome {
+    /// Backend writes and flushes the workload issued.
     ops: u64,
+    /// Units of `Volume::pump` done (manual mode).
+    units: u64,
 }
 
-/// Runs the workload for `seed`, crashing the store at backend op `crash_at` (None:
-/// never). Returns the post-crash image and the model, checked by `verify`.
-fn run(seed: u64, crash_at: Option<u64>, base_image: &[u8]) -> (Vec<u8>, Model, Outcome) {
+/// Where a run loses power.
+#[derive(Debug, Clone, Copy)]
+enum Crash {
+    /// Never: the live image is checked.
+    Never,
+    /// The backend fails from its `n`-th write or flush (counted from open) on.
+    AtOp(u64),
+    /// Manual mode: the power goes right after the `n`-th unit of `Volume::pump`.
+    AfterUnits(u64),
+}
+
+/// A workload's view of one write's completion: whether the run goes on.
+fn complete(
+    model: &mut Model,
+    in_flight: &mut Vec<(usize, Vec<usize>, bool)>,
+    index: usize,
+    result: Result<u64, IoError>,
+) -> bool {
+    let position = in_flight
+        .iter()
+        .position(|(w, _, _)| *w == index)
+        .expect("known write");
+    let (_, touched, fua) = in_flight.remove(position);
+    if result.is_err() {
+        return false;
+    }
+    if fua {
+        // Only this write's blocks are durable; older writes to other blocks are not.
+        for block in touched {
+            let position = model.history[block]
+                .iter()
+                .rposition(|(w, _)| *w == index)
+                .expect("in history");
+            model.durable_floor[block] = model.durable_floor[block].max(position);
+        }
+    }
+    true
+}
+
+/// Runs the workload for `seed` in `background` mode until `crash`. Returns the
+/// post-crash image and the model, checked by `verify`.
+fn run(
+    seed: u64,
+    background: Background,
+    crash: Crash,
+    base_image: &[u8],
+) -> (Vec<u8>, Model, Outcome) {
+    let manual = background == Background::Manual;
     let sim = Arc::new(SimBackend::from_image(base_image.to_vec()));
-    let (volume, _) = Volume::open(sim.clone(), MetaStore::Internal, Some([7; 16]), options())
-        .expect("open fresh store");
-    if let Some(crash_at) = crash_at {
+    let (volume, _) = Volume::open(
+        sim.clone(),
+        MetaStore::Internal,
+        Some([7; 16]),
+        options(background),
+    )
+    .expect("open fresh store");
+    if let Crash::AtOp(crash_at) = crash {
         sim.crash_after_ops(sim.ops() + crash_at);
     }
+    let mut units = 0u64;
+    // Manual mode: one unit of background work; false once the power is to go.
+    let pump = |units: &mut u64| {
+        if matches!(crash, Crash::AfterUnits(n) if *units >= n) {
+            return false;
+        }
+        *units += u64::from(volume.pump());
+        true
+    };
     let size = volume.size_bytes();
     let blocks = (size / BLOCK_BYTES) as usize;
     let mut model = Model::new(blocks);
@@ -139,15 +207,7 @@ fn run(seed: u64, crash_at: Option<u64>, base_image: &[u8]) -> (Vec<u8>, Model, 
         if action < 7 {
             // A write: aligned or not, 1 byte to 6 blocks, sometimes FUA.
             let aligned = rng.below(3) != 0;
-            let length = if aligned {
-                (1 + rng.below(6)) * BLOCK_BYTES
-            } else {
-                1 + rng.below(6 * BLOCK_BYTES)
-            };
-            let mut offset = rng.below(size - length);
-            if aligned {
-                offset = offset / BLOCK_BYTES * BLOCK_BYTES;
-            }
+            let (offset, length) = random_extent(&mut rng, size, 6, aligned);
             let fua = rng.below(5) == 0;
             let kind_choice = rng.below(10);
             write_index += 1;
@@ -182,15 +242,32 @@ fn run(seed: u64, crash_at: Option<u64>, base_image: &[u8]) -> (Vec<u8>, Model, 
             let request = WriteRequest { offset, kind, fua };
             let sender = sender.clone();
             let this = write_index;
-            match volume.write(
-                request,
-                Box::new(move |result| drop(sender.send((this, result)))),
-            ) {
+            let done: engine::volume::WriteDone =
+                Box::new(move |result| drop(sender.send((this, result))));
+            // Manual mode also leaves some commits to the pumps.
+            let submitted = if manual && rng.below(2) == 0 {
+                volume.write_deferred(request, done)
+            } else {
+                volume.write(request, done)
+            };
+            match submitted {
                 Ok(_) => {
                     model.apply(write_index, offset, length, bytes.as_deref(), whole_only);
                     in_flight.push((write_index, touched, fua));
                 }
                 Err(_) => break 'workload,
+            }
+        } else if action < 9 && manual {
+            // A few units of background work, then whatever completed meanwhile.
+            for _ in 0..1 + rng.below(4) {
+                if !pump(&mut units) {
+                    break 'workload;
+                }
+            }
+            while let Ok((index, result)) = receiver.try_recv() {
+                if !complete(&mut model, &mut in_flight, index, result) {
+                    break 'workload;
+                }
             }
         } else if action < 9 {
             // Let the in-flight writes complete, in any order.
@@ -198,24 +275,8 @@ fn run(seed: u64, crash_at: Option<u64>, base_image: &[u8]) -> (Vec<u8>, Model, 
                 let Ok((index, result)) = receiver.recv_timeout(Duration::from_secs(10)) else {
                     break 'workload;
                 };
-                let position = in_flight
-                    .iter()
-                    .position(|(w, _, _)| *w == index)
-                    .expect("known write");
-                let (_, touched, fua) = in_flight.remove(position);
-                if result.is_err() {
+                if !complete(&mut model, &mut in_flight, index, result) {
                     break 'workload;
-                }
-                if fua {
-                    // Only this write's blocks are durable; older writes to other blocks are not.
-                    let floors: Vec<usize> = touched.clone();
-                    for block in floors {
-                        let position = model.history[block]
-                            .iter()
-                            .rposition(|(w, _)| *w == index)
-                            .expect("in history");
-                        model.durable_floor[block] = model.durable_floor[block].max(position);
-                    }
                 }
             }
         } else {
@@ -229,21 +290,32 @@ fn run(seed: u64, crash_at: Option<u64>, base_image: &[u8]) -> (Vec<u8>, Model, 
             }
         }
     }
+    // Manual mode: the applier's and the checkpoint's units after the last request
+    // are crash points too.
+    if manual && !sim.crashed() {
+        for _ in 0..10_000 {
+            let before = units;
+            if !pump(&mut units) || units == before {
+                break;
+            }
+        }
+    }
     let ops = sim.ops() - start_ops;
     volume.abandon();
-    let image = if crash_at.is_some() {
-        sim.power_cut(seed ^ 0xC0FFEE)
-    } else {
-        sim.live_image()
+    let image = match crash {
+        Crash::Never => sim.live_image(),
+        Crash::AtOp(_) | Crash::AfterUnits(_) => sim.power_cut(seed ^ 0xC0FFEE),
     };
-    (image, model, Outcome { ops })
+    (image, model, Outcome { ops, units })
 }
 
-fn verify(seed: u64, crash_at: Option<u64>, image: Vec<u8>, model: &Model) {
-    let context = format!("seed {seed} crash point {crash_at:?} (rerun: CRASH_SEED={seed})");
+fn verify(seed: u64, background: Background, crash: Crash, image: Vec<u8>, model: &Model) {
+    let context =
+        format!("seed {seed} {background:?} crash point {crash:?} (rerun: CRASH_SEED={seed})");
     let sim = Arc::new(SimBackend::from_image(image));
-    let (volume, report) = Volume::open(sim, MetaStore::Internal, Some([7; 16]), options())
-        .unwrap_or_else(|error| panic!("{context}: reopen after crash failed: {error}"));
+    let (volume, report) =
+        Volume::open(sim, MetaStore::Internal, Some([7; 16]), options(background))
+            .unwrap_or_else(|error| panic!("{context}: reopen after crash failed: {error}"));
     let blocks = model.history.len();
     let mut contents = vec![0u64; blocks];
     for (block, content) in contents.iter_mut().enumerate() {
@@ -298,34 +370,75 @@ fn seeds() -> Vec<u64> {
     }
 }
 
-#[test]
-fn p1_p3_every_crash_point_recovers_flushed_writes_with_valid_checksums() {
-    let base = fresh_image();
+/// Runs each seed's workload once to count its backend operations, then again cut at
+/// (about 60 of) them; returns how many crash runs were checked.
+fn crash_at_backend_ops(background: Background, base: &[u8]) -> usize {
     let mut runs = 0;
-    let seeds = seeds();
-    for &seed in &seeds {
+    for seed in seeds() {
         // A dry run counts the backend operations of this workload.
-        let (image, model, outcome) = run(seed, None, &base);
-        verify(seed, None, image, &model);
+        let (image, model, outcome) = run(seed, background, Crash::Never, base);
+        verify(seed, background, Crash::Never, image, &model);
         assert!(
             outcome.ops > 10,
             "workload too small to be interesting ({} ops)",
             outcome.ops
         );
-        // Crash at every op point (the timing of background threads varies, so each
-        // run may hit a different operation at the same index: that only widens coverage).
+        // Crash at every op point (threaded mode: the timing of background threads
+        // varies, so each run may hit a different operation at the same index; that
+        // only widens coverage).
         let step = (outcome.ops / 60).max(1);
         let mut crash_at = 0;
         while crash_at <= outcome.ops {
-            let (image, model, _) = run(seed, Some(crash_at), &base);
-            verify(seed, Some(crash_at), image, &model);
+            let crash = Crash::AtOp(crash_at);
+            let (image, model, _) = run(seed, background, crash, base);
+            verify(seed, background, crash, image, &model);
             runs += 1;
             crash_at += step;
         }
     }
+    runs
+}
+
+#[test]
+fn p1_p3_every_crash_point_recovers_flushed_writes_with_valid_checksums() {
+    let base = fresh_image();
+    let seeds = seeds();
+    let runs = crash_at_backend_ops(Background::Threads, &base);
     assert!(
         runs >= 20 * seeds.len(),
         "only {runs} crash runs for {} seeds",
         seeds.len()
     );
+}
+
+#[test]
+fn p1_p3_manual_mode_recovers_from_a_power_cut_at_every_backend_op() {
+    let base = fresh_image();
+    let runs = crash_at_backend_ops(Background::Manual, &base);
+    assert!(
+        runs >= 20 * seeds().len(),
+        "only {runs} crash runs for {} seeds",
+        seeds().len()
+    );
+}
+
+#[test]
+fn p1_p3_manual_mode_recovers_from_a_power_cut_between_any_two_pump_units() {
+    let base = fresh_image();
+    for seed in seeds() {
+        let (image, model, outcome) = run(seed, Background::Manual, Crash::Never, &base);
+        verify(seed, Background::Manual, Crash::Never, image, &model);
+        assert!(
+            outcome.units > 10,
+            "seed {seed}: too few pump units to be interesting ({})",
+            outcome.units
+        );
+        // Manual mode replays exactly: the run cut after unit n is the dry run's prefix.
+        for units in 0..=outcome.units {
+            let crash = Crash::AfterUnits(units);
+            let (image, model, cut) = run(seed, Background::Manual, crash, &base);
+            assert_eq!(cut.units, units, "seed {seed}: the replay diverged");
+            verify(seed, Background::Manual, crash, image, &model);
+        }
+    }
 }
