@@ -1200,26 +1200,26 @@ impl Volume {
     /// changes durable). Manual mode: does it inline (ignoring `timeout`).
     pub fn checkpoint_blocking(&self, timeout: Duration) -> bool {
         let shared = &self.shared;
+        if !self.wait_applied(timeout) {
+            return false;
+        }
+        // Counted only now that everything is applied: the applier does one thing at a
+        // time, so any checkpoint that finishes from here on started after the last
+        // batch and covers it. (Counted before `wait_applied`, a checkpoint taken
+        // between two batches during that wait would have been mistaken for ours.)
+        let before = shared.stats.checkpoints.load(Ordering::Acquire);
+        let checkpointed = || shared.stats.checkpoints.load(Ordering::Acquire) != before;
+        let mut state = shared.lock();
+        state.checkpoint_requested = true;
         if shared.manual() {
-            if !self.wait_applied(timeout) {
-                return false;
-            }
-            let before = shared.stats.checkpoints.load(Ordering::Acquire);
-            shared.lock().checkpoint_requested = true;
-            let checkpointed = || shared.stats.checkpoints.load(Ordering::Acquire) != before;
+            drop(state);
             let (state, _) =
                 manual::drive(shared, |state| checkpointed() || state.failed.is_some());
             return checkpointed() && state.failed.is_none();
         }
-        let before = shared.stats.checkpoints.load(Ordering::Acquire);
-        if !self.wait_applied(timeout) {
-            return false;
-        }
         let deadline = Instant::now() + timeout;
-        let mut state = shared.lock();
-        state.checkpoint_requested = true;
         shared.applier_wake.notify_one();
-        while shared.stats.checkpoints.load(Ordering::Acquire) == before && state.failed.is_none() {
+        while !checkpointed() && state.failed.is_none() {
             let now = Instant::now();
             if now >= deadline {
                 return false;
