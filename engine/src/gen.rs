@@ -227,9 +227,13 @@ fn decide_direction(local: &SideState, peer: &SideState) -> Decision {
     if l.has_in_history(p.current) {
         return Decision::SyncSource(SyncScope::Full);
     }
+    // Histories that no longer share an identifier (each side moved on more often than
+    // the two history slots remember) are unrelated; an operator's discard-my-data
+    // still resolves them, with a full sync (HELLO already checked that both nodes
+    // belong to the same resource).
     match (local.discard_my_data, peer.discard_my_data) {
-        (true, false) if shares_history(l, p) => Decision::SyncTarget(SyncScope::Full),
-        (false, true) if shares_history(l, p) => Decision::SyncSource(SyncScope::Full),
+        (true, false) => Decision::SyncTarget(SyncScope::Full),
+        (false, true) => Decision::SyncSource(SyncScope::Full),
         _ if shares_history(l, p) => Decision::SplitBrain,
         _ => Decision::Unrelated,
     }
@@ -248,10 +252,19 @@ fn shares_history(l: &GenerationIds, p: &GenerationIds) -> bool {
         .any(|&id| id != 0 && id != JUST_CREATED && ids_p.contains(&id))
 }
 
-/// With equal currents, who is the source: the Primary, else a crashed primary, else
-/// a consistent side over an inconsistent one, else the lower node id.
+/// With equal currents, who is the source: not a side whose operator asked to
+/// discard its data, then the Primary, then a consistent side over an inconsistent
+/// one (an inconsistent side can never be a source, so ranking it first would leave
+/// the pair stuck), then a crashed primary, then the lower node id.
 fn local_is_authority(local: &SideState, peer: &SideState) -> bool {
-    let rank = |side: &SideState| (side.primary, side.crashed_primary, !side.inconsistent);
+    let rank = |side: &SideState| {
+        (
+            !side.discard_my_data,
+            side.primary,
+            !side.inconsistent,
+            side.crashed_primary,
+        )
+    };
     match rank(local).cmp(&rank(peer)) {
         std::cmp::Ordering::Greater => true,
         std::cmp::Ordering::Less => false,
@@ -378,6 +391,17 @@ mod tests {
     }
 
     #[test]
+    fn discard_my_data_resolves_unrelated_data_with_a_full_sync() {
+        let mut victim = side(10, 0, [0, 0]);
+        victim.discard_my_data = true;
+        check(
+            victim,
+            side(20, 0, [0, 0]),
+            Decision::SyncTarget(SyncScope::Full),
+        );
+    }
+
+    #[test]
     fn two_primaries_never_connect() {
         let mut a = side(10, 0, [0, 0]);
         let mut b = side(10, 0, [0, 0]);
@@ -430,6 +454,32 @@ mod tests {
             side(10, 0, [0, 0]),
             target,
             Decision::SyncSource(SyncScope::Bitmap),
+        );
+    }
+
+    #[test]
+    fn a_consistent_side_outranks_an_inconsistent_crashed_primary() {
+        let mut crashed = side(10, 0, [0, 0]);
+        crashed.crashed_primary = true;
+        crashed.inconsistent = true;
+        crashed.dirty_blocks = 3;
+        check(
+            side(10, 0, [0, 0]),
+            crashed,
+            Decision::SyncSource(SyncScope::Bitmap),
+        );
+    }
+
+    #[test]
+    fn discard_my_data_makes_the_discarding_side_the_target_of_equal_generations() {
+        let mut victim = side(10, 0, [0, 0]);
+        victim.crashed_primary = true;
+        victim.discard_my_data = true;
+        victim.dirty_blocks = 4;
+        check(
+            victim,
+            side(10, 0, [0, 0]),
+            Decision::SyncTarget(SyncScope::Bitmap),
         );
     }
 

@@ -8,6 +8,7 @@
 //! * [`layout`], [`superblock`], [`record`], [`checksum`], [`bitmap`] — on-disk formats.
 //! * [`volume`] — an open store: journal, overlay, applier, checkpoints, recovery.
 //! * [`gen`] — generation identifiers and the connect-time decision.
+//! * [`node`] — the replication state machine of one resource on one node (sans-IO).
 
 pub mod backend;
 pub mod bitmap;
@@ -15,6 +16,7 @@ pub mod checksum;
 pub mod error;
 pub mod gen;
 pub mod layout;
+pub mod node;
 pub mod record;
 pub mod repl;
 pub mod rng;

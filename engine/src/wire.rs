@@ -30,7 +30,7 @@ pub const FRAME_HEADER_BYTES: usize = 24;
 /// Largest body: a 32 MiB record plus its header, with room to spare.
 pub const MAX_BODY_BYTES: u32 = 33 << 20;
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Most blocks in one RESYNC_DATA, READ_REPLY or VERIFY frame.
 pub const MAX_FRAME_BLOCKS: u32 = 256;
 
@@ -142,9 +142,21 @@ pub enum Frame {
         blocks: u32,
         differ: Vec<u64>,
     },
-    /// The primary's journal holds every record up to this sequence durably; the
-    /// secondary may forget that it holds records the primary might not have.
+    /// The sender's journal holds every record up to this sequence durably; the
+    /// receiver may forget that it holds records the sender might not have.
     Durable(u64),
+    /// The sender wants to become Primary and asks the receiver to agree (the first
+    /// phase of a promotion with connected peers).
+    PromoteRequest {
+        id: u64,
+    },
+    /// The answer: agreed (the receiver will not promote itself until the requester's
+    /// next STATE), or refused with a reason.
+    PromoteReply {
+        id: u64,
+        ok: bool,
+        reason: String,
+    },
 }
 
 /// A journal record carried on the wire (its bytes are exactly the journal's).
@@ -216,6 +228,8 @@ const T_NEW_GENERATION: u16 = 20;
 const T_RESYNC_CHECK: u16 = 21;
 const T_RESYNC_CHECK_REPLY: u16 = 22;
 const T_DURABLE: u16 = 23;
+const T_PROMOTE_REQUEST: u16 = 24;
+const T_PROMOTE_REPLY: u16 = 25;
 
 /// Decodes a frame header. Never panics.
 pub fn decode_header(buf: &[u8; FRAME_HEADER_BYTES]) -> Result<FrameHeader, WireError> {
@@ -283,6 +297,39 @@ fn put_block_data(buf: &mut BytesMut, data: &BlockData) {
 }
 
 impl Frame {
+    /// The connection a frame travels on (FORMAT.md §9.3): bulk and ordered work on
+    /// *data*, acknowledgements, heartbeats and small requests on *meta*, so that they
+    /// never wait behind megabytes of records or resync data.
+    pub fn channel(&self) -> Channel {
+        match self {
+            Frame::AckReceived(_)
+            | Frame::AckWritten(_)
+            | Frame::FlushAck(_)
+            | Frame::ResyncAck { .. }
+            | Frame::Ping(_)
+            | Frame::Pong(_)
+            | Frame::ReadRequest { .. }
+            | Frame::ResyncCheckReply { .. }
+            | Frame::PromoteReply { .. }
+            | Frame::Durable(_) => Channel::Meta,
+            Frame::Hello(_)
+            | Frame::Reject(_)
+            | Frame::State(_)
+            | Frame::Bitmap { .. }
+            | Frame::Record(_)
+            | Frame::Flush(_)
+            | Frame::ResyncData(_)
+            | Frame::ResyncDone { .. }
+            | Frame::ResyncDoneAck
+            | Frame::ReadReply { .. }
+            | Frame::VerifyRequest { .. }
+            | Frame::VerifyReply { .. }
+            | Frame::NewGeneration { .. }
+            | Frame::PromoteRequest { .. }
+            | Frame::ResyncCheck { .. } => Channel::Data,
+        }
+    }
+
     /// Encodes into wire parts (header, body head, bulk data) to send with one vectored write.
     pub fn encode(&self) -> Vec<Bytes> {
         let mut body = BytesMut::new();
@@ -450,6 +497,16 @@ impl Frame {
                 body.put_u64_le(*seq);
                 T_DURABLE
             }
+            Frame::PromoteRequest { id } => {
+                body.put_u64_le(*id);
+                T_PROMOTE_REQUEST
+            }
+            Frame::PromoteReply { id, ok, reason } => {
+                body.put_u64_le(*id);
+                body.put_u8(u8::from(*ok));
+                put_string(&mut body, reason);
+                T_PROMOTE_REPLY
+            }
             Frame::ResyncCheckReply {
                 first_block,
                 blocks,
@@ -511,6 +568,8 @@ impl Frame {
             Frame::ResyncCheck { .. } => "RESYNC_CHECK",
             Frame::ResyncCheckReply { .. } => "RESYNC_CHECK_REPLY",
             Frame::Durable(_) => "DURABLE",
+            Frame::PromoteRequest { .. } => "PROMOTE_REQUEST",
+            Frame::PromoteReply { .. } => "PROMOTE_REPLY",
         }
     }
 }
@@ -851,6 +910,16 @@ pub fn decode_body(header: &FrameHeader, body_bytes: Bytes) -> Result<Frame, Wir
             }
         }
         T_DURABLE => Frame::Durable(body.u64()?),
+        T_PROMOTE_REQUEST => Frame::PromoteRequest { id: body.u64()? },
+        T_PROMOTE_REPLY => Frame::PromoteReply {
+            id: body.u64()?,
+            ok: match body.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(body.malformed("agreement is neither 0 nor 1")),
+            },
+            reason: body.string()?,
+        },
         T_NEW_GENERATION => Frame::NewGeneration {
             current: body.u64()?,
         },
@@ -1012,6 +1081,12 @@ mod tests {
             },
             Frame::NewGeneration { current: 1234 },
             Frame::Durable(77),
+            Frame::PromoteRequest { id: 5 },
+            Frame::PromoteReply {
+                id: 5,
+                ok: false,
+                reason: "this node is Primary".into(),
+            },
             Frame::ResyncCheck {
                 first_block: 64,
                 digests: vec![1, 2, 3],

@@ -47,6 +47,8 @@ pub enum ConfigError {
         "node {node:?} is not part of any resource in the config (nodes: {known}); pass --node"
     )]
     NoSuchNode { node: String, known: String },
+    #[error("node {node:?} is not part of resource {resource:?}")]
+    UnknownNode { node: String, resource: String },
 }
 
 pub use engine::repl::Mode;

@@ -84,6 +84,9 @@ pub struct Response {
     pub result: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A stable name of the error's kind, for scripts and hooks to match on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 impl Response {
@@ -92,6 +95,7 @@ impl Response {
             ok: true,
             result: serde_json::to_value(result).ok(),
             error: None,
+            kind: None,
         }
     }
 
@@ -102,6 +106,15 @@ impl Response {
             ok: false,
             result: None,
             error: Some(message.replace('\n', " ")),
+            kind: None,
+        }
+    }
+
+    /// A refusal or failure of kind `kind` (see [`Response::kind`]).
+    pub fn error_of_kind(message: impl Into<String>, kind: &str) -> Response {
+        Response {
+            kind: Some(kind.to_string()),
+            ..Response::error(message)
         }
     }
 }
@@ -180,6 +193,10 @@ pub struct PeerStatus {
     pub resync_remaining_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// What kind of error `last_error` is (`connection-lost`, `timeout`, `protocol`,
+    /// `refused`, `refused-by-peer`, `local`, `storage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_kind: Option<String>,
     #[serde(default)]
     pub split_brain: bool,
     /// Blocks found different by the last verify.
@@ -323,8 +340,13 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("daemon sent an unreadable answer: {0}")]
     BadAnswer(String),
-    #[error("{0}")]
-    Refused(String),
+    /// The daemon refused the request: its one-line reason, and the kind of error
+    /// (see [`Response::kind`]) when it gave one.
+    #[error("{message}")]
+    Refused {
+        message: String,
+        kind: Option<String>,
+    },
 }
 
 /// A blocking client (for `replctl` and tests).
@@ -365,9 +387,10 @@ impl Client {
         if response.ok {
             Ok(response.result.unwrap_or(serde_json::Value::Null))
         } else {
-            Err(ClientError::Refused(
-                response.error.unwrap_or_else(|| "refused".into()),
-            ))
+            Err(ClientError::Refused {
+                message: response.error.unwrap_or_else(|| "refused".into()),
+                kind: response.kind,
+            })
         }
     }
 

@@ -13,8 +13,8 @@ use tokio::sync::{broadcast, watch};
 use crate::config::{Config, NbdAddress};
 use crate::control::{self, Handler, Request, Response};
 use crate::nbd::{self, ExportSet};
-use crate::peer::{self, Link};
-use crate::resource::Resource;
+use crate::peer;
+use crate::resource::{Resource, ResourceError};
 
 /// The resources served on one NBD address.
 pub struct ExportGroup {
@@ -52,22 +52,16 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn resource(&self, name: &str) -> Result<&Arc<Resource>, String> {
+    fn resource(&self, name: &str) -> Result<&Arc<Resource>, DaemonError> {
         self.resources
             .get(name)
-            .ok_or_else(|| format!("no resource {name:?} on node {}", self.node))
+            .ok_or_else(|| DaemonError::NoSuchResource {
+                resource: name.to_string(),
+                node: self.node.clone(),
+            })
     }
 
-    fn link(&self, name: &str) -> Result<(&Arc<Resource>, Arc<Link>), String> {
-        let resource = self.resource(name)?;
-        let link = resource
-            .link()
-            .cloned()
-            .ok_or_else(|| format!("resource {name} has no peer in the config"))?;
-        Ok((resource, link))
-    }
-
-    async fn dispatch(&self, request: Request) -> Result<serde_json::Value, String> {
+    async fn dispatch(&self, request: Request) -> Result<serde_json::Value, DaemonError> {
         let text = |message: String| serde_json::Value::String(message);
         match request {
             Request::Status { resource } => {
@@ -75,40 +69,17 @@ impl Daemon {
                     Some(name) => vec![self.resource(&name)?.status()],
                     None => self.resources.values().map(|r| r.status()).collect(),
                 };
-                serde_json::to_value(statuses).map_err(|e| e.to_string())
+                Ok(serde_json::to_value(statuses).unwrap_or_default())
             }
             Request::Promote { resource, force } => {
-                self.resource(&resource)?.promote(force).await.map(text)
+                Ok(text(self.resource(&resource)?.promote(force).await?))
             }
-            Request::Demote { resource } => self.resource(&resource)?.demote().await.map(text),
+            Request::Demote { resource } => Ok(text(self.resource(&resource)?.demote().await?)),
             Request::Connect {
                 resource,
                 discard_my_data,
-            } => {
-                let (resource, link) = self.link(&resource)?;
-                if discard_my_data && resource.role() == engine::repl::Role::Primary {
-                    return Err("refusing to discard the data of a Primary: demote it first".into());
-                }
-                link.connect(discard_my_data);
-                Ok(text(format!(
-                    "{}: connecting to {}{}",
-                    resource.name,
-                    link.peer_name,
-                    if discard_my_data {
-                        " (discarding local changes)"
-                    } else {
-                        ""
-                    }
-                )))
-            }
-            Request::Disconnect { resource } => {
-                let (resource, link) = self.link(&resource)?;
-                link.disconnect();
-                Ok(text(format!(
-                    "{}: disconnected from {}",
-                    resource.name, link.peer_name
-                )))
-            }
+            } => Ok(text(self.resource(&resource)?.connect(discard_my_data)?)),
+            Request::Disconnect { resource } => Ok(text(self.resource(&resource)?.disconnect()?)),
             Request::Attach { resource } => {
                 let resource = self.resource(&resource)?;
                 let report = resource.attach().await?;
@@ -123,18 +94,14 @@ impl Daemon {
                 Ok(text(format!("{}: detached, disk:Diskless", resource.name)))
             }
             Request::PauseSync { resource } => {
-                let (resource, link) = self.link(&resource)?;
-                link.pause_sync(true);
-                Ok(text(format!("{}: resync paused", resource.name)))
+                Ok(text(self.resource(&resource)?.pause_sync(true)?))
             }
             Request::ResumeSync { resource } => {
-                let (resource, link) = self.link(&resource)?;
-                link.pause_sync(false);
-                Ok(text(format!("{}: resync resumed", resource.name)))
+                Ok(text(self.resource(&resource)?.pause_sync(false)?))
             }
             Request::Verify { resource, repair } => {
-                let (resource, link) = self.link(&resource)?;
-                let blocks = link.verify(repair).await?;
+                let resource = self.resource(&resource)?;
+                let blocks = resource.verify(repair).await?;
                 let found = blocks.len() as u64;
                 // The list is capped: a wholly different replica has millions.
                 let listed: Vec<u64> = blocks.into_iter().take(10_000).collect();
@@ -147,21 +114,17 @@ impl Daemon {
                 }))
             }
             Request::Invalidate { resource } => {
-                let (resource, link) = self.link(&resource)?;
-                link.invalidate().await?;
-                Ok(text(format!(
-                    "{}: invalidated; pulling everything from {}",
-                    resource.name, link.peer_name
-                )))
+                Ok(text(self.resource(&resource)?.invalidate().await?))
             }
             Request::NewCurrentUuid {
                 resource,
                 clear_bitmap,
-            } => {
-                let resource = self.resource(&resource)?.clone();
-                resource.new_current_uuid(clear_bitmap).await.map(text)
-            }
-            Request::Events => Err("events must be the only request on its connection".into()),
+            } => Ok(text(
+                self.resource(&resource)?
+                    .new_current_uuid(clear_bitmap)
+                    .await?,
+            )),
+            Request::Events => Err(DaemonError::EventsAlone),
             Request::Shutdown => {
                 let _ = self.shutdown.send(true);
                 Ok(text(format!("node {} shutting down", self.node)))
@@ -170,11 +133,38 @@ impl Daemon {
     }
 }
 
+/// Why the daemon refused or failed a control request.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("no resource {resource:?} on node {node}")]
+    NoSuchResource { resource: String, node: String },
+    #[error("events must be the only request on its connection")]
+    EventsAlone,
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
+}
+
+impl DaemonError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DaemonError::NoSuchResource { .. } => "no-such-resource",
+            DaemonError::EventsAlone => "bad-request",
+            DaemonError::Resource(error) => error.kind(),
+        }
+    }
+}
+
+impl From<engine::node::AdminError> for DaemonError {
+    fn from(error: engine::node::AdminError) -> DaemonError {
+        DaemonError::Resource(error.into())
+    }
+}
+
 impl Handler for Daemon {
     async fn handle(&self, request: Request) -> Response {
         match self.dispatch(request).await {
             Ok(result) => Response::ok(result),
-            Err(error) => Response::error(error),
+            Err(error) => Response::error_of_kind(error.to_string(), error.kind()),
         }
     }
 
@@ -218,13 +208,7 @@ pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
     let mut resources = BTreeMap::new();
     for name in config.resources_of(&node) {
         let resource_config = config.resource(&name)?;
-        let resource = Arc::new(
-            Resource::new(&name, &node, resource_config, events.clone())
-                .map_err(anyhow::Error::msg)?,
-        );
-        if let Some(link) = Link::new(&resource) {
-            resource.set_link(link);
-        }
+        let resource = Resource::new(&name, &node, resource_config, events.clone())?;
         resources.insert(name, resource);
     }
     // Attach every store (recovery runs now); a store that fails stays Diskless.
@@ -276,30 +260,28 @@ pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
     }
 
     // Replication listeners, one per distinct node address.
-    let mut by_address: HashMap<SocketAddr, HashMap<String, Arc<Link>>> = HashMap::new();
+    let mut by_address: HashMap<SocketAddr, HashMap<String, Arc<Resource>>> = HashMap::new();
     for resource in resources.values() {
-        if let Some(link) = resource.link() {
+        if !resource.single_node() {
             by_address
                 .entry(resource.node_config.listen_address())
                 .or_default()
-                .insert(resource.name.clone(), link.clone());
+                .insert(resource.name.clone(), resource.clone());
         }
     }
     let mut background = Vec::new();
-    for (address, links) in by_address {
+    for (address, group) in by_address {
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen for replication on {address}"))?;
         background.push(tokio::spawn(peer::listener::run(
             listener,
-            links,
+            group,
             shutdown_rx.clone(),
         )));
     }
     for resource in resources.values() {
-        if let Some(link) = resource.link() {
-            background.push(peer::spawn(link.clone(), shutdown_rx.clone()));
-        }
+        background.push(tokio::spawn(resource.clone().run(shutdown_rx.clone())));
     }
 
     // Control socket last: once it answers, everything else listens.
@@ -343,7 +325,7 @@ pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), control_task).await;
     let mut failures = Vec::new();
     for resource in resources.values() {
-        if let Err(error) = resource.close_volume().await {
+        if let Err(error) = resource.close_volume("daemon shutting down").await {
             failures.push(format!("{}: {error}", resource.name));
         }
     }

@@ -1,37 +1,54 @@
-//! One resource on this node: its volume, its role, the write path, its NBD export.
+//! One resource on this node: the driver of its replication state machine.
+//!
+//! Everything the resource decides is decided by [`engine::node::Node`]; this module
+//! feeds it — client requests from the NBD server, frames from the peer transport,
+//! storage completions, a 10 ms tick, operator commands — and carries out what it
+//! answers. One lock (`core`) guards the node together with its sessions' outboxes,
+//! and every frame the node sends is queued under that lock, so frames leave in the
+//! order it made them. Completions of client requests, events, hooks and dials are
+//! carried out after the lock is released.
 //!
 //! The write path: a client write takes in-flight permits (async back-pressure, so no
-//! runtime thread ever blocks in the engine), then, under the `order` lock, is
-//! sequenced by the engine and handed to the replication link in the same order; it
-//! completes when the local journal has it and the peer has acknowledged it as the
-//! mode requires. Role rules come from `engine::repl::decide_promote`.
+//! runtime thread ever blocks in the engine), is handed to the node (which sequences
+//! it and queues its records for every peer), yields once so that the writes the
+//! connection has already read are sequenced too, then asks for the group commit and
+//! waits for the node's completion. No runtime thread waits for a disk: slow storage
+//! work runs on the engine's threads and the storage adapter's worker.
+//!
+//! Lock order: `core` → an outbox's queue. `volume`, `local` and the waiter tables
+//! are never held while `core` is taken.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use engine::backend::{self, BackendKind, OpenOptions};
-use engine::repl::{self, DiskState, PromoteAction, PromoteFacts, Role};
-use engine::superblock::{flags, StoredDiskState};
+use engine::node::storage::{CompletionQueue, VolumeStorage};
+use engine::node::{
+    self, Action, AdminError, AdminId, AdminOutput, AttachFacts, HookKind, Node, PeerId,
+    RequestError, RequestId, SessionEnd, SessionId, Time,
+};
+use engine::repl::{ConnectionState, DiskState, Role};
 use engine::volume::{MetaStore, OpenReport};
+use engine::wire::{Channel, Frame};
 use engine::{IoError, Volume, VolumeOptions, WriteKind, WriteRequest};
-use tokio::sync::{broadcast, oneshot, Semaphore};
+use tokio::sync::{broadcast, oneshot, watch, Notify, Semaphore};
 
 use crate::config::{IoMode, NodeConfig, ResourceConfig};
-use crate::control::{GenerationStatus, IoStatus, ResourceStatus};
+use crate::control::{GenerationStatus, IoStatus, PeerStatus, ResourceStatus};
 use crate::nbd::{Errno, Export};
-use crate::peer::Link;
+use crate::peer::{self, Connections, Identity, SessionHandle};
 
 /// Opens a node's backing store (and its metadata) as the config says.
 pub fn open_stores(
     node: &NodeConfig,
     io: IoMode,
-) -> Result<(Arc<dyn backend::Backend>, MetaStore), String> {
-    let describe = |error: backend::BackendError| error.to_string();
+) -> Result<(Arc<dyn backend::Backend>, MetaStore), backend::BackendError> {
     let (data, internal_meta) = match io {
         IoMode::Direct => {
             let data = backend::open(
@@ -40,21 +57,17 @@ pub fn open_stores(
                     kind: BackendKind::Auto,
                     direct: true,
                 },
-            )
-            .map_err(describe)?;
+            )?;
             // The journal and metadata go through the page cache (fast group commits);
             // when O_DIRECT was refused anyway, one handle serves both.
             let meta = if data.is_direct() {
-                MetaStore::InternalHandle(
-                    backend::open(
-                        &node.disk,
-                        OpenOptions {
-                            kind: BackendKind::Pread,
-                            direct: false,
-                        },
-                    )
-                    .map_err(describe)?,
-                )
+                MetaStore::InternalHandle(backend::open(
+                    &node.disk,
+                    OpenOptions {
+                        kind: BackendKind::Pread,
+                        direct: false,
+                    },
+                )?)
             } else {
                 MetaStore::Internal
             };
@@ -67,64 +80,134 @@ pub fn open_stores(
                     kind: BackendKind::Pread,
                     direct: false,
                 },
-            )
-            .map_err(describe)?,
+            )?,
             MetaStore::Internal,
         ),
     };
     let meta = match node.meta_disk.as_deref() {
         None | Some("internal") => internal_meta,
-        Some(path) => MetaStore::External(
-            backend::open(
-                Path::new(path),
-                OpenOptions {
-                    kind: BackendKind::Pread,
-                    direct: false,
-                },
-            )
-            .map_err(describe)?,
-        ),
+        Some(path) => MetaStore::External(backend::open(
+            Path::new(path),
+            OpenOptions {
+                kind: BackendKind::Pread,
+                direct: false,
+            },
+        )?),
     };
     Ok((data, meta))
 }
 
+/// Why a store cannot be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is in use (a running replicad holds it)")]
+    InUse { path: String },
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Takes an exclusive advisory lock on the backing store, so `create-md` and a second
 /// daemon cannot touch a store that is in use.
-pub fn lock_store(path: &Path) -> Result<File, String> {
-    let file =
-        File::open(path).map_err(|error| format!("cannot open {}: {error}", path.display()))?;
+pub fn lock_store(path: &Path) -> Result<File, LockError> {
+    let shown = path.display().to_string();
+    let file = File::open(path).map_err(|source| LockError::Open {
+        path: shown.clone(),
+        source,
+    })?;
     // SAFETY: flock on a valid descriptor owned by `file`.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        let error = std::io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(format!(
-                "{} is in use (a running replicad holds it)",
-                path.display()
-            ));
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(LockError::InUse { path: shown });
         }
-        return Err(format!("cannot lock {}: {error}", path.display()));
+        return Err(LockError::Lock {
+            path: shown,
+            source,
+        });
     }
     Ok(file)
+}
+
+/// What went wrong with a resource command, by kind (`replctl` prints the message;
+/// `status --json` and the control protocol carry [`ResourceError::kind`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("already attached")]
+    AlreadyAttached,
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("cannot open the store: {0}")]
+    Open(String),
+    #[error("closing the store failed: {0}")]
+    Close(String),
+    #[error("refusing to detach the only copy while Primary: demote first")]
+    OnlyCopy,
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+impl ResourceError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResourceError::Admin(error) => error.kind(),
+            ResourceError::AlreadyAttached => "already-attached",
+            ResourceError::Lock(_) => "store-locked",
+            ResourceError::Open(_) => "store-open",
+            ResourceError::Close(_) => "store-close",
+            ResourceError::OnlyCopy => "refused",
+            ResourceError::ShuttingDown => "shutting-down",
+        }
+    }
 }
 
 fn hex(id: u64) -> String {
     format!("{id:016X}")
 }
 
-fn errno(error: &IoError) -> Errno {
+fn errno(error: &RequestError) -> Errno {
     Errno(error.errno())
 }
 
-struct State {
-    role: Role,
-    attaching: bool,
+/// A peer as the config names it.
+struct PeerEntry {
+    name: String,
+    node_id: u32,
+    address: std::net::SocketAddr,
+}
+
+/// The state machine and its sessions' transport handles, under one lock.
+struct Core {
+    node: Node<VolumeStorage>,
+    sessions: Vec<Option<SessionHandle>>,
+}
+
+/// Facts outside the state machine.
+#[derive(Default)]
+struct Local {
     disk_error: Option<String>,
     recovery: Option<String>,
     /// Held while attached.
     lock: Option<File>,
-    /// The store was Primary and not closed cleanly at attach time.
-    crashed_primary: bool,
+}
+
+/// Who waits for which request or command.
+#[derive(Default)]
+struct Waiters {
+    requests: HashMap<u64, oneshot::Sender<Result<(), RequestError>>>,
+    admins: HashMap<u64, oneshot::Sender<Result<AdminOutput, AdminError>>>,
 }
 
 /// See the module documentation.
@@ -135,23 +218,31 @@ pub struct Resource {
     pub config: ResourceConfig,
     pub node_config: NodeConfig,
     pub uuid: [u8; 16],
+    identity: Identity,
+    peers: Vec<PeerEntry>,
+    core: Mutex<Core>,
+    /// The open volume, for reads and status without the core lock.
     volume: RwLock<Option<Volume>>,
-    state: Mutex<State>,
-    /// Serialises sequencing in the engine with shipping to the peer.
-    order: Mutex<()>,
+    completions: CompletionQueue,
+    completion_wake: Arc<Notify>,
+    /// Fired after every step: a data gate may have opened.
+    gate: Notify,
+    /// Per peer: its data frames wait (mirrors the node, read without the lock).
+    gated: Vec<AtomicBool>,
+    /// Mirrors of the node for the NBD server, read without the lock.
+    writable: AtomicBool,
+    exportable: AtomicBool,
+    waiters: Mutex<Waiters>,
+    next_id: AtomicU64,
     /// In-flight client write payload, in KiB (async back-pressure).
     inflight: Semaphore,
-    /// Permits the semaphore holds in total: half the attached store's journal, in KiB
-    /// (so the engine's own memory budget, the journal size, is never reached).
     inflight_permits: AtomicU32,
     events: broadcast::Sender<String>,
-    pub repaired_blocks: AtomicU64,
-    link: OnceLock<Arc<Link>>,
-    /// Serialises role changes and attach/detach.
+    local: Mutex<Local>,
+    /// Serialises attach and detach.
     admin: tokio::sync::Mutex<()>,
-    /// Milliseconds since `epoch` of the last client I/O (resync yields to it).
-    last_io_ms: AtomicU64,
-    epoch: std::time::Instant,
+    epoch: Instant,
+    this: Weak<Resource>,
 }
 
 impl Resource {
@@ -160,44 +251,354 @@ impl Resource {
         node: &str,
         config: &ResourceConfig,
         events: broadcast::Sender<String>,
-    ) -> Result<Resource, String> {
+    ) -> Result<Arc<Resource>, crate::config::ConfigError> {
         let node_config = config
             .nodes
             .get(node)
-            .ok_or_else(|| format!("node {node} is not part of resource {name}"))?
+            .ok_or_else(|| crate::config::ConfigError::UnknownNode {
+                node: node.to_string(),
+                resource: name.to_string(),
+            })?
             .clone();
         let node_id = config.node_id(node).unwrap_or(0);
-        Ok(Resource {
+        let uuid = config.resource_uuid(name);
+        let peers: Vec<PeerEntry> = config
+            .nodes
+            .iter()
+            .filter(|(peer, _)| peer.as_str() != node)
+            .map(|(peer, peer_config)| PeerEntry {
+                name: peer.clone(),
+                node_id: config.node_id(peer).unwrap_or(0),
+                address: peer_config.address,
+            })
+            .collect();
+        let timing = node::Timing {
+            ping_interval: config.ping_interval(),
+            timeout: config.timeout(),
+            ..node::Timing::default()
+        };
+        let machine_config = node::NodeConfig {
+            resource: name.to_string(),
+            uuid,
+            node_name: node.to_string(),
+            node_id,
+            mode: config.mode,
+            peers: peers
+                .iter()
+                .map(|peer| node::PeerConfig {
+                    name: peer.name.clone(),
+                    node_id: peer.node_id,
+                })
+                .collect(),
+            timing,
+            resync: node::ResyncConfig {
+                rate_bytes: config.resync_rate,
+                checksum_first: config.checksum_resync,
+                yield_to_clients: config.resync_yield,
+            },
+            mutation: None,
+        };
+        let completion_wake = Arc::new(Notify::new());
+        let wake = completion_wake.clone();
+        let completions = CompletionQueue::new(Arc::new(move || wake.notify_one()));
+        let epoch = Instant::now();
+        let gated = peers.iter().map(|_| AtomicBool::new(false)).collect();
+        let sessions = peers.iter().map(|_| None).collect();
+        Ok(Arc::new_cyclic(|this| Resource {
             name: name.to_string(),
             node: node.to_string(),
             node_id,
             config: config.clone(),
             node_config,
-            uuid: config.resource_uuid(name),
-            volume: RwLock::new(None),
-            state: Mutex::new(State {
-                role: Role::Secondary,
-                attaching: false,
-                disk_error: None,
-                recovery: None,
-                lock: None,
-                crashed_primary: false,
+            uuid,
+            identity: Identity {
+                resource: name.to_string(),
+                uuid,
+                node: node.to_string(),
+                node_id,
+            },
+            peers,
+            core: Mutex::new(Core {
+                node: Node::new(machine_config, Time::ZERO, engine::rng::os_random_u64()),
+                sessions,
             }),
-            last_io_ms: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
-            order: Mutex::new(()),
+            volume: RwLock::new(None),
+            completions,
+            completion_wake,
+            gate: Notify::new(),
+            gated,
+            writable: AtomicBool::new(false),
+            exportable: AtomicBool::new(false),
+            waiters: Mutex::new(Waiters::default()),
+            next_id: AtomicU64::new(1),
             inflight: Semaphore::new(0),
             inflight_permits: AtomicU32::new(0),
             events,
-            repaired_blocks: AtomicU64::new(0),
-            link: OnceLock::new(),
+            local: Mutex::new(Local::default()),
             admin: tokio::sync::Mutex::new(()),
-        })
+            epoch,
+            this: this.clone(),
+        }))
     }
 
-    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn now(&self) -> Time {
+        Time::from_nanos(u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
+
+    fn lock_core(&self) -> MutexGuard<'_, Core> {
+        // A poisoned lock means a bug panicked while stepping the node; its state may
+        // be half-changed, but refusing every later request would take the daemon
+        // down with it. The panic itself is in the log.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_local(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the node, delivers storage completions, queues the frames it sends
+    /// (under the lock), then carries out the rest of its actions.
+    fn step<R>(&self, f: impl FnOnce(&mut Core, Time) -> R) -> R {
+        let mut later = Vec::new();
+        let result = {
+            let mut core = self.lock_core();
+            let now = self.now();
+            let result = f(&mut core, now);
+            self.settle(&mut core, now, &mut later);
+            result
+        };
+        self.gate.notify_waiters();
+        self.carry_out(later);
+        result
+    }
+
+    fn settle(&self, core: &mut Core, now: Time, later: &mut Vec<Action>) {
+        // Bounded: completions keep arriving from engine threads under load, and each
+        // round takes what is there; the rest wakes the completion task.
+        for _ in 0..64 {
+            for (token, completion) in self.completions.drain() {
+                core.node.on_storage(now, token, completion);
+            }
+            while let Some(action) = core.node.poll_action() {
+                match action {
+                    Action::Send {
+                        peer,
+                        session,
+                        frame,
+                    } => {
+                        if let Some(handle) = core.sessions[peer.0]
+                            .as_ref()
+                            .filter(|handle| handle.id == session)
+                        {
+                            handle.outbox(frame.channel()).push(frame);
+                        }
+                    }
+                    Action::Close {
+                        peer,
+                        session,
+                        linger,
+                    } => {
+                        if core.sessions[peer.0]
+                            .as_ref()
+                            .is_some_and(|handle| handle.id == session)
+                        {
+                            if let Some(handle) = core.sessions[peer.0].take() {
+                                handle.close(linger);
+                            }
+                        }
+                    }
+                    other => later.push(other),
+                }
+            }
+            if self.completions.is_empty() {
+                break;
+            }
+        }
+        for (index, gated) in self.gated.iter().enumerate() {
+            gated.store(
+                !core.node.wants_frames(PeerId(index), Channel::Data),
+                Ordering::Relaxed,
+            );
+        }
+        let node = &core.node;
+        self.writable.store(node.is_writable(), Ordering::Relaxed);
+        let exportable = matches!(node.disk(), DiskState::UpToDate | DiskState::Outdated)
+            || (node.role() == Role::Primary && node.storage().is_some());
+        self.exportable.store(exportable, Ordering::Relaxed);
+    }
+
+    fn carry_out(&self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Complete { id, result } => {
+                    if let Some(sender) = self.lock_waiters().requests.remove(&id.0) {
+                        let _ = sender.send(result);
+                    }
+                }
+                Action::AdminDone { id, result } => {
+                    if let Some(sender) = self.lock_waiters().admins.remove(&id.0) {
+                        let _ = sender.send(result);
+                    }
+                }
+                Action::Event(text) => self.emit(&text),
+                Action::Hook { kind, env } => self.run_hook(kind, &env),
+                Action::Dial { peer } => self.dial(peer),
+                Action::Send { .. } | Action::Close { .. } => {}
+            }
+        }
+    }
+
+    fn register(&self) -> (RequestId, oneshot::Receiver<Result<(), RequestError>>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.lock_waiters().requests.insert(id, sender);
+        (RequestId(id), receiver)
+    }
+
+    fn register_admin(&self) -> (AdminId, oneshot::Receiver<Result<AdminOutput, AdminError>>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.lock_waiters().admins.insert(id, sender);
+        (AdminId(id), receiver)
+    }
+
+    /// Runs an operator command that answers later.
+    async fn admin_command(
+        &self,
+        command: impl FnOnce(&mut Node<VolumeStorage>, Time, AdminId),
+    ) -> Result<AdminOutput, ResourceError> {
+        let (id, receiver) = self.register_admin();
+        self.step(|core, now| command(&mut core.node, now, id));
+        Ok(receiver.await.map_err(|_| ResourceError::ShuttingDown)??)
+    }
+
+    async fn admin_message(
+        &self,
+        command: impl FnOnce(&mut Node<VolumeStorage>, Time, AdminId),
+    ) -> Result<String, ResourceError> {
+        match self.admin_command(command).await? {
+            AdminOutput::Message(text) => Ok(text),
+            AdminOutput::Verify { blocks } => Ok(format!("{} blocks differ", blocks.len())),
+        }
+    }
+
+    // ----- transport -----
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The peer called `name`: its id, name and node id.
+    pub fn peer_by_name(&self, name: &str) -> Option<(PeerId, String, u32)> {
+        self.peers
+            .iter()
+            .position(|peer| peer.name == name)
+            .map(|index| {
+                let peer = &self.peers[index];
+                (PeerId(index), peer.name.clone(), peer.node_id)
+            })
+    }
+
+    /// Whether a connection from `peer` would be taken now.
+    pub fn accepts(&self, peer: PeerId) -> bool {
+        self.lock_core().node.accepts(peer)
+    }
+
+    /// The listener refused a connection that claimed to be (or to reach) a peer.
+    pub fn refused_a_peer(&self, peer: Option<PeerId>, reason: &str) {
+        self.emit(&format!("refused a connection: {reason}"));
+        let peer = peer.unwrap_or(PeerId(0));
+        if peer.0 < self.peers.len() {
+            self.step(|core, _| {
+                core.node.note_error(
+                    peer,
+                    SessionEnd::Refused(format!("refused a peer: {reason}")),
+                )
+            });
+        }
+    }
+
+    /// A checked pair of connections from (or to) `peer`: a new session.
+    pub fn incoming(&self, peer: PeerId, connections: Connections) {
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
+        self.step(|core, now| {
+            if let Some(session) = core.node.on_connected(now, peer) {
+                if let Some(old) = core.sessions[peer.0].take() {
+                    old.close(false);
+                }
+                core.sessions[peer.0] =
+                    Some(peer::start_session(&this, peer, session, connections));
+            }
+        });
+    }
+
+    fn dial(&self, peer: PeerId) {
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let entry = &this.peers[peer.0];
+            match peer::dial(entry.address, &this.identity, &entry.name, entry.node_id).await {
+                Ok(connections) => this.incoming(peer, connections),
+                Err(error) => {
+                    this.step(|core, now| core.node.on_dial_failed(now, peer, error.to_string()))
+                }
+            }
+        });
+    }
+
+    /// A frame from `peer`'s session.
+    pub fn frame_in(&self, peer: PeerId, session: SessionId, frame: Frame) {
+        self.step(|core, now| core.node.handle_frame(now, peer, session, frame));
+    }
+
+    /// A reader has no further frame at hand: the group commit point.
+    pub fn end_of_batch(&self) {
+        self.step(|core, now| core.node.end_of_batch(now));
+    }
+
+    /// A session's connection failed.
+    pub fn session_closed(&self, peer: PeerId, session: SessionId, why: String) {
+        self.step(|core, now| core.node.on_closed(now, peer, session, why));
+    }
+
+    /// Waits until `peer`'s data frames are taken again (a storage operation gates them).
+    pub async fn wait_for_data_gate(&self, peer: PeerId) {
+        loop {
+            let opened = self.gate.notified();
+            if !self.gated[peer.0].load(Ordering::Relaxed) {
+                return;
+            }
+            // The gate can open from a completion alone: bounded wait, then re-check.
+            let _ = tokio::time::timeout(Duration::from_millis(20), opened).await;
+        }
+    }
+
+    /// The resource's background work until shutdown: the node's timers (a 10 ms
+    /// tick) and storage completions that arrive while nothing else steps the node.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(10));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.step(|core, now| core.node.on_tick(now)),
+                _ = self.completion_wake.notified() => {
+                    if !self.completions.is_empty() {
+                        self.step(|_, _| ());
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    // ----- attach / detach -----
 
     /// The open volume, if attached.
     pub fn volume(&self) -> Option<Volume> {
@@ -207,81 +608,48 @@ impl Resource {
             .clone()
     }
 
-    pub fn set_link(&self, link: Arc<Link>) {
-        let _ = self.link.set(link);
-    }
-
-    pub fn link(&self) -> Option<&Arc<Link>> {
-        self.link.get()
-    }
-
-    /// The resource has no peer in the config.
+    /// The resource names no other node.
     pub fn single_node(&self) -> bool {
-        self.config.nodes.len() == 1
+        self.peers.is_empty()
     }
 
     pub fn role(&self) -> Role {
-        self.lock_state().role
+        self.lock_core().node.role()
     }
 
-    /// Current disk state.
     pub fn disk(&self) -> DiskState {
-        let state = self.lock_state();
-        if state.attaching {
-            return DiskState::Attaching;
-        }
-        drop(state);
-        match self.volume() {
-            None => DiskState::Diskless,
-            Some(volume) if volume.failure().is_some() => DiskState::Failed,
-            Some(volume) => match volume.superblock().disk_state {
-                StoredDiskState::UpToDate => DiskState::UpToDate,
-                StoredDiskState::Outdated => DiskState::Outdated,
-                StoredDiskState::Inconsistent => DiskState::Inconsistent,
-            },
-        }
+        self.lock_core().node.disk()
     }
 
-    /// Publishes an event line to `replctl events` subscribers and the log.
-    pub fn emit(&self, text: &str) {
-        let line = format!("{} {} {text}", crate::now_rfc3339(), self.name);
-        tracing::info!("{}: {text}", self.name);
-        let _ = self.events.send(line);
-    }
-
-    /// Opens the backing store (recovery runs here). Blocking: call from a blocking thread.
-    pub fn attach_blocking(&self) -> Result<OpenReport, String> {
-        {
-            let mut state = self.lock_state();
-            if self
-                .volume
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some()
-            {
-                return Err("already attached".into());
-            }
-            state.attaching = true;
+    /// Opens the backing store (recovery runs here) on a blocking thread.
+    pub async fn attach(&self) -> Result<OpenReport, ResourceError> {
+        let _admin = self.admin.lock().await;
+        if self.volume().is_some() {
+            return Err(ResourceError::AlreadyAttached);
         }
-        let result = (|| {
-            let lock = lock_store(&self.node_config.disk)?;
-            let (data, meta) = open_stores(&self.node_config, self.config.io)?;
-            let options = VolumeOptions {
-                mark_replayed_out_of_sync: !self.single_node(),
-                ..VolumeOptions::default()
-            };
-            let (volume, report) = Volume::open(data, meta, Some(self.uuid), options)
-                .map_err(|error| error.to_string())?;
-            Ok::<_, String>((volume, report, lock))
-        })();
-        let mut state = self.lock_state();
-        state.attaching = false;
-        match result {
+        self.step(|core, _| core.node.set_attaching(true));
+        let disk = self.node_config.disk.clone();
+        let node_config = self.node_config.clone();
+        let io = self.config.io;
+        let uuid = self.uuid;
+        let options = VolumeOptions {
+            mark_replayed_out_of_sync: !self.single_node(),
+            ..VolumeOptions::default()
+        };
+        let opened = tokio::task::spawn_blocking(move || {
+            let lock = lock_store(&disk)?;
+            let (data, meta) =
+                open_stores(&node_config, io).map_err(|e| ResourceError::Open(e.to_string()))?;
+            let (volume, report) = Volume::open(data, meta, Some(uuid), options)
+                .map_err(|e| ResourceError::Open(e.to_string()))?;
+            Ok::<_, ResourceError>((volume, report, lock))
+        })
+        .await
+        .map_err(|e| ResourceError::Open(e.to_string()))
+        .and_then(|result| result);
+        match opened {
             Ok((volume, report, lock)) => {
                 self.size_inflight_limit(volume.geometry().journal_bytes);
-                state.lock = Some(lock);
-                state.crashed_primary = report.was_primary && !report.was_clean;
-                state.disk_error = None;
                 let recovery = if report.was_clean {
                     "clean".to_string()
                 } else {
@@ -290,41 +658,54 @@ impl Resource {
                         report.records_replayed, report.bytes_replayed, report.scan_stop
                     )
                 };
-                state.recovery = Some(recovery.clone());
-                drop(state);
-                *self.volume.write().unwrap_or_else(|p| p.into_inner()) = Some(volume);
+                {
+                    let mut local = self.lock_local();
+                    local.lock = Some(lock);
+                    local.disk_error = None;
+                    local.recovery = Some(recovery.clone());
+                }
+                *self.volume.write().unwrap_or_else(|p| p.into_inner()) = Some(volume.clone());
+                let storage = VolumeStorage::new(volume, self.completions.clone(), false);
+                let facts = AttachFacts {
+                    crashed_primary: report.was_primary && !report.was_clean,
+                };
+                self.step(|core, now| core.node.attach(now, storage, facts));
                 self.emit(&format!("disk attached ({recovery})"));
                 Ok(report)
             }
             Err(error) => {
-                state.disk_error = Some(error.clone());
-                drop(state);
+                self.step(|core, _| core.node.set_attaching(false));
+                self.lock_local().disk_error = Some(error.to_string());
                 self.emit(&format!("disk:Diskless attach failed: {error}"));
                 Err(error)
             }
         }
     }
 
-    /// Attaches on a blocking thread.
-    pub async fn attach(self: &Arc<Self>) -> Result<OpenReport, String> {
+    /// Closes the volume cleanly (Diskless afterwards). Refused while Primary without
+    /// a connected peer.
+    pub async fn detach(&self) -> Result<(), ResourceError> {
         let _admin = self.admin.lock().await;
-        let resource = self.clone();
-        tokio::task::spawn_blocking(move || resource.attach_blocking())
-            .await
-            .map_err(|e| e.to_string())?
-    }
-
-    /// Closes the volume cleanly (Diskless afterwards). Refused while Primary.
-    pub async fn detach(self: &Arc<Self>) -> Result<(), String> {
-        let _admin = self.admin.lock().await;
-        if self.role() == Role::Primary && self.link().is_none_or(|link| !link.is_connected()) {
-            return Err("refusing to detach the only copy while Primary: demote first".into());
+        let refused = {
+            let core = self.lock_core();
+            core.node.role() == Role::Primary
+                && core
+                    .node
+                    .peers()
+                    .iter()
+                    .all(|peer| peer.connection_state() != ConnectionState::Connected)
+        };
+        if refused {
+            return Err(ResourceError::OnlyCopy);
         }
-        self.close_volume().await
+        self.close_volume("detached by the operator").await
     }
 
-    /// Closes the volume (clean shutdown path).
-    pub async fn close_volume(self: &Arc<Self>) -> Result<(), String> {
+    /// Ends every session, takes the store from the node and closes it.
+    pub async fn close_volume(&self, why: &str) -> Result<(), ResourceError> {
+        self.step(|core, now| {
+            core.node.take_storage(now, why);
+        });
         let volume = self
             .volume
             .write()
@@ -333,188 +714,75 @@ impl Resource {
         let Some(volume) = volume else { return Ok(()) };
         let result = tokio::task::spawn_blocking(move || volume.close())
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string());
-        self.lock_state().lock = None;
+            .map_err(|e| ResourceError::Close(e.to_string()))?
+            .map_err(|e| ResourceError::Close(e.to_string()));
+        self.lock_local().lock = None;
         self.emit("disk:Diskless (detached)");
         result
     }
 
-    /// Promotes this node (P4 rules in `engine::repl::decide_promote`).
-    pub async fn promote(self: &Arc<Self>, force: bool) -> Result<String, String> {
-        let _admin = self.admin.lock().await;
-        let facts = PromoteFacts {
-            role: self.role(),
-            disk: self.disk(),
-            single_node: self.single_node(),
-            connection: self
-                .link()
-                .map_or(repl::ConnectionState::StandAlone, |link| link.connection()),
-            peer_role: self.link().and_then(|link| link.peer_role()),
-            witness_says_peer_gone: false,
-            force,
-        };
-        let action = repl::decide_promote(&facts).map_err(|refusal| refusal.to_string())?;
-        let PromoteAction::Promote {
-            detached,
-            forced_disk,
-        } = action
-        else {
-            return Ok("already Primary".into());
-        };
-        let volume = self.volume().ok_or("no disk attached")?;
-        let new_current = engine::rng::os_random_u64();
-        let superblock = volume.superblock();
-        let fresh = superblock.generations.current == engine::gen::JUST_CREATED;
-        // A never-synced store's first promotion tracks every block for the peer,
-        // connected or not (the peer has nothing yet).
-        // A peer that is not an UpToDate, established copy (e.g. a running resync's
-        // target) cannot simply follow the new generation: track changes instead.
-        let detached = detached || fresh || self.link().is_some_and(|link| !link.peer_in_sync());
-        let update = {
-            let volume = volume.clone();
-            move || {
-                volume.update_superblock(|sb| {
-                    if detached {
-                        sb.generations.start_new_detached(new_current);
-                    } else {
-                        sb.generations.start_new_connected(new_current);
-                    }
-                    sb.flags |= flags::PRIMARY;
-                    sb.disk_state = StoredDiskState::UpToDate;
-                })
-            }
-        };
-        if fresh && !self.single_node() {
-            volume.set_out_of_sync(0, volume.geometry().data_blocks());
-        }
-        tokio::task::spawn_blocking(update)
+    // ----- operator commands -----
+
+    pub async fn promote(&self, force: bool) -> Result<String, ResourceError> {
+        self.admin_message(|node, now, id| node.promote(now, id, force))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        if let Some(link) = self.link() {
-            link.on_local_promoted(new_current, detached);
-        }
-        self.lock_state().role = Role::Primary;
-        let how = match (forced_disk, detached && !self.single_node()) {
-            (true, _) => " (forced: disk was not UpToDate)",
-            (false, true) => " (forced: peer unreachable)",
-            _ => "",
-        };
-        self.emit(&format!("role:Primary{how}"));
-        self.run_hook(
-            self.config.hooks.role_change.clone(),
-            "role-change",
-            &[("REPLICAD_ROLE", "Primary")],
-        );
-        Ok(format!("{} is Primary{how}", self.name))
     }
 
-    /// `new-current-uuid --clear-bitmap`: two connected, freshly created stores known to
-    /// be identical (e.g. both zeroed) skip their initial sync and become UpToDate.
-    pub async fn new_current_uuid(self: &Arc<Self>, clear_bitmap: bool) -> Result<String, String> {
-        let _admin = self.admin.lock().await;
-        if !clear_bitmap {
-            return Err(
-                "only --clear-bitmap is supported; for an initial full sync use `promote --force`"
-                    .into(),
-            );
-        }
-        let volume = self.volume().ok_or("no disk attached")?;
-        if volume.superblock().generations.current != engine::gen::JUST_CREATED {
-            return Err("the store already holds a generation: new-current-uuid --clear-bitmap is only for fresh stores".into());
-        }
-        let link = self.link().cloned();
-        if let Some(link) = &link {
-            let peer_fresh = link
-                .lock()
-                .peer
-                .is_some_and(|p| p.generations.current == engine::gen::JUST_CREATED);
-            if !link.is_connected() || !peer_fresh {
-                return Err("both nodes must be connected and freshly created".into());
-            }
-        }
-        let new_current = engine::rng::os_random_u64();
-        let update = volume.clone();
-        tokio::task::spawn_blocking(move || {
-            update.update_superblock(|sb| {
-                sb.generations.start_new_connected(new_current);
-                sb.disk_state = StoredDiskState::UpToDate;
-            })
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        volume.clear_out_of_sync(0, volume.geometry().data_blocks());
-        if let Some(link) = &link {
-            link.send_data(engine::wire::Frame::NewGeneration {
-                current: new_current,
-            });
-            link.send_state();
-        }
-        self.emit("new generation without initial sync: disk:UpToDate");
-        Ok(format!(
-            "{}: both nodes UpToDate, initial sync skipped",
-            self.name
-        ))
+    pub async fn demote(&self) -> Result<String, ResourceError> {
+        self.admin_message(|node, now, id| node.demote(now, id))
+            .await
     }
 
-    /// Demotes: flushes, stops serving writes.
-    pub async fn demote(self: &Arc<Self>) -> Result<String, String> {
-        let _admin = self.admin.lock().await;
-        if self.role() == Role::Secondary {
-            return Ok("already Secondary".into());
-        }
-        // New writes are refused from here; wait for those in flight, then flush.
-        self.lock_state().role = Role::Secondary;
-        let _all = self
-            .inflight
-            .acquire_many(self.inflight_permits.load(Ordering::SeqCst).max(1))
+    pub async fn invalidate(&self) -> Result<String, ResourceError> {
+        self.admin_message(|node, now, id| node.invalidate(now, id))
             .await
-            .map_err(|e| e.to_string())?;
-        drop(_all);
-        if let Err(error) = self.flush_all().await {
-            return Err(format!("demoted, but the final flush failed: {error}"));
-        }
-        if let Some(volume) = self.volume() {
-            tokio::task::spawn_blocking(move || {
-                volume.update_superblock(|sb| sb.flags &= !flags::PRIMARY)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        }
-        if let Some(link) = self.link() {
-            link.on_local_role(Role::Secondary);
-        }
-        self.emit("role:Secondary");
-        self.run_hook(
-            self.config.hooks.role_change.clone(),
-            "role-change",
-            &[("REPLICAD_ROLE", "Secondary")],
-        );
-        Ok(format!("{} is Secondary", self.name))
     }
 
-    /// Flushes locally and, in sync and semi-sync, on the peer.
-    pub async fn flush_all(&self) -> Result<(), Errno> {
-        let volume = self.volume().ok_or(Errno::EIO)?;
-        let (sender, local) = oneshot::channel();
-        volume.flush(Box::new(move |result| drop(sender.send(result))));
-        let peer = self.link().and_then(|link| link.flush());
-        local
+    pub async fn new_current_uuid(&self, clear_bitmap: bool) -> Result<String, ResourceError> {
+        self.admin_message(|node, now, id| node.new_current_uuid(now, id, clear_bitmap))
             .await
-            .map_err(|_| Errno::EIO)?
-            .map_err(|e| errno(&e))?;
-        if let Some(peer) = peer {
-            // An error only means the session ended and released the wait.
-            let _ = peer.await;
+    }
+
+    /// Online verify: the blocks that differ between the replicas (marked out of sync;
+    /// with `repair`, resynced).
+    pub async fn verify(&self, repair: bool) -> Result<Vec<u64>, ResourceError> {
+        match self
+            .admin_command(|node, now, id| node.verify(now, id, repair))
+            .await?
+        {
+            AdminOutput::Verify { blocks } => Ok(blocks),
+            AdminOutput::Message(_) => Ok(Vec::new()),
         }
-        Ok(())
+    }
+
+    pub fn connect(&self, discard_my_data: bool) -> Result<String, ResourceError> {
+        Ok(self.step(|core, now| core.node.connect(now, discard_my_data))?)
+    }
+
+    pub fn disconnect(&self) -> Result<String, ResourceError> {
+        Ok(self.step(|core, now| core.node.disconnect(now))?)
+    }
+
+    pub fn pause_sync(&self, paused: bool) -> Result<String, ResourceError> {
+        Ok(self.step(|core, now| core.node.pause_sync(now, paused))?)
+    }
+
+    // ----- events and hooks -----
+
+    /// Publishes an event line to `replctl events` subscribers and the log.
+    pub fn emit(&self, text: &str) {
+        let line = format!("{} {} {text}", crate::now_rfc3339(), self.name);
+        tracing::info!("{}: {text}", self.name);
+        let _ = self.events.send(line);
     }
 
     /// Runs a hook command (if configured) in the background with `REPLICAD_*` variables.
-    pub fn run_hook(&self, command: Option<String>, kind: &'static str, extra: &[(&str, &str)]) {
+    fn run_hook(&self, kind: HookKind, extra: &[(&'static str, String)]) {
+        let command = match kind {
+            HookKind::RoleChange => self.config.hooks.role_change.clone(),
+            HookKind::SplitBrain => self.config.hooks.split_brain.clone(),
+            HookKind::SyncDone => self.config.hooks.sync_done.clone(),
+        };
         let Some(command) = command else { return };
         let mut process = tokio::process::Command::new("sh");
         process
@@ -522,7 +790,7 @@ impl Resource {
             .arg(&command)
             .env("REPLICAD_RESOURCE", &self.name)
             .env("REPLICAD_NODE", &self.node)
-            .env("REPLICAD_EVENT", kind);
+            .env("REPLICAD_EVENT", kind.name());
         for (key, value) in extra {
             process.env(key, value);
         }
@@ -540,7 +808,7 @@ impl Resource {
                 }
                 Err(error) => error.to_string(),
             };
-            tracing::warn!("{name}: {kind} hook `{command}` failed: {outcome}");
+            tracing::warn!("{name}: {} hook `{command}` failed: {outcome}", kind.name());
         });
     }
 
@@ -555,146 +823,120 @@ impl Resource {
         }
     }
 
-    /// The store was Primary when it crashed (its last writes may not be on the peer).
-    pub fn crashed_primary(&self) -> bool {
-        self.lock_state().crashed_primary
-    }
-
-    /// A resync with the peer settled what the crash left in doubt.
-    pub fn crash_resolved(&self) {
-        self.lock_state().crashed_primary = false;
-    }
-
-    fn note_io(&self) {
-        self.last_io_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Client I/O happened in the last 50 ms (a yielding resync waits).
-    pub fn busy(&self) -> bool {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        now.saturating_sub(self.last_io_ms.load(Ordering::Relaxed)) < 50
-    }
-
-    /// The peer is connected and in sync: from now on records are shipped. Under the
-    /// order lock, so no write falls between "marked out of sync" and "shipped".
-    pub fn attach_peer(&self, link: &Link) {
-        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        let mut inner = link.lock();
-        inner.attached = true;
-        inner.rotated_since_detach = false;
-        drop(inner);
-        if let Some(volume) = self.volume() {
-            volume.peer_attached();
-        }
-    }
-
-    /// The peer is gone: records it did not report durable are marked out of sync.
-    /// When that marks anything, or `completes_alone` (writes the peer did not
-    /// acknowledge complete without it), this node has moved on alone as with a write
-    /// alone: a new generation is started and persisted before those writes (and any
-    /// FLUSH waiting for the peer) complete, so the next handshake makes this node the
-    /// source of their blocks (or sees a split brain) instead of a tie-break letting
-    /// the peer's older data overwrite acknowledged writes.
-    pub fn detach_peer(&self, volume: &Volume, link: &Link, completes_alone: bool) {
-        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        let marked = volume.peer_detached();
-        if completes_alone || marked > 0 {
-            link.before_write(volume);
-        }
-    }
-
-    /// A write issued by the daemon itself (read repair): sequenced and shipped like a
-    /// client write; `done` gets the local completion.
-    pub fn submit_internal(
-        &self,
-        volume: &Volume,
-        request: WriteRequest,
-        done: oneshot::Sender<Result<u64, IoError>>,
-    ) -> Result<(), IoError> {
-        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(link) = self.link() {
-            link.before_write(volume);
-        }
-        let records = volume.write(request, Box::new(move |result| drop(done.send(result))))?;
-        if let Some(link) = self.link() {
-            drop(link.ship(&records, false));
-        }
-        Ok(())
-    }
-
     /// Permits (KiB) a write of `length` bytes takes.
     fn permits(&self, length: u64) -> u32 {
         (length.div_ceil(1024) as u32 + 1).min(self.inflight_permits.load(Ordering::Relaxed).max(1))
     }
 
+    // ----- the client path -----
+
     /// The write path (see the module documentation).
     pub async fn submit(&self, request: WriteRequest) -> Result<(), Errno> {
-        if !self.is_writable() {
+        if !self.writable.load(Ordering::Relaxed) {
             return Err(Errno::EPERM);
         }
-        self.note_io();
         let permits = self.permits(request.length());
         let _permit = self
             .inflight
             .acquire_many(permits)
             .await
             .map_err(|_| Errno::ESHUTDOWN)?;
-        let volume = self.volume().ok_or(Errno::EIO)?;
-        let fua = request.fua;
-        let (sender, receiver) = oneshot::channel();
-        let (peer_wait, commit) = {
-            let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(link) = self.link() {
-                link.before_write(&volume);
-            }
-            let done: engine::volume::WriteDone = Box::new(move |result| drop(sender.send(result)));
-            let link = self.link();
-            // The group commit is deferred past one yield (below).
-            let records = volume
-                .write_deferred(request, done)
-                .map_err(|e| errno(&e))?;
-            let commit = CommitOnDrop(volume.clone());
-            (link.and_then(|link| link.ship(&records, fua)), commit)
-        };
+        let (id, receiver) = self.register();
+        self.step(|core, now| core.node.on_write(now, id, request));
+        let commit = CommitOnDrop(self);
         // One yield lets the writes an NBD connection has already read be sequenced
-        // too, so one group commit (one fresh journal page) takes them all: through
-        // NBD at QD32 each write had been its own commit. Measured with fio: one node
-        // QD32 +9-14%, QD1 p50 67 -> 33 us; a sync pair (one runtime thread per
-        // daemon) QD32 +12%, QD1 unchanged. The guard commits even if this future is
-        // dropped at the yield.
+        // too, so one group commit (one fresh journal page) takes them all. The guard
+        // commits even if this future is dropped at the yield.
         tokio::task::yield_now().await;
         drop(commit);
-        receiver
-            .await
-            .map_err(|_| Errno::EIO)?
-            .map_err(|e| errno(&e))?;
-        if let Some(wait) = peer_wait {
-            // An error only means the session ended and released the wait.
-            let _ = wait.await;
+        match receiver.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(errno(&error)),
+            Err(_) => Err(Errno::EIO),
         }
-        Ok(())
     }
+
+    /// Flushes locally and, in sync and semi-sync, on the peers.
+    pub async fn flush_all(&self) -> Result<(), Errno> {
+        let (id, receiver) = self.register();
+        self.step(|core, now| core.node.on_flush(now, id));
+        match receiver.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(errno(&error)),
+            Err(_) => Err(Errno::EIO),
+        }
+    }
+
+    /// Reads through the volume; a block whose checksum fails is repaired from an
+    /// UpToDate peer (on a Primary) and read again.
+    pub async fn read_at(&self, offset: u64, length: u64) -> Result<Bytes, Errno> {
+        let volume = self.volume().ok_or(Errno::EIO)?;
+        let read = |volume: &Volume| {
+            let (sender, receiver) = oneshot::channel();
+            volume.read(
+                offset,
+                length,
+                Box::new(move |result| drop(sender.send(result))),
+            );
+            receiver
+        };
+        match read(&volume).await.unwrap_or(Err(IoError::Closed)) {
+            Err(IoError::Checksum { block, .. }) => {
+                let (id, receiver) = self.register();
+                self.step(|core, now| core.node.on_read_error(now, id, block));
+                match receiver.await {
+                    Ok(Ok(())) => read(&volume)
+                        .await
+                        .unwrap_or(Err(IoError::Closed))
+                        .map_err(|error| Errno(error.errno())),
+                    Ok(Err(error)) => {
+                        tracing::warn!("{}: {error}", self.name);
+                        Err(errno(&error))
+                    }
+                    Err(_) => Err(Errno::EIO),
+                }
+            }
+            other => other.map_err(|error| Errno(error.errno())),
+        }
+    }
+
+    // ----- status -----
 
     /// Status for `replctl status`.
     pub fn status(&self) -> ResourceStatus {
-        let state = self.lock_state();
-        let role = state.role;
-        let disk_error = state.disk_error.clone();
-        let recovery = state.recovery.clone();
-        drop(state);
-        let disk = self.disk();
+        let (role, disk, peers, repaired, dirty) = {
+            let core = self.lock_core();
+            let node = &core.node;
+            let now = self.now();
+            let dirty = node
+                .storage()
+                .map_or(0, |storage| storage.volume().out_of_sync_blocks());
+            let peers: Vec<PeerStatus> = node
+                .peers()
+                .iter()
+                .map(|peer| self.peer_status(node, peer, now, dirty))
+                .collect();
+            (
+                node.role(),
+                node.disk(),
+                peers,
+                node.repaired_blocks(),
+                dirty,
+            )
+        };
+        let local = self.lock_local();
         let mut status = ResourceStatus {
             name: self.name.clone(),
             node: self.node.clone(),
             role: role.to_string(),
             disk: disk.to_string(),
-            disk_error,
+            disk_error: local.disk_error.clone(),
             mode: self.config.mode.to_string(),
             nbd: self.node_config.nbd.uri(&self.name),
-            recovery,
+            recovery: local.recovery.clone(),
             ..ResourceStatus::default()
         };
+        drop(local);
         if let Some(volume) = self.volume() {
             let superblock = volume.superblock();
             let stats = volume.stats();
@@ -709,7 +951,7 @@ impl Resource {
                     .map(|id| hex(*id))
                     .collect(),
             };
-            status.out_of_sync_bytes = stats.out_of_sync_blocks * engine::BLOCK_BYTES;
+            status.out_of_sync_bytes = dirty * engine::BLOCK_BYTES;
             status.io = IoStatus {
                 reads: stats.reads,
                 read_bytes: stats.read_bytes,
@@ -717,7 +959,7 @@ impl Resource {
                 write_bytes: stats.write_bytes,
                 flushes: stats.flushes,
                 checksum_errors: stats.checksum_errors,
-                repaired_blocks: self.repaired_blocks.load(Ordering::Relaxed),
+                repaired_blocks: repaired,
                 journal_used_bytes: stats.journal_used_bytes,
                 journal_commits: stats.journal_commits,
                 journal_syncs: stats.journal_syncs,
@@ -727,44 +969,74 @@ impl Resource {
                 status.disk_error = Some(reason);
             }
         }
-        status.peer = self.link().map(|link| link.status());
+        status.peer = peers.first().cloned();
+        status
+    }
+
+    fn peer_status(
+        &self,
+        node: &Node<VolumeStorage>,
+        peer: &node::peer::Peer,
+        now: Time,
+        dirty_blocks: u64,
+    ) -> PeerStatus {
+        let entry = &self.peers[peer.id.0];
+        let session = peer.session();
+        let mut status = PeerStatus {
+            name: entry.name.clone(),
+            address: entry.address.to_string(),
+            connection: peer.connection_state().to_string(),
+            replication: session
+                .map_or(engine::repl::ReplicationState::Off, |s| {
+                    s.replication_state(peer.paused)
+                })
+                .to_string(),
+            role: session.map(|s| s.peer_state.role.to_string()),
+            peer_disk: session.map(|s| s.peer_state.disk.to_string()),
+            in_flight: session.map_or(0, |s| s.shipped_seq.saturating_sub(s.received_seq)),
+            unacked: node.pending_requests() as u64,
+            resync_bytes: peer.resync_bytes,
+            resync_skipped_bytes: peer.resync_skipped_bytes,
+            resync_remaining_bytes: dirty_blocks * engine::BLOCK_BYTES,
+            last_error: peer.last_error.as_ref().map(SessionEnd::to_string),
+            last_error_kind: peer
+                .last_error
+                .as_ref()
+                .map(|error| error.kind().to_string()),
+            split_brain: peer.split_brain,
+            verify_out_of_sync_blocks: peer.verify_out_of_sync,
+            ..PeerStatus::default()
+        };
+        let progress = session.and_then(|s| match &s.repl {
+            node::peer::Repl::Source(source)
+                if !matches!(source.phase, node::peer::SourcePhase::WaitPeerBitmap { .. }) =>
+            {
+                Some((source.total_blocks, source.started))
+            }
+            node::peer::Repl::Target(target)
+                if target.phase != node::peer::TargetPhase::WaitBitmap =>
+            {
+                Some((target.total_blocks, target.started))
+            }
+            _ => None,
+        });
+        if let Some((total, started)) = progress {
+            let total = total.max(1);
+            let done = total.saturating_sub(dirty_blocks.min(total));
+            status.done_percent = Some((done as f64 * 10000.0 / total as f64).floor() / 100.0);
+            let elapsed = now.since(started).as_secs_f64();
+            if elapsed > 0.5 && done > 0 {
+                let rate_blocks = done as f64 / elapsed;
+                status.resync_rate_bytes = Some((rate_blocks * engine::BLOCK_BYTES as f64) as u64);
+                status.eta_seconds = Some((dirty_blocks as f64 / rate_blocks).ceil() as u64);
+            }
+        }
         status
     }
 
     /// Whether NBD clients may see this export at all (data worth reading).
     pub fn exportable(&self) -> bool {
-        matches!(self.disk(), DiskState::UpToDate | DiskState::Outdated)
-            || (self.role() == Role::Primary && self.volume().is_some())
-    }
-
-    /// Reads through the volume (repairs from the peer on a checksum mismatch).
-    pub async fn read_at(&self, offset: u64, length: u64) -> Result<Bytes, IoError> {
-        self.note_io();
-        let volume = self.volume().ok_or(IoError::Closed)?;
-        let (sender, receiver) = oneshot::channel();
-        volume.read(
-            offset,
-            length,
-            Box::new(move |result| drop(sender.send(result))),
-        );
-        let result = receiver.await.unwrap_or(Err(IoError::Closed));
-        match result {
-            Err(IoError::Checksum { block, .. }) => match self.link() {
-                Some(link) => {
-                    link.repair_block(&volume, block).await?;
-                    self.repaired_blocks.fetch_add(1, Ordering::Relaxed);
-                    let (sender, receiver) = oneshot::channel();
-                    volume.read(
-                        offset,
-                        length,
-                        Box::new(move |result| drop(sender.send(result))),
-                    );
-                    receiver.await.unwrap_or(Err(IoError::Closed))
-                }
-                None => result,
-            },
-            other => other,
-        }
+        self.exportable.load(Ordering::Relaxed)
     }
 }
 
@@ -774,11 +1046,7 @@ impl Export for Resource {
     }
 
     fn is_writable(&self) -> bool {
-        self.role() == Role::Primary
-            && matches!(
-                self.disk(),
-                DiskState::UpToDate | DiskState::Inconsistent | DiskState::Outdated
-            )
+        self.writable.load(Ordering::Relaxed)
     }
 
     fn can_multi_conn(&self) -> bool {
@@ -791,9 +1059,7 @@ impl Export for Resource {
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<Bytes, Errno> {
-        self.read_at(offset, u64::from(length))
-            .await
-            .map_err(|error| errno(&error))
+        self.read_at(offset, u64::from(length)).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
@@ -828,11 +1094,11 @@ impl Export for Resource {
     }
 }
 
-/// Commits the engine's sequenced writes when dropped (see `Resource::submit`).
-struct CommitOnDrop(Volume);
+/// Asks for the group commit when dropped (see `Resource::submit`).
+struct CommitOnDrop<'a>(&'a Resource);
 
-impl Drop for CommitOnDrop {
+impl Drop for CommitOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.commit_pending();
+        self.0.end_of_batch();
     }
 }

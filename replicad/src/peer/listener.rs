@@ -1,5 +1,6 @@
-//! The replication listener: accepts peers' connections on a node address and hands
-//! each (data, meta) pair to its resource's link after checking its HELLO.
+//! The replication listener: accepts peers' connections on a node address, checks
+//! each HELLO, pairs a peer's data and meta connections, and hands the pair to its
+//! resource.
 //!
 //! A connection that sends garbage, a HELLO for an unknown resource, another protocol
 //! version or a foreign resource UUID gets a REJECT frame with the reason (when it
@@ -9,27 +10,28 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use engine::wire::{Channel, Frame, Hello};
+use engine::wire::{Channel, Frame};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::session::{check_hello, our_hello, read_frame, reject_and_linger, write_frames};
-use super::{Connections, Link};
+use super::wire_io::{self, read_frame, reject_and_linger, write_frames, LinkError};
+use super::Connections;
+use crate::resource::Resource;
 
-/// Links by resource name, and half-open pairs waiting for their meta connection.
+/// Resources by name, and data connections waiting for their meta connection.
 struct Router {
-    links: HashMap<String, Arc<Link>>,
-    pending_data: Mutex<HashMap<String, (TcpStream, Hello)>>,
+    resources: HashMap<String, Arc<Resource>>,
+    pending_data: Mutex<HashMap<(String, String), TcpStream>>,
 }
 
 /// Accepts on `listener` until shutdown.
 pub async fn run(
     listener: TcpListener,
-    links: HashMap<String, Arc<Link>>,
+    resources: HashMap<String, Arc<Resource>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let router = Arc::new(Router {
-        links,
+        resources,
         pending_data: Mutex::new(HashMap::new()),
     });
     loop {
@@ -53,74 +55,75 @@ pub async fn run(
     }
 }
 
-/// Sends REJECT and lingers until the peer has read it (bounded).
-async fn reject(stream: &mut TcpStream, reason: &str) {
-    let (mut reader, mut writer) = stream.split();
-    reject_and_linger(&mut reader, &mut writer, reason).await;
-}
-
-async fn handle(router: &Router, mut stream: TcpStream) -> Result<(), String> {
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let frame = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut stream))
+async fn handle(router: &Router, mut stream: TcpStream) -> Result<(), LinkError> {
+    stream
+        .set_nodelay(true)
+        .map_err(|error| LinkError::Lost(error.to_string()))?;
+    let frame = tokio::time::timeout(wire_io::HELLO_TIMEOUT, read_frame(&mut stream))
         .await
-        .map_err(|_| "no HELLO within 5s".to_string())??;
+        .map_err(|_| LinkError::HelloTimeout)??;
     let Frame::Hello(hello) = frame else {
         let reason = format!("expected HELLO, got {}", frame.name());
-        reject(&mut stream, &reason).await;
-        return Err(reason);
+        reject_and_linger(&mut stream, &reason).await;
+        return Err(LinkError::Identity(reason));
     };
-    let Some(link) = router.links.get(&hello.resource) else {
+    let Some(resource) = router.resources.get(&hello.resource) else {
         let reason = format!("no resource {:?} on this node", hello.resource);
-        reject(&mut stream, &reason).await;
-        return Err(reason);
+        reject_and_linger(&mut stream, &reason).await;
+        return Err(LinkError::Identity(reason));
     };
-    if let Err(reason) = check_hello(link, &hello) {
-        link.lock().last_error = Some(format!("refused a peer: {reason}"));
-        if let Some(resource) = link.resource() {
-            resource.emit(&format!("refused a connection: {reason}"));
-        }
-        reject(&mut stream, &reason).await;
-        return Err(reason);
+    let peer = resource.peer_by_name(&hello.node);
+    let checked = match peer {
+        Some((_, ref name, node_id)) => resource.identity().check(&hello, name, node_id),
+        None => Err(LinkError::Identity(format!(
+            "peer calls itself {} (id {}), which is not a node of resource {}",
+            hello.node, hello.node_id, hello.resource
+        ))),
+    };
+    if let Err(error) = checked {
+        let reason = error.to_string();
+        resource.refused_a_peer(peer.map(|(id, _, _)| id), &reason);
+        reject_and_linger(&mut stream, &reason).await;
+        return Err(error);
     }
-    if link.lock().standalone {
+    let Some((peer, name, _)) = peer else {
+        return Ok(());
+    };
+    if !resource.accepts(peer) {
         let reason =
             "this node is StandAlone (disconnected by the operator or after a split brain)"
                 .to_string();
-        reject(&mut stream, &reason).await;
-        return Err(reason);
+        reject_and_linger(&mut stream, &reason).await;
+        return Err(LinkError::Refused(reason));
     }
-    let ours = our_hello(link, hello.channel).ok_or("shutting down")?;
-    write_frames(&mut stream, &[Frame::Hello(ours)])
-        .await
-        .map_err(|e| e.to_string())?;
+    write_frames(
+        &mut stream,
+        &[Frame::Hello(resource.identity().hello(hello.channel))],
+    )
+    .await
+    .map_err(|error| LinkError::Lost(error.to_string()))?;
+    let key = (hello.resource.clone(), name);
     match hello.channel {
         Channel::Data => {
             router
                 .pending_data
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(hello.resource.clone(), (stream, hello));
+                .insert(key, stream);
         }
         Channel::Meta => {
             let data = router
                 .pending_data
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&hello.resource);
-            let Some((data, data_hello)) = data else {
-                return Err("meta connection without a data connection".into());
+                .remove(&key);
+            let Some(data) = data else {
+                return Err(LinkError::Identity(
+                    "meta connection without a data connection".into(),
+                ));
             };
             // A new pair means the peer (re)connected: it replaces any current session.
-            *link.incoming.lock().unwrap_or_else(|p| p.into_inner()) = Some(Connections {
-                data,
-                meta: stream,
-                hello: data_hello,
-            });
-            if link.is_connected() {
-                link.lock().last_error = Some("peer reconnected".into());
-                link.session_kill.notify_one();
-            }
-            link.incoming_wake.notify_one();
+            resource.incoming(peer, Connections { data, meta: stream });
         }
     }
     Ok(())

@@ -1,0 +1,277 @@
+//! Per-peer state of the replication state machine: the connection, one session's
+//! bookkeeping, and what flows over it (replication and resync states).
+//!
+//! Each state is an enum variant that carries exactly the data valid in it, so a
+//! combination such as "resync source active but no session" cannot be represented.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{PeerConfig, PeerId, SessionEnd, SessionId, Time, Token};
+use crate::gen::Decision;
+use crate::record::Record;
+use crate::repl::{ConnectionState, ReplicationState};
+use crate::wire::{Frame, PeerState};
+
+/// One peer of the resource, across sessions.
+#[derive(Debug)]
+pub struct Peer {
+    pub id: PeerId,
+    pub config: PeerConfig,
+    /// This node opens the connections (the lower node id dials).
+    pub dialer: bool,
+    pub conn: Conn,
+    /// The next dial waits this long after a failure (doubling, bounded).
+    pub backoff: Duration,
+    /// Discard this node's changes at the next handshake (split-brain resolution).
+    pub discard_my_data: bool,
+    pub split_brain: bool,
+    pub last_error: Option<SessionEnd>,
+    /// The operator paused resync with this peer (kept across sessions).
+    pub paused: bool,
+    /// Block bytes sent (source) or received (target) by resyncs since start.
+    pub resync_bytes: u64,
+    /// Bytes a checksum comparison found equal and did not send.
+    pub resync_skipped_bytes: u64,
+    /// Blocks found different by the last verify.
+    pub verify_out_of_sync: Option<u64>,
+}
+
+impl Peer {
+    pub fn session(&self) -> Option<&Session> {
+        match &self.conn {
+            Conn::Connected(session) => Some(session),
+            _ => None,
+        }
+    }
+
+    pub fn session_mut(&mut self) -> Option<&mut Session> {
+        match &mut self.conn {
+            Conn::Connected(session) => Some(session),
+            _ => None,
+        }
+    }
+
+    /// The session, if it is `id` and established.
+    pub fn current(&mut self, id: SessionId) -> Option<&mut Session> {
+        self.session_mut().filter(|session| session.id == id)
+    }
+
+    pub fn connection_state(&self) -> ConnectionState {
+        match self.conn {
+            Conn::StandAlone => ConnectionState::StandAlone,
+            Conn::Connecting { .. } | Conn::Handshake { .. } => ConnectionState::Connecting,
+            Conn::Connected(_) => ConnectionState::Connected,
+        }
+    }
+}
+
+/// The connection to a peer.
+#[derive(Debug)]
+pub enum Conn {
+    /// Not trying to connect (operator `disconnect`, a refused handshake, split brain).
+    StandAlone,
+    /// Waiting to dial (`dialing`: a dial is under way) or, as acceptor, for the peer.
+    Connecting {
+        next_dial: Time,
+        dialing: bool,
+    },
+    /// Both channels are open; STATE sent, waiting for the peer's.
+    Handshake {
+        session: SessionId,
+        deadline: Time,
+    },
+    Connected(Box<Session>),
+}
+
+/// What one established session knows.
+#[derive(Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub decision: Decision,
+    /// The peer's latest STATE.
+    pub peer_state: PeerState,
+    pub last_heard: Time,
+    pub next_ping: Time,
+    pub ping_nonce: u64,
+    /// We are Primary and ship every record to this peer.
+    pub shipping: bool,
+    /// Highest record sequence shipped in this session.
+    pub shipped_seq: u64,
+    /// The peer's cumulative acknowledgements.
+    pub received_seq: u64,
+    pub written_seq: u64,
+    /// The peer's journal holds every record up to this durably (its DURABLE, or a
+    /// FLUSH_ACK covering what was shipped before the FLUSH).
+    pub peer_durable: u64,
+    /// Our durable sequence number as last reported to the peer.
+    pub reported_durable: u64,
+    pub next_durable_report: Time,
+    /// Shipped records not yet received, `(seq, bytes)` (the async lag bound).
+    pub lag: VecDeque<(u64, u64)>,
+    pub lag_bytes: u64,
+    /// FLUSH frames sent to the peer: id → the last sequence shipped before it.
+    pub flushes: BTreeMap<u64, u64>,
+    pub next_flush_id: u64,
+    /// As secondary: the last record received (records arrive in sequence order).
+    pub last_record_seq: u64,
+    pub repl: Repl,
+    /// Data-channel frames wait until this storage operation completes (a generation
+    /// adopted, a sync target's Inconsistent state persisted); they are kept in
+    /// `deferred` meanwhile, in order.
+    pub data_gate: Option<Token>,
+    pub deferred: VecDeque<Frame>,
+    /// A received record the engine had no memory for yet, retried after progress.
+    pub blocked_record: Option<(Record, Token)>,
+    /// Requests we sent the peer (read repair, verify), by request id.
+    pub requests: BTreeMap<u64, Request>,
+    pub next_request: u64,
+    /// Requests of the peer we are serving (bounded: [`MAX_SERVED`]).
+    pub served: usize,
+    /// We agreed to the peer's promotion: no promotion of ours until its next STATE.
+    pub peer_promoting: bool,
+}
+
+/// Most requests of a peer (READ_REQUEST, VERIFY_REQUEST, RESYNC_CHECK) served at once;
+/// a peer that sends more breaks the protocol.
+pub const MAX_SERVED: usize = 128;
+
+impl Session {
+    pub fn new(id: SessionId, decision: Decision, peer_state: PeerState, now: Time) -> Session {
+        Session {
+            id,
+            decision,
+            peer_state,
+            last_heard: now,
+            next_ping: now,
+            ping_nonce: 0,
+            shipping: false,
+            shipped_seq: 0,
+            received_seq: 0,
+            written_seq: 0,
+            peer_durable: 0,
+            reported_durable: 0,
+            next_durable_report: now,
+            lag: VecDeque::new(),
+            lag_bytes: 0,
+            flushes: BTreeMap::new(),
+            next_flush_id: 1,
+            last_record_seq: 0,
+            repl: Repl::Established,
+            data_gate: None,
+            deferred: VecDeque::new(),
+            blocked_record: None,
+            requests: BTreeMap::new(),
+            next_request: 1,
+            served: 0,
+            peer_promoting: false,
+        }
+    }
+
+    /// Whether the driver may hand us the next data-channel frame.
+    pub fn takes_data(&self) -> bool {
+        self.data_gate.is_none() && self.blocked_record.is_none()
+    }
+
+    pub fn replication_state(&self, paused: bool) -> ReplicationState {
+        match (&self.repl, paused) {
+            (Repl::Established, _) => ReplicationState::Established,
+            (Repl::Verify, _) => ReplicationState::VerifyS,
+            (Repl::Source(_), false) => ReplicationState::SyncSource,
+            (Repl::Source(_), true) => ReplicationState::PausedSyncS,
+            (Repl::Target(target), _) if target.phase == TargetPhase::WaitBitmap => {
+                ReplicationState::Established
+            }
+            (Repl::Target(_), false) => ReplicationState::SyncTarget,
+            (Repl::Target(_), true) => ReplicationState::PausedSyncT,
+        }
+    }
+}
+
+/// A request we sent the peer.
+#[derive(Debug)]
+pub struct Request {
+    pub deadline: Time,
+    pub kind: RequestKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum RequestKind {
+    /// Read repair of `block` for a client request.
+    Repair { id: super::RequestId, block: u64 },
+    /// A chunk of an online verify.
+    Verify { first_block: u64, blocks: u64 },
+}
+
+/// What flows over an established session.
+#[derive(Debug)]
+pub enum Repl {
+    /// Records (if we are Primary), nothing to resync.
+    Established,
+    /// An online verify runs (we compare; records flow as in Established).
+    Verify,
+    Source(Box<Source>),
+    Target(Target),
+}
+
+/// A resync with this node as the source.
+#[derive(Debug)]
+pub struct Source {
+    pub phase: SourcePhase,
+    /// Where the next scan for out-of-sync runs starts.
+    pub cursor: u64,
+    /// Sent and not yet acknowledged: first block → blocks (RESYNC_DATA, or a
+    /// RESYNC_CHECK awaiting its reply).
+    pub in_flight: BTreeMap<u64, u64>,
+    pub in_flight_bytes: u64,
+    /// Reads of the current group not yet completed.
+    pub reads_pending: usize,
+    /// Data read for a RESYNC_CHECK, waiting for the target's verdict.
+    pub checks: BTreeMap<u64, Bytes>,
+    pub checksum_first: bool,
+    pub total_blocks: u64,
+    pub started: Time,
+    /// Bytes sent, for the rate limit.
+    pub sent_bytes: u64,
+    /// Nothing to do before this (rate limit, yielding to clients, bits behind the
+    /// cursor that are not yet readable).
+    pub wait_until: Time,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourcePhase {
+    /// The handshake chose the direction: the target's bitmap comes first.
+    WaitPeerBitmap {
+        deadline: Time,
+    },
+    Streaming,
+    /// RESYNC_DONE sent; waiting for RESYNC_DONE_ACK.
+    Done {
+        deadline: Time,
+    },
+    /// The target confirmed; our generation change is being persisted.
+    Closing,
+}
+
+/// A resync with this node as the target.
+#[derive(Debug)]
+pub struct Target {
+    pub phase: TargetPhase,
+    pub total_blocks: u64,
+    pub started: Time,
+    /// RESYNC_DONE arrived with the source's generation.
+    pub source_current: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetPhase {
+    /// Our bitmap is sent (or the source started one); the source's bitmap comes.
+    WaitBitmap,
+    /// Persisting Inconsistent and the merged bitmap before any resync data.
+    Entering,
+    Receiving,
+    /// RESYNC_DONE arrived: making everything durable, then the new generation.
+    Finishing,
+}
