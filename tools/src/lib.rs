@@ -10,3 +10,4 @@ pub mod launch;
 pub mod nbd_client;
 pub mod node;
 pub mod serve;
+pub mod sim;
