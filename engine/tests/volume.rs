@@ -313,6 +313,27 @@ fn trim_and_zeroes_do_not_wait_for_memory_they_do_not_use() {
 }
 
 #[test]
+fn a_write_waiting_for_memory_does_not_wait_for_a_deferred_commit() {
+    // The journal (256 KiB) is the memory budget: a 1 MiB write waits until what is
+    // pending is committed, here a deferred write whose commit comes after it.
+    let sim = sim_store(8 << 20);
+    let (volume, _) = open(&sim).unwrap();
+    after_a_deferred_write(&volume, |writer| write(writer, 1 << 20, &[2; 1 << 20]))
+        .expect("the 1 MiB write");
+    assert!(volume
+        .read_blocking(0, 4096)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 1));
+    assert!(volume
+        .read_blocking(1 << 20, 1 << 20)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 2));
+    volume.close().unwrap();
+}
+
+#[test]
 fn deferred_writes_share_one_commit_and_all_complete() {
     let sim = sim_store(16 << 20);
     let (volume, _) = open(&sim).unwrap();

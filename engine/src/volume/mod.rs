@@ -614,6 +614,10 @@ impl Volume {
         let mut state = shared.lock();
         state.check_usable()?;
         while state.pending_bytes > 0 && state.pending_bytes + budget > shared.max_memory_bytes() {
+            // What is pending may be deferred writes whose callers commit them only
+            // after this one returns (async tasks on this very thread): the journal
+            // thread commits them instead, or this waits for itself.
+            shared.wake_writer(&state);
             state = shared.wait_progress(state, Duration::from_millis(100));
             state.check_usable()?;
         }
