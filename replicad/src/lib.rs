@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod nbd;
+pub mod notify;
 pub mod peer;
 mod read_into;
 pub mod resource;

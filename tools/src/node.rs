@@ -21,7 +21,9 @@ use replicad::config::{self, Config};
                   of a Primary to its peers over TCP, and answers `replctl` on its control \
                   socket. One config file, the same on every node, names the resources and \
                   nodes; --node picks this node's section. Stops cleanly on SIGTERM or \
-                  SIGINT. `replctl daemon` runs the same daemon."
+                  SIGINT. Under systemd (Type=notify) it reports READY=1 once every store \
+                  is attached and every listener is bound, STOPPING=1 when it stops. \
+                  `replctl daemon` runs the same daemon."
 )]
 pub struct ReplicadArgs {
     /// Config file (the same on every node).
