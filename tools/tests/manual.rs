@@ -9,18 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{require_tool, run_ok, run_with_timeout, REPLCTL};
+use common::{require_tool, run_ok, run_with_timeout, temp_dir, REPLCTL};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const PROGRAMS: [&str; 3] = ["replctl", "replicad", "replcheck"];
-
-fn temp_dir(test: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("manual-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 /// The subcommands `PROGRAM --help` lists (without `help`): what the binary really takes.
 fn subcommands(program: &str) -> Vec<String> {
@@ -61,7 +53,7 @@ fn completion_script(dir: &Path, shell: &str, program: &str) -> PathBuf {
 #[test]
 fn bash_completions_parse_and_complete_subcommands_and_options() {
     require_tool("bash", "bash");
-    let dir = temp_dir("bash");
+    let dir = temp_dir("manual-bash");
     for program in PROGRAMS {
         let script = completion_script(&dir, "bash", program);
         run_ok(Command::new("bash").arg("-n").arg(&script), TIMEOUT);
@@ -109,7 +101,7 @@ fn bash_completions_parse_and_complete_subcommands_and_options() {
 #[test]
 fn zsh_and_fish_completions_parse_and_name_every_subcommand() {
     require_tool("zsh", "zsh");
-    let dir = temp_dir("zsh-fish");
+    let dir = temp_dir("manual-zsh-fish");
     for program in PROGRAMS {
         let zsh = completion_script(&dir, "zsh", program);
         run_ok(Command::new("zsh").arg("-n").arg(&zsh), TIMEOUT);
@@ -141,7 +133,7 @@ fn zsh_and_fish_completions_parse_and_name_every_subcommand() {
 fn man_pages_exist_for_every_program_and_subcommand_and_render_cleanly() {
     require_tool("groff", "groff-base");
     require_tool("man", "man-db");
-    let dir = temp_dir("man");
+    let dir = temp_dir("manual-man");
     let man1 = dir.join("man1");
     let listed = run_ok(
         Command::new(REPLCTL).arg("man").arg("--out-dir").arg(&man1),
