@@ -32,3 +32,7 @@ pub use volume::{Volume, VolumeOptions, WriteKind, WriteRequest};
 pub const BLOCK_BYTES: u64 = 4096;
 /// Largest single I/O request (the NBD maximum we advertise).
 pub const MAX_IO_BYTES: u64 = 32 << 20;
+/// Longest TRIM or WRITE_ZEROES request: they carry no data, so the limit is the
+/// 32-bit length field of NBD, not [`MAX_IO_BYTES`]. Each becomes records of at most
+/// [`MAX_IO_BYTES`].
+pub const MAX_ZERO_BYTES: u64 = u32::MAX as u64;

@@ -199,6 +199,142 @@ fn large_writes_split_into_records_and_stay_whole() {
 }
 
 #[test]
+fn trim_and_zeroes_longer_than_32_mib_become_records_of_at_most_32_mib() {
+    const MIB: u64 = 1 << 20;
+    let sim = sim_store(80 * MIB);
+    let (volume, _) = open(&sim).unwrap();
+    let size = volume.size_bytes();
+    assert!(size > 70 * MIB, "store too small: {size}");
+    let pattern =
+        |seed: u8| -> Vec<u8> { (0..MIB as usize).map(|i| (i % 253) as u8 ^ seed).collect() };
+    for (kind, seed) in [(WriteKind::Trim(0), 0x5A), (WriteKind::Zeroes(0), 0xA5)] {
+        // Data everywhere, then a 66 MiB range (unaligned for WRITE_ZEROES) cleared.
+        for mib in 0..70 {
+            write(&volume, mib * MIB, &pattern(seed ^ mib as u8)).unwrap();
+        }
+        let (offset, length) = match kind {
+            WriteKind::Trim(_) => (2 * MIB, 66 * MIB),
+            _ => (2 * MIB + 100, 66 * MIB - 200),
+        };
+        let kind = match kind {
+            WriteKind::Trim(_) => WriteKind::Trim(length),
+            _ => WriteKind::Zeroes(length),
+        };
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let records = volume
+            .write(
+                WriteRequest {
+                    offset,
+                    kind: kind.clone(),
+                    fua: true,
+                },
+                Box::new(move |result| drop(sender.send(result))),
+            )
+            .unwrap_or_else(|e| panic!("{kind:?} at {offset} refused: {e}"));
+        receiver
+            .recv_timeout(Duration::from_secs(20))
+            .expect("completion")
+            .expect("trim or write-zeroes");
+        let zero_records: Vec<_> = records.iter().filter(|r| r.data.is_empty()).collect();
+        assert_eq!(
+            zero_records.len(),
+            3,
+            "{kind:?}: 66 MiB in records of 32 MiB"
+        );
+        assert!(zero_records
+            .iter()
+            .all(|r| r.header.length_bytes <= engine::MAX_IO_BYTES));
+        let covered: u64 = zero_records.iter().map(|r| r.header.length_bytes).sum();
+        assert_eq!(covered, 66 * MIB - 8192 * u64::from(offset % 4096 != 0));
+        // Read from the store itself, not the overlay.
+        assert!(volume.wait_applied(Duration::from_secs(20)), "not applied");
+        let (start, end) = (offset, offset + length);
+        for mib in 0..70u64 {
+            let chunk = volume.read_blocking(mib * MIB, MIB).unwrap();
+            let expected = pattern(seed ^ mib as u8);
+            for (index, (&got, &want)) in chunk.iter().zip(&expected).enumerate() {
+                let at = mib * MIB + index as u64;
+                let want = if (start..end).contains(&at) { 0 } else { want };
+                assert_eq!(got, want, "{kind:?}: byte {at} (range {start}..{end})");
+            }
+        }
+    }
+    volume.close().unwrap();
+}
+
+/// On a thread of its own: a deferred 4 KiB write at offset 0 (value 1), then `then`,
+/// then the `commit_pending` the deferred write's caller owes, as an async task sharing
+/// the thread would do it. Returns what `then` returned, or panics after 20 s: `then`
+/// waited for the commit that only comes after it.
+fn after_a_deferred_write<T: Send + 'static>(
+    volume: &Volume,
+    then: impl FnOnce(&Volume) -> T + Send + 'static,
+) -> T {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let writer = volume.clone();
+    std::thread::spawn(move || {
+        writer
+            .write_deferred(
+                WriteRequest {
+                    offset: 0,
+                    kind: WriteKind::Data(Bytes::from(vec![1; 4096])),
+                    fua: false,
+                },
+                Box::new(|_| {}),
+            )
+            .expect("deferred write");
+        let result = then(&writer);
+        writer.commit_pending();
+        drop(sender.send(result));
+    });
+    receiver
+        .recv_timeout(Duration::from_secs(20))
+        .expect("waited behind an uncommitted deferred write of the same thread")
+}
+
+#[test]
+fn trim_and_zeroes_do_not_wait_for_memory_they_do_not_use() {
+    // The journal (256 KiB) is the memory budget. TRIM and WRITE_ZEROES records carry
+    // no data, so a 64 MiB one must not wait for room as a 64 MiB write would.
+    let sim = sim_store(80 << 20);
+    let (volume, _) = open(&sim).unwrap();
+    let results = after_a_deferred_write(&volume, |writer| {
+        [WriteKind::Trim(64 << 20), WriteKind::Zeroes(64 << 20)].map(|kind| {
+            writer.write_blocking(WriteRequest {
+                offset: 4096,
+                kind,
+                fua: false,
+            })
+        })
+    });
+    for result in results {
+        result.expect("trim or write-zeroes");
+    }
+    volume.close().unwrap();
+}
+
+#[test]
+fn a_write_waiting_for_memory_does_not_wait_for_a_deferred_commit() {
+    // The journal (256 KiB) is the memory budget: a 1 MiB write waits until what is
+    // pending is committed, here a deferred write whose commit comes after it.
+    let sim = sim_store(8 << 20);
+    let (volume, _) = open(&sim).unwrap();
+    after_a_deferred_write(&volume, |writer| write(writer, 1 << 20, &[2; 1 << 20]))
+        .expect("the 1 MiB write");
+    assert!(volume
+        .read_blocking(0, 4096)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 1));
+    assert!(volume
+        .read_blocking(1 << 20, 1 << 20)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 2));
+    volume.close().unwrap();
+}
+
+#[test]
 fn deferred_writes_share_one_commit_and_all_complete() {
     let sim = sim_store(16 << 20);
     let (volume, _) = open(&sim).unwrap();
@@ -503,7 +639,7 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
         (
             WriteRequest {
                 offset: 0,
-                kind: WriteKind::Zeroes(64 << 20),
+                kind: WriteKind::Zeroes(u64::from(u32::MAX) + 1),
                 fua: false,
             },
             |e| matches!(e, IoError::TooLarge { .. }),

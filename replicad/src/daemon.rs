@@ -212,6 +212,7 @@ pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
         resources.insert(name, resource);
     }
     // Attach every store (recovery runs now); a store that fails stays Diskless.
+    crate::notify::status(&format!("attaching {} store(s)", resources.len()));
     for resource in resources.values() {
         if let Err(error) = resource.attach().await {
             tracing::error!(
@@ -308,12 +309,18 @@ pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
     );
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Ready only now: a SIGTERM sent as soon as READY=1 arrives finds its handler.
+    crate::notify::ready(&format!(
+        "node {node}: serving {} resource(s)",
+        resources.len()
+    ));
     let mut stop = shutdown_rx.clone();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = stop.wait_for(|stop| *stop) => tracing::info!("shutdown requested"),
     }
+    crate::notify::stopping("stopping: draining NBD requests, then closing the stores");
     let _ = daemon.shutdown.send(true);
     // Drain NBD first (in-flight requests finish and reply), then stop replication.
     for server in nbd_servers {

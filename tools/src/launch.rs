@@ -6,6 +6,7 @@
 //! another, so `cargo run --bin replctl -- demo` works although it builds only
 //! `replctl`.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct DaemonProgram {
     pub program: PathBuf,
     pub prefix: Vec<String>,
+    /// Environment variables set for the daemon on top of the inherited ones.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 impl DaemonProgram {
@@ -30,6 +33,7 @@ impl DaemonProgram {
         Ok(DaemonProgram {
             program: std::env::current_exe()?,
             prefix: vec!["daemon".into()],
+            env: Vec::new(),
         })
     }
 
@@ -38,7 +42,14 @@ impl DaemonProgram {
         DaemonProgram {
             program: path.to_path_buf(),
             prefix: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// The same program with `key=value` in its environment (`NOTIFY_SOCKET`).
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
 }
 
@@ -71,6 +82,7 @@ impl NodeProcess {
             .arg("--node")
             .arg(node)
             .args(extra)
+            .envs(program.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

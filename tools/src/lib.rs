@@ -7,6 +7,7 @@ pub mod checker;
 pub mod demo;
 pub mod faultproxy;
 pub mod launch;
+pub mod manual;
 pub mod nbd_client;
 pub mod node;
 pub mod serve;

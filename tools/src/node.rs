@@ -4,9 +4,37 @@
 //! `replctl daemon` so that `replctl` alone (for example `cargo run --bin replctl --
 //! demo` on a fresh clone, which builds only `replctl`) can start nodes of its own.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use replicad::config::{self, Config};
+
+/// The command line of `replicad` (here, not in its binary, so that `replctl man` and
+/// `replctl completions` can render it too).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "replicad",
+    version,
+    about = "The replicad node daemon: serves this node's resources over NBD and \
+             replicates every write to their peers",
+    long_about = "The replicad node daemon. It attaches this node's backing stores (crash \
+                  recovery runs here), serves each resource over NBD, replicates every write \
+                  of a Primary to its peers over TCP, and answers `replctl` on its control \
+                  socket. One config file, the same on every node, names the resources and \
+                  nodes; --node picks this node's section. Stops cleanly on SIGTERM or \
+                  SIGINT. Under systemd (Type=notify) it reports READY=1 once every store \
+                  is attached and every listener is bound, STOPPING=1 when it stops. \
+                  `replctl daemon` runs the same daemon."
+)]
+pub struct ReplicadArgs {
+    /// Config file (the same on every node).
+    #[arg(long, default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// This node's name in the config (default: the hostname).
+    #[arg(long)]
+    pub node: Option<String>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
 
 /// Options of the daemon beyond `--config` and `--node`.
 #[derive(Debug, Clone, clap::Args)]

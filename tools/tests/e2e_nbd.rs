@@ -648,3 +648,360 @@ fn multi_conn_flush_on_one_connection_keeps_another_connections_writes_across_ki
     }
     cluster.assert_no_panic_logged("alpha");
 }
+
+// ---------------------------------------------------------------------------------------
+// TRIM and WRITE_ZEROES longer than the maximum payload (32 MiB)
+// ---------------------------------------------------------------------------------------
+
+/// The maximum payload size the server advertises; TRIM and WRITE_ZEROES carry no
+/// payload, so the NBD specification lets clients send longer ones.
+const MAX_PAYLOAD: u64 = 32 * MIB;
+
+/// The ranges cleared below: 33 MiB and 100 MiB at unaligned-to-a-MiB offsets, and the
+/// whole export.
+fn large_ranges(size: u64) -> [(u64, u64); 3] {
+    [
+        (5 * MIB + 8192, 33 * MIB),
+        (60 * MIB + 4096, 100 * MIB),
+        (0, size),
+    ]
+}
+
+/// Writes 1 MiB of `pattern` just before `offset`, at the start, middle and end of the
+/// range, and just after it (where the export has room): data that the operation must
+/// clear inside the range and leave alone outside it.
+fn fill_around(uri: &str, offset: u64, length: u64, size: u64, pattern: u8) {
+    let end = offset + length;
+    let mut commands = vec![
+        format!("write -P {pattern} {offset} {MIB}"),
+        format!("write -P {pattern} {} {MIB}", offset + length / 2),
+        format!("write -P {pattern} {} {MIB}", end - MIB),
+    ];
+    if offset >= MIB {
+        commands.push(format!("write -P {pattern} {} {MIB}", offset - MIB));
+    }
+    if end + MIB <= size {
+        commands.push(format!("write -P {pattern} {end} {MIB}"));
+    }
+    qemu_io(uri, &commands);
+}
+
+/// The range reads back as zeroes and the MiB on either side still holds `pattern`.
+fn assert_cleared(uri: &str, offset: u64, length: u64, size: u64, pattern: u8, what: &str) {
+    let end = offset + length;
+    let mut commands = vec![format!("read -P 0 {offset} {length}")];
+    if offset >= MIB {
+        commands.push(format!("read -P {pattern} {} {MIB}", offset - MIB));
+    }
+    if end + MIB <= size {
+        commands.push(format!("read -P {pattern} {end} {MIB}"));
+    }
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(["-f", "raw", "-r", uri]);
+    for command in &commands {
+        qemu.arg("-c").arg(command);
+    }
+    let output = run_ok(&mut qemu, TOOL_TIMEOUT);
+    assert!(
+        !output.contains("failed") && !output.contains("error"),
+        "{what}: {commands:?}:\n{output}"
+    );
+}
+
+/// How many NBD write requests (writes, trims, write-zeroes) the node has taken.
+fn write_requests(cluster: &Cluster) -> u64 {
+    cluster.status("alpha").io.writes
+}
+
+/// Clears every range of [`large_ranges`] with `clear(offset, length)` and checks the
+/// result; returns each range's length and the NBD requests it took.
+fn clear_large_ranges(
+    cluster: &Cluster,
+    what: &str,
+    clear: impl Fn(u64, u64) -> String,
+) -> Vec<(u64, u64)> {
+    let uri = cluster.uri("alpha");
+    let size = cluster.status("alpha").size_bytes;
+    let mut requests = Vec::new();
+    for (index, (offset, length)) in large_ranges(size).into_iter().enumerate() {
+        let pattern = 0x31 + index as u8;
+        fill_around(&uri, offset, length, size, pattern);
+        let before = write_requests(cluster);
+        let output = clear(offset, length);
+        requests.push((length, write_requests(cluster) - before));
+        assert_cleared(
+            &uri,
+            offset,
+            length,
+            size,
+            pattern,
+            &format!("{what} of {length} bytes at {offset}: {output}"),
+        );
+    }
+    cluster.assert_no_panic_logged("alpha");
+    requests
+}
+
+#[test]
+fn qemu_io_discard_and_write_zeroes_of_33_mib_100_mib_and_the_whole_export() {
+    require_tool("qemu-io", "qemu-utils");
+    let cluster = single_node("large-zero-qemu", ClusterOptions::default());
+    let uri = cluster.uri("alpha");
+    for (what, command) in [("discard", "discard"), ("write -z", "write -z")] {
+        let requests = clear_large_ranges(&cluster, what, |offset, length| {
+            qemu_io(&uri, &[format!("{command} {offset} {length}")])
+        });
+        eprintln!("qemu-io {what}: (bytes, NBD requests) {requests:?}");
+        if what == "discard" {
+            // qemu sends a discard as one request (it splits only write-zeroes at the
+            // advertised maximum): each range crossed as one TRIM above 32 MiB.
+            assert!(
+                requests.iter().all(|&(_, count)| count == 1),
+                "{requests:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn nbdfuse_punch_hole_and_zero_range_of_33_mib_100_mib_and_the_whole_export() {
+    require_tool("qemu-io", "qemu-utils");
+    require_tool("fallocate", "util-linux");
+    require_tool("fusermount3", "fuse3");
+    assert!(is_root(), "FUSE mounts need root");
+    let cluster = single_node("large-zero-libnbd", ClusterOptions::default());
+    // libnbd turns fallocate on the FUSE file into one NBD_CMD_TRIM (punch hole) or
+    // NBD_CMD_WRITE_ZEROES (zero range) of the whole length.
+    let fuse = NbdFuse::mount(&cluster.dir.join("fuse"), &cluster.uri("alpha"));
+    let file = fuse.file();
+    for (what, mode) in [
+        ("punch-hole", "--punch-hole"),
+        ("zero-range", "--zero-range"),
+    ] {
+        let requests = clear_large_ranges(&cluster, what, |offset, length| {
+            run_ok(
+                Command::new("fallocate")
+                    .arg(mode)
+                    .arg("--offset")
+                    .arg(offset.to_string())
+                    .arg("--length")
+                    .arg(length.to_string())
+                    .arg(&file),
+                TOOL_TIMEOUT,
+            )
+        });
+        eprintln!("nbdfuse {what}: (bytes, NBD requests) {requests:?}");
+        for (length, count) in requests {
+            assert!(
+                count < length.div_ceil(MAX_PAYLOAD),
+                "{what}: {count} requests for {length} bytes: none above 32 MiB"
+            );
+        }
+    }
+    drop(fuse);
+}
+
+#[test]
+fn mkfs_ext4_discards_the_whole_export_through_nbdfuse() {
+    require_tool("mkfs.ext4", "e2fsprogs");
+    require_tool("fsck.ext4", "e2fsprogs");
+    require_tool("fusermount3", "fuse3");
+    assert!(is_root(), "FUSE mounts need root");
+    let cluster = single_node("mkfs-discard", ClusterOptions::default());
+    qemu_io(
+        &cluster.uri("alpha"),
+        &[format!("write -P 7 0 {}", 4 * MIB)],
+    );
+    let fuse = NbdFuse::mount(&cluster.dir.join("fuse"), &cluster.uri("alpha"));
+    let output = run_with_timeout(
+        Command::new("mkfs.ext4").arg("-F").arg(fuse.file()),
+        TOOL_TIMEOUT,
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "mkfs.ext4 failed:\n{text}");
+    // mke2fs discards the whole file first (one punch hole: one large TRIM).
+    assert!(
+        text.contains("Discarding device blocks") && !text.contains("failed"),
+        "mkfs.ext4 did not discard cleanly:\n{text}"
+    );
+    run_ok(
+        Command::new("fsck.ext4")
+            .arg("-n")
+            .arg("-f")
+            .arg(fuse.file()),
+        TOOL_TIMEOUT,
+    );
+    drop(fuse);
+    cluster.assert_no_panic_logged("alpha");
+}
+
+#[test]
+fn raw_trim_and_write_zeroes_above_32_mib_and_out_of_range() {
+    use replicad::nbd::proto::{self, CMD_FLAG_FUA, CMD_TRIM, CMD_WRITE_ZEROES};
+    let cluster = single_node("large-zero-raw", ClusterOptions::default());
+    let mut client = RawNbd::open(cluster.node("alpha").nbd_port, RESOURCE);
+    let size = client.size_bytes;
+    let mark = |client: &mut RawNbd, offset: u64, seed: u64| {
+        assert_eq!(client.write(offset, &pattern_bytes(seed, 4096), false), 0);
+    };
+    let assert_zero = |client: &mut RawNbd, offset: u64, what: &str| {
+        let data = client.read(offset, 4096).expect("read");
+        assert!(data.iter().all(|&b| b == 0), "{what}: not zero at {offset}");
+    };
+    // Exact request shapes a library might not send: FUA or not, unaligned ends for
+    // WRITE_ZEROES, one request each.
+    let cases: [(u16, u16, u64, u64); 5] = [
+        (CMD_TRIM, 0, 4 * MIB, 33 * MIB),
+        (
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_FUA,
+            40 * MIB + 512,
+            100 * MIB + 1000,
+        ),
+        (CMD_TRIM, CMD_FLAG_FUA, 0, size),
+        (CMD_WRITE_ZEROES, proto::CMD_FLAG_NO_HOLE, 0, size),
+        (CMD_WRITE_ZEROES, 0, size - 33 * MIB - 1, 33 * MIB + 1),
+    ];
+    for (command, flags, offset, length) in cases {
+        let what = format!("command {command} flags {flags} {length} bytes at {offset}");
+        let end = offset + length;
+        // Whole blocks inside the range, and the blocks just outside it.
+        let first_inside = offset.next_multiple_of(4096);
+        let last_inside = end / 4096 * 4096 - 4096;
+        mark(&mut client, first_inside, 1);
+        mark(&mut client, last_inside, 2);
+        if offset >= 4096 {
+            mark(&mut client, offset / 4096 * 4096 - 4096, 3);
+        }
+        if end + 4096 <= size {
+            mark(&mut client, end.next_multiple_of(4096), 4);
+        }
+        let writes_before = cluster.status("alpha").io.writes;
+        assert_eq!(
+            client.call(command, flags, offset, length as u32),
+            0,
+            "{what}"
+        );
+        assert_eq!(
+            cluster.status("alpha").io.writes,
+            writes_before + 1,
+            "{what}"
+        );
+        assert_zero(&mut client, first_inside, &what);
+        assert_zero(&mut client, last_inside, &what);
+        if offset >= 4096 {
+            let before = offset / 4096 * 4096 - 4096;
+            assert_eq!(
+                client.read(before, 4096),
+                Ok(pattern_bytes(3, 4096)),
+                "{what}"
+            );
+        }
+        if end + 4096 <= size {
+            let after = end.next_multiple_of(4096);
+            assert_eq!(
+                client.read(after, 4096),
+                Ok(pattern_bytes(4, 4096)),
+                "{what}"
+            );
+        }
+        if command == CMD_WRITE_ZEROES {
+            // The partial edge blocks too: every byte of the range is zero.
+            let head = client
+                .read(offset, (first_inside - offset) as u32 + 1)
+                .expect("read");
+            assert!(head.iter().all(|&b| b == 0), "{what}: head");
+            let tail = client
+                .read(end - 1 - (end % 4096), (end % 4096) as u32 + 1)
+                .expect("read");
+            assert!(tail.iter().all(|&b| b == 0), "{what}: tail");
+        }
+    }
+
+    // Out of range, however long: TRIM gets EINVAL, WRITE_ZEROES ENOSPC (as writes),
+    // ends that overflow 64 bits included; nothing changes.
+    mark(&mut client, 0, 5);
+    mark(&mut client, size - 4096, 6);
+    let writes_before = cluster.status("alpha").io.writes;
+    let beyond: [(u64, u32); 6] = [
+        (0, (size + 4096) as u32),
+        (size - 32 * MIB, 33 * MIB as u32),
+        (size, 33 * MIB as u32),
+        (4096, u32::MAX),
+        (u64::MAX - 100 * MIB + 1, 100 * MIB as u32),
+        (u64::MAX, u32::MAX),
+    ];
+    for (offset, length) in beyond {
+        for (command, expected) in [
+            (CMD_TRIM, proto::NBD_EINVAL),
+            (CMD_WRITE_ZEROES, proto::NBD_ENOSPC),
+        ] {
+            assert_eq!(
+                client.call(command, 0, offset, length),
+                expected,
+                "command {command}: {length} bytes at {offset}"
+            );
+        }
+    }
+    assert_eq!(client.read(0, 4096), Ok(pattern_bytes(5, 4096)));
+    assert_eq!(client.read(size - 4096, 4096), Ok(pattern_bytes(6, 4096)));
+    assert_eq!(
+        cluster.status("alpha").io.writes,
+        writes_before,
+        "a refused request reached the volume"
+    );
+    cluster.assert_no_panic_logged("alpha");
+}
+
+#[test]
+fn large_trim_and_write_zeroes_reach_the_secondary() {
+    require_tool("qemu-io", "qemu-utils");
+    let cluster = Cluster::pair(
+        "large-zero-pair",
+        ClusterOptions {
+            image_bytes: 160 * MIB,
+            ..small_options(false)
+        },
+    );
+    let uri = cluster.uri("alpha");
+    let size = cluster.status("alpha").size_bytes;
+    assert!(size > 125 * MIB, "export too small: {size}");
+    qemu_io(&uri, &[format!("write -P 9 0 {size}")]);
+    // Apart from each other: one TRIM of 40 MiB, write-zeroes of 35 MiB (qemu splits
+    // it), and through libnbd one WRITE_ZEROES of 40 MiB with unaligned ends.
+    qemu_io(
+        &uri,
+        &[
+            format!("discard {MIB} {}", 40 * MIB),
+            format!("write -z {} {}", 45 * MIB, 35 * MIB),
+        ],
+    );
+    let fuse = NbdFuse::mount(&cluster.dir.join("fuse"), &uri);
+    run_ok(
+        Command::new("fallocate")
+            .arg("--zero-range")
+            .arg("--offset")
+            .arg((size - 40 * MIB - 1000).to_string())
+            .arg("--length")
+            .arg((40 * MIB).to_string())
+            .arg(fuse.file()),
+        TOOL_TIMEOUT,
+    );
+    drop(fuse);
+    assert_cleared(&uri, MIB, 40 * MIB, size, 9, "discard on the pair");
+    assert_cleared(&uri, 45 * MIB, 35 * MIB, size, 9, "write -z on the pair");
+    assert_cleared(
+        &uri,
+        size - 40 * MIB - 1000,
+        40 * MIB,
+        size,
+        9,
+        "zero range on the pair",
+    );
+    cluster.assert_exports_identical("alpha", "beta");
+    cluster.assert_verify_clean("alpha");
+}

@@ -62,7 +62,7 @@ use crate::error::{EngineError, IoError};
 use crate::layout::Geometry;
 use crate::record::{self, Record};
 use crate::superblock::Superblock;
-use crate::{BLOCK_BYTES, MAX_IO_BYTES};
+use crate::{BLOCK_BYTES, MAX_IO_BYTES, MAX_ZERO_BYTES};
 
 /// Who does an open volume's background work (group commit, journal fdatasyncs,
 /// applying, checkpoints, reads).
@@ -377,6 +377,10 @@ impl Shared {
             return manual::work_while(self, state, full, stalled);
         }
         while full(&state) {
+            // What is pending may be deferred writes whose callers commit them only
+            // after this one returns (async tasks on this very thread): the journal
+            // thread commits them instead, or this waits for itself.
+            self.wake_writer(&state);
             state = self.wait_progress(state, Duration::from_millis(100));
             state.check_usable()?;
         }
@@ -541,17 +545,20 @@ fn join_callbacks<T: Send + Copy + Ord + 'static>(
         .collect()
 }
 
-/// Validates an I/O range against the volume with checked arithmetic.
-fn check_io(op: &'static str, offset: u64, length: u64, size_bytes: u64) -> Result<(), IoError> {
+/// Validates an I/O range against the volume with checked arithmetic. `limit` is the
+/// longest request of its kind.
+fn check_io(
+    op: &'static str,
+    offset: u64,
+    length: u64,
+    size_bytes: u64,
+    limit: u64,
+) -> Result<(), IoError> {
     if length == 0 {
         return Err(IoError::ZeroLength { op });
     }
-    if length > MAX_IO_BYTES {
-        return Err(IoError::TooLarge {
-            op,
-            length,
-            limit: MAX_IO_BYTES,
-        });
+    if length > limit {
+        return Err(IoError::TooLarge { op, length, limit });
     }
     if offset
         .checked_add(length)
@@ -663,7 +670,22 @@ impl Volume {
     ) -> Result<Vec<Record>, IoError> {
         let size_bytes = self.size_bytes();
         let length = request.length();
-        check_io("write", request.offset, length, size_bytes)?;
+        // TRIM and WRITE_ZEROES carry no data: they may be longer than a data write
+        // (up to the 32-bit NBD length) and become records of at most 32 MiB each.
+        let (limit, budget) = match &request.kind {
+            WriteKind::Data(_) => (
+                MAX_IO_BYTES,
+                length.next_multiple_of(BLOCK_BYTES) + 2 * BLOCK_BYTES,
+            ),
+            // Their records queue a header each, plus at most two read-modify-written
+            // edge blocks.
+            WriteKind::Trim(_) | WriteKind::Zeroes(_) => (
+                MAX_ZERO_BYTES,
+                length.div_ceil(MAX_IO_BYTES) * record::RECORD_FIXED_BYTES as u64
+                    + 2 * (BLOCK_BYTES + record::header_bytes_for(1) as u64),
+            ),
+        };
+        check_io("write", request.offset, length, size_bytes, limit)?;
         let shared = &self.shared;
         shared.stats.writes.fetch_add(1, Ordering::Relaxed);
         shared
@@ -673,7 +695,6 @@ impl Volume {
         let max_record = shared.geometry.max_record_data_bytes();
         // Reserve memory first: waiting releases the lock, and the read-modify-write
         // below must not be interleaved with other writes.
-        let budget = length.next_multiple_of(BLOCK_BYTES) + 2 * BLOCK_BYTES;
         let mut state = shared.lock();
         state.check_usable()?;
         state = shared.wait_while(
@@ -908,7 +929,7 @@ impl Volume {
     /// Submits a read; `done` gets exactly `length` bytes or an error. Manual mode:
     /// the read runs on this thread and `done` has run when this returns.
     pub fn read(&self, offset: u64, length: u64, done: ReadDone) {
-        if let Err(error) = check_io("read", offset, length, self.size_bytes()) {
+        if let Err(error) = check_io("read", offset, length, self.size_bytes(), MAX_IO_BYTES) {
             return done(Err(error));
         }
         let shared = &self.shared;
@@ -929,7 +950,7 @@ impl Volume {
 
     /// Reads synchronously on the calling thread (tools, tests, resync source).
     pub fn read_blocking(&self, offset: u64, length: u64) -> Result<Bytes, IoError> {
-        check_io("read", offset, length, self.size_bytes())?;
+        check_io("read", offset, length, self.size_bytes(), MAX_IO_BYTES)?;
         read::read_now(&self.shared, offset, length)
     }
 

@@ -846,6 +846,17 @@ mod tests {
                 (CMD_WRITE, proto::CMD_FLAG_DF, 0, u32::MAX, close),
                 // Trim and write-zeroes carry no payload: the payload limit does not apply.
                 (CMD_TRIM, 0, 0, u32::MAX, trim(0, u32::MAX)),
+                (
+                    CMD_WRITE_ZEROES,
+                    FUA,
+                    1,
+                    u32::MAX,
+                    Action::WriteZeroes {
+                        offset: 1,
+                        length: u32::MAX,
+                        fua: true,
+                    },
+                ),
             ],
         );
     }

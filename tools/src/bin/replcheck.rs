@@ -1,5 +1,6 @@
-//! `replcheck`: the write-verify checker's command line (a thin shell over
-//! `tools::checker`; see that module for the block format, the log format and the rules).
+//! `replcheck`: the write-verify checker (a thin shell over `tools::checker`; its
+//! command line is `tools::checker::cli`; see that module for the block format, the log
+//! format and the rules).
 
 /// mimalloc: measurably cheaper than glibc malloc for the many small, short-lived
 /// allocations of the request path (see docs/BENCHMARKS.md).
@@ -8,148 +9,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::fs::File;
 use std::io::BufWriter;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
+use tools::checker::cli::{
+    Cli, Command, ConnectArgs, VerifyArgs, WriteArgs, EXIT_CHECKER_ERROR, EXIT_CHECK_FAILED,
+};
 use tools::checker::run::new_run_id;
-use tools::checker::{run_writes, verify_export, LogWriter, Mode, RunLog, WritePlan};
+use tools::checker::{run_writes, verify_export, LogWriter, RunLog, WritePlan};
 use tools::nbd_client::{ConnectOptions, NbdClient, NbdUri};
-
-/// Exit status when a verification finds violations.
-const EXIT_CHECK_FAILED: u8 = 1;
-/// Exit status when the checker itself could not do its job.
-const EXIT_CHECKER_ERROR: u8 = 3;
-
-#[derive(Parser)]
-#[command(
-    name = "replcheck",
-    version,
-    about = "Write self-describing blocks through NBD, then verify what a server holds",
-    after_help = "Exit status: 0 done (write: also when the server died mid-run; verify: the check passed); \
-                  1 a server error reply (write) or a failed check (verify); 2 usage error; \
-                  3 the checker could not run (connect, log I/O, bad log)."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Write unique, self-describing 4 KiB blocks and log every issue and acknowledgement.
-    Write(WriteArgs),
-    /// Read back every block a log touched and check it against the log.
-    Verify(VerifyArgs),
-}
-
-#[derive(Args)]
-struct ConnectArgs {
-    /// NBD URI: nbd://host[:port][/export] or nbd+unix:///export?socket=PATH.
-    #[arg(long)]
-    uri: String,
-    /// Seconds allowed for connecting and the handshake.
-    #[arg(long, default_value_t = 10.0)]
-    connect_timeout: f64,
-    /// Seconds allowed for each request; a request that takes longer closes the connection.
-    #[arg(long, default_value_t = 30.0)]
-    request_timeout: f64,
-}
-
-#[derive(Args)]
-struct WriteArgs {
-    #[command(flatten)]
-    connect: ConnectArgs,
-    /// Where to write the run log (JSON lines).
-    #[arg(long)]
-    log: PathBuf,
-    /// Writes in flight at once.
-    #[arg(long, default_value_t = 32)]
-    qd: usize,
-    /// Stop after this many writes (default 10000 unless --seconds is given).
-    #[arg(long)]
-    writes: Option<u64>,
-    /// Stop after this many seconds.
-    #[arg(long)]
-    seconds: Option<f64>,
-    /// Blocks (4 KiB) to write: START..END (END exclusive), START.., or COUNT for 0..COUNT.
-    /// Default: the whole export.
-    #[arg(long)]
-    blocks: Option<BlockRange>,
-    /// Issue a flush after every K-th write.
-    #[arg(long, value_name = "K")]
-    flush_every: Option<u64>,
-    /// Set FUA on every K-th write.
-    #[arg(long, value_name = "K")]
-    fua_every: Option<u64>,
-    /// Seed of the block choice (default: from the clock).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Print a progress line on stderr every N acknowledged writes.
-    #[arg(long, value_name = "N")]
-    progress_every: Option<u64>,
-}
-
-#[derive(Args)]
-struct VerifyArgs {
-    #[command(flatten)]
-    connect: ConnectArgs,
-    /// The run log written by `replcheck write`.
-    #[arg(long)]
-    log: PathBuf,
-    /// Rules to check (comma-separated): acked (P1), durable (FLUSH/FUA), prefix (P2).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "acked")]
-    mode: Vec<Mode>,
-    /// Reads in flight at once.
-    #[arg(long, default_value_t = 32)]
-    qd: usize,
-    /// Violations listed per kind.
-    #[arg(long, default_value_t = 5)]
-    examples: usize,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-/// A block range given on the command line.
-#[derive(Debug, Clone, Copy)]
-struct BlockRange {
-    start: u64,
-    end: Option<u64>,
-}
-
-impl FromStr for BlockRange {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let number = |part: &str| {
-            part.trim()
-                .parse::<u64>()
-                .map_err(|_| format!("bad block number {part:?}"))
-        };
-        let range = match text.split_once("..") {
-            Some((start, "")) => BlockRange {
-                start: number(start)?,
-                end: None,
-            },
-            Some((start, end)) => BlockRange {
-                start: if start.is_empty() { 0 } else { number(start)? },
-                end: Some(number(end)?),
-            },
-            None => BlockRange {
-                start: 0,
-                end: Some(number(text)?),
-            },
-        };
-        if range.end.is_some_and(|end| end <= range.start) {
-            return Err(format!("empty block range {text:?}"));
-        }
-        Ok(range)
-    }
-}
 
 fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value)

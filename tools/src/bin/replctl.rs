@@ -10,13 +10,15 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use replicad::config::{self, Config};
 use replicad::control::{Client, Request, ResourceStatus};
+use tools::manual::Program;
 
 #[derive(Debug, Parser)]
 #[command(name = "replctl", version, about = "Administer replicad resources (DRBD-style).", long_about = None)]
@@ -41,6 +43,7 @@ struct Cli {
 enum Command {
     /// Write fresh metadata on this node's backing store (the daemon must not hold it).
     CreateMd {
+        /// The resource, as named in the config.
         resource: String,
         /// Overwrite existing metadata.
         #[arg(long)]
@@ -51,18 +54,23 @@ enum Command {
     },
     /// Show the metadata on this node's backing store (works without the daemon).
     DumpMd {
+        /// The resource, as named in the config.
         resource: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show role, disk, connection and sync progress (DRBD-like tree).
     Status {
+        /// The resource, as named in the config (default: all of this node).
         resource: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Make this node Primary (P4: refused while the peer is Primary).
     Promote {
+        /// The resource, as named in the config.
         resource: String,
         /// Promote although the disk is not UpToDate or the peer is unreachable
         /// (you assert the other node is gone).
@@ -70,43 +78,70 @@ enum Command {
         force: bool,
     },
     /// Make this node Secondary (flushes first).
-    Demote { resource: String },
+    Demote {
+        /// The resource, as named in the config.
+        resource: String,
+    },
     /// (Re)connect to the peer.
     Connect {
+        /// The resource, as named in the config.
         resource: String,
         /// Resolve a split brain by throwing this node's changes away.
         #[arg(long)]
         discard_my_data: bool,
     },
     /// Disconnect from the peer and stay StandAlone.
-    Disconnect { resource: String },
+    Disconnect {
+        /// The resource, as named in the config.
+        resource: String,
+    },
     /// Open the backing store (after create-md or a replaced disk).
-    Attach { resource: String },
+    Attach {
+        /// The resource, as named in the config.
+        resource: String,
+    },
     /// Close the backing store (the node goes Diskless).
-    Detach { resource: String },
+    Detach {
+        /// The resource, as named in the config.
+        resource: String,
+    },
     /// Pause a running resync.
-    PauseSync { resource: String },
+    PauseSync {
+        /// The resource, as named in the config.
+        resource: String,
+    },
     /// Resume a paused resync.
-    ResumeSync { resource: String },
+    ResumeSync {
+        /// The resource, as named in the config.
+        resource: String,
+    },
     /// Compare both replicas block by block.
     Verify {
+        /// The resource, as named in the config.
         resource: String,
         /// Resync the blocks found different.
         #[arg(long)]
         repair: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Throw local data away and pull everything from the peer.
-    Invalidate { resource: String },
+    Invalidate {
+        /// The resource, as named in the config.
+        resource: String,
+    },
     /// Connected fresh stores known to be identical: skip the initial sync.
     NewCurrentUuid {
+        /// The resource, as named in the config.
         resource: String,
+        /// Required: both fresh stores become UpToDate without a resync.
         #[arg(long)]
         clear_bitmap: bool,
     },
     /// Wait until the resource is connected and in sync, with a progress bar.
     WaitSync {
+        /// The resource, as named in the config.
         resource: String,
         /// Give up after this many seconds (0: wait forever).
         #[arg(long, default_value_t = 0)]
@@ -125,6 +160,20 @@ enum Command {
     Serve(tools::serve::ServeArgs),
     /// Run this node's daemon in the foreground: the same daemon as `replicad`.
     Daemon(tools::node::DaemonArgs),
+    /// Print the shell completion script of replctl (or of replicad, replcheck).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+        /// The program to complete.
+        #[arg(long, value_enum, default_value_t = Program::Replctl)]
+        program: Program,
+    },
+    /// Write the man pages of replctl (one per subcommand too), replicad and replcheck.
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -327,6 +376,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => tools::bench::run(args),
         Command::Serve(args) => tools::serve::run(args),
         Command::Daemon(args) => tools::node::run(&cli.config, cli.node.as_deref(), args),
+        Command::Completions { shell, program } => {
+            let script = tools::manual::completion_script(*shell, program.command(&Cli::command()));
+            let mut out = std::io::stdout().lock();
+            out.write_all(&script)?;
+            out.flush()?;
+            Ok(())
+        }
+        Command::Man { out_dir } => {
+            for path in tools::manual::write_man_pages(out_dir, &Cli::command())? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
     }
 }
 

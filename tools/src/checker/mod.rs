@@ -13,6 +13,7 @@
 //! it. [`servers`] starts real NBD servers for tests and demos.
 
 pub mod block;
+pub mod cli;
 pub mod log;
 pub mod run;
 pub mod servers;

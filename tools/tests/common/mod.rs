@@ -25,6 +25,15 @@ pub fn replicad_bin() -> PathBuf {
     PathBuf::from(REPLICAD)
 }
 
+/// A fresh, empty directory for one test (`NAME-PID` under the target's temp dir).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
 /// Fails the test with a clear message if `tool` is not installed.
 pub fn require_tool(tool: &str, package: &str) {
     let found = std::env::var_os("PATH")
