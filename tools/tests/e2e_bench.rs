@@ -1,8 +1,9 @@
-//! `replctl bench` end to end: the real binary, real daemons, real loop devices (as
-//! root) or image files. Smoke tests, not speed tests: no figure is compared with a
-//! speed, only checked to be there. They check that the table is complete, that the
-//! replicas are reported identical, and that nothing outlives the run (no loop device
-//! backed by its files, no process naming its directory, no file), also after SIGINT.
+//! `replctl bench` and `benches/peers.sh` end to end: the real binaries, real daemons,
+//! real peers (nbdkit, qemu-nbd, QEMU's mirror), real loop devices (as root) or image
+//! files. Smoke tests, not speed tests: no figure is compared with a speed, only checked
+//! to be there. They check that the tables are complete, that the replicas are reported
+//! identical, and that nothing outlives the run (no loop device backed by its files, no
+//! process naming its directory, no file), also after SIGINT.
 
 mod common;
 
@@ -13,15 +14,32 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// A parent directory for one test's bench run, checked empty and removed on drop.
-struct Parent(PathBuf);
+struct Parent(PathBuf, Loops);
+
+/// Whether the run puts loop devices on its files (`replctl bench` as root). Only then
+/// are they looked for: `losetup -a` opens every loop device, and a device open at the
+/// moment a concurrent run detaches it is detached only later.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Loops {
+    Maybe,
+    Never,
+}
 
 impl Parent {
     fn new(test: &str) -> Parent {
+        Parent::with(test, Loops::Maybe)
+    }
+
+    fn with(test: &str, loops: Loops) -> Parent {
         let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("e2e-bench-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("test dir");
-        Parent(path)
+        Parent(path, loops)
+    }
+
+    fn loops_possible(&self) -> bool {
+        self.1 == Loops::Maybe && is_root()
     }
 
     fn text(&self) -> &str {
@@ -32,7 +50,7 @@ impl Parent {
 impl Drop for Parent {
     fn drop(&mut self) {
         // Anything a failed run left: loop devices backed by its files, then the files.
-        if is_root() {
+        if self.loops_possible() {
             for line in loop_devices_under(&self.0) {
                 if let Some(device) = line.split(':').next() {
                     let _ = Command::new("losetup").arg("-d").arg(device).status();
@@ -81,7 +99,7 @@ fn processes_naming(dir: &Path) -> Vec<String> {
 fn assert_nothing_left(parent: &Parent) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let loops = if is_root() {
+        let loops = if parent.loops_possible() {
             loop_devices_under(&parent.0)
         } else {
             Vec::new()
@@ -101,6 +119,24 @@ fn assert_nothing_left(parent: &Parent) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The report of a run that must have succeeded: stdout is one JSON document and nothing
+/// else. Shows the run's stderr and how long it took.
+fn json_report(what: &str, output: &std::process::Output, started: Instant) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{stderr}",
+        output.status
+    );
+    eprintln!("{what} took {:?}:\n{stderr}", started.elapsed());
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON document ({e}):\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
 }
 
 fn number(value: &serde_json::Value, what: &str) -> f64 {
@@ -154,20 +190,7 @@ fn bench_json_table_is_complete_replicas_identical_nothing_left_behind() {
         ]),
         Duration::from_secs(110),
     );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "replctl bench failed ({}):\n{stderr}",
-        output.status
-    );
-    eprintln!("replctl bench took {:?}:\n{stderr}", started.elapsed());
-    // stdout is the report and nothing else.
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON document ({e}):\n{}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
+    let report = json_report("replctl bench", &output, started);
 
     let columns = report["columns"].as_array().expect("columns").clone();
     let keys: Vec<&str> = columns.iter().map(|c| c["key"].as_str().unwrap()).collect();
@@ -248,7 +271,7 @@ fn bench_json_table_is_complete_replicas_identical_nothing_left_behind() {
 #[test]
 fn bench_cleans_up_on_sigint() {
     let parent = Parent::new("sigint");
-    let mut child = Command::new(REPLCTL)
+    let child = Command::new(REPLCTL)
         .args([
             "bench",
             "--size",
@@ -263,21 +286,28 @@ fn bench_cleans_up_on_sigint() {
         .spawn()
         .expect("start replctl bench");
     // Interrupt it once daemons run (and, as root, loop devices are attached).
-    let waited = Instant::now();
-    loop {
+    let stderr = interrupt_when(child, "replctl bench", || {
         let daemons = processes_naming(&parent.0)
             .into_iter()
             .filter(|command| command.contains("replicad"))
             .count();
-        if daemons > 0 && (!is_root() || !loop_devices_under(&parent.0).is_empty()) {
-            break;
-        }
+        daemons > 0 && (!is_root() || !loop_devices_under(&parent.0).is_empty())
+    });
+    assert!(stderr.contains("SIGINT"), "stderr:\n{stderr}");
+    assert_nothing_left(&parent);
+}
+
+/// Waits (bounded) until `ready` holds, then sends SIGINT to `child` and waits (bounded)
+/// for it to exit with status 130; its stderr.
+fn interrupt_when(mut child: std::process::Child, what: &str, ready: impl Fn() -> bool) -> String {
+    let waited = Instant::now();
+    while !ready() {
         if let Some(status) = child.try_wait().expect("try_wait") {
-            panic!("replctl bench ended ({status}) before its daemons were seen");
+            panic!("{what} ended ({status}) before the moment to interrupt it");
         }
         if waited.elapsed() > Duration::from_secs(90) {
             let _ = child.kill();
-            panic!("no daemon of replctl bench within 90s");
+            panic!("{what}: the moment to interrupt it did not come within 90s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -290,7 +320,7 @@ fn bench_cleans_up_on_sigint() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("replctl bench did not exit within 45s of SIGINT");
+            panic!("{what} did not exit within 45s of SIGINT");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -301,8 +331,205 @@ fn bench_cleans_up_on_sigint() {
     assert_eq!(
         status.code(),
         Some(130),
-        "exit status after SIGINT: {status}\n{stderr}"
+        "{what}: exit status after SIGINT: {status}\n{stderr}"
     );
-    assert!(stderr.contains("SIGINT"), "stderr:\n{stderr}");
+    stderr
+}
+
+// ---------------------------------------------------------------------------------
+// benches/peers.sh
+// ---------------------------------------------------------------------------------
+
+/// `benches/peers.sh` of this checkout, with the freshly built replctl and `args`
+/// (separated by spaces).
+fn peers(parent: &Parent, args: &str) -> Command {
+    for (tool, package) in [
+        ("fio", "fio"),
+        ("nbdkit", "nbdkit"),
+        ("nbdinfo", "libnbd-bin"),
+        ("qemu-storage-daemon", "qemu-utils"),
+        ("python3", "python3"),
+        ("setpriv", "util-linux"),
+    ] {
+        require_tool(tool, package);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/peers.sh");
+    let mut command = Command::new(script);
+    command
+        .args(["--replctl", REPLCTL, "--dir", parent.text()])
+        .args(args.split_whitespace());
+    command
+}
+
+/// Runs peers.sh to the end; its JSON report.
+fn peers_json(parent: &Parent, args: &str) -> serde_json::Value {
+    let started = Instant::now();
+    let output = run_with_timeout(&mut peers(parent, args), Duration::from_secs(150));
+    json_report(&format!("peers.sh {args}"), &output, started)
+}
+
+/// A positive figure of `target`/`workload` in a peers.sh report.
+fn figure(report: &serde_json::Value, target: &str, workload: &str, name: &str) -> f64 {
+    let what = format!("{target} / {workload} / {name}");
+    let value = number(&report["figures"][target][workload][name], &what);
+    assert!(value.is_finite() && value > 0.0, "{what}: {value}");
+    value
+}
+
+/// A positive ratio of `ours` against `baseline` in a peers.sh report.
+fn ratio(report: &serde_json::Value, ours: &str, baseline: &str, key: &str) -> f64 {
+    let what = format!("{ours} against {baseline}: {key}");
+    let value = number(&report["ratios"][ours][baseline][key], &what);
+    assert!(value.is_finite() && value > 0.0, "{what}: {value}");
+    value
+}
+
+#[test]
+fn peers_json_has_a_figure_and_a_ratio_for_each_target() {
+    let parent = Parent::with("peers", Loops::Never);
+    let report = peers_json(
+        &parent,
+        "--size 64M --runtime 1 --repeat 1 --targets nbdkit,ours,ours-pair \
+         --workloads rw4k_qd32 --json",
+    );
+    for target in ["nbdkit", "ours", "ours-pair"] {
+        for name in ["iops", "mib_s", "mean_us", "p50_us", "p99_us"] {
+            figure(&report, target, "rw4k_qd32", name);
+        }
+        let samples = &report["figures"][target]["rw4k_qd32"]["samples"]["iops"];
+        assert_eq!(samples.as_array().map(Vec::len), Some(1), "{samples}");
+        let note = report["notes"][target].as_str().unwrap_or_default();
+        assert!(!note.is_empty(), "no note says what {target} promises");
+    }
+    for ours in ["ours", "ours-pair"] {
+        ratio(&report, ours, "nbdkit", "rw4k_qd32_iops");
+    }
+    assert!(
+        report["notes"]["nbdkit"]
+            .as_str()
+            .is_some_and(|note| note.contains("page cache") && note.contains("not a like-for-like")),
+        "the nbdkit row must say it is not a durable peer: {}",
+        report["notes"]["nbdkit"]
+    );
+    assert_eq!(report["size_bytes"], 64 << 20);
+    assert!(
+        report["command"]
+            .as_str()
+            .is_some_and(|c| c.contains("--targets nbdkit,ours,ours-pair")),
+        "the report names its command: {}",
+        report["command"]
+    );
+    assert!(
+        report["commit"].as_str().is_some_and(|c| !c.is_empty()),
+        "the report names its commit"
+    );
+    assert_nothing_left(&parent);
+}
+
+/// The names of the fio outputs in `work`'s `fio` directory, in the order fio wrote them.
+fn fio_outputs_in_order(work: &Path) -> Vec<String> {
+    let mut outputs: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(work.join("fio"))
+        .expect("fio outputs kept")
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".json"))
+        .map(|entry| {
+            let written = entry.metadata().and_then(|m| m.modified()).expect("mtime");
+            (written, entry.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    outputs.sort();
+    outputs.into_iter().map(|(_, name)| name).collect()
+}
+
+/// Two rounds over the raw device, QEMU's mirror and a pair, with the latency and flush
+/// workloads: medians of two samples, rounds interleaved (round 1 of every target before
+/// round 2 of any), the mirror set up, checked and torn down twice. (qemu-nbd runs
+/// as the mirror's replica with the options of its own row.)
+#[test]
+fn peers_rounds_interleave_over_raw_mirror_and_pair() {
+    let parent = Parent::with("peers-rounds", Loops::Never);
+    let targets = ["raw", "mirror", "ours-pair"];
+    let workloads = ["rw4k_qd1", "rw4k_flush32"];
+    let report = peers_json(
+        &parent,
+        &format!(
+            "--size 64M --runtime 1 --ramp 0 --repeat 2 --targets {} --workloads {} \
+             --json --keep",
+            targets.join(","),
+            workloads.join(",")
+        ),
+    );
+    // --keep: the work directory and fio's outputs stay.
+    let work: Vec<PathBuf> = std::fs::read_dir(&parent.0)
+        .expect("parent dir")
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    assert_eq!(work.len(), 1, "one work directory kept: {work:?}");
+    let expected: Vec<String> = (1..=2)
+        .flat_map(|round| {
+            targets.iter().flat_map(move |target| {
+                workloads.map(|workload| format!("{round}-{target}-{workload}.json"))
+            })
+        })
+        .collect();
+    assert_eq!(
+        fio_outputs_in_order(&work[0]),
+        expected,
+        "each round goes over every target in turn"
+    );
+    std::fs::remove_dir_all(&work[0]).expect("remove the kept work directory");
+
+    for target in targets {
+        figure(&report, target, "rw4k_qd1", "p50_us");
+        figure(&report, target, "rw4k_qd1", "p99_us");
+        figure(&report, target, "rw4k_flush32", "iops");
+        figure(&report, target, "rw4k_flush32", "flushes");
+        let cell = &report["figures"][target]["rw4k_qd1"];
+        let samples: Vec<f64> = cell["samples"]["p50_us"]
+            .as_array()
+            .expect("samples")
+            .iter()
+            .map(|v| number(v, "sample"))
+            .collect();
+        assert_eq!(samples.len(), 2, "{target}: one sample per round");
+        let median = number(&cell["p50_us"], "median");
+        assert!(
+            (median - (samples[0] + samples[1]) / 2.0).abs() < 1e-6,
+            "{target}: the median of two samples is their mean: {median} vs {samples:?}"
+        );
+    }
+    for baseline in ["mirror", "raw"] {
+        for key in ["rw4k_qd1_p50_us", "rw4k_qd1_p99_us", "rw4k_flush32_iops"] {
+            ratio(&report, "ours-pair", baseline, key);
+        }
+    }
+    assert!(
+        report["ratios"]["ours"].is_null(),
+        "no ours row, no ours ratios"
+    );
+    assert_nothing_left(&parent);
+}
+
+#[test]
+fn peers_cleans_up_on_sigint() {
+    let parent = Parent::with("peers-sigint", Loops::Never);
+    let child = peers(
+        &parent,
+        "--size 64M --runtime 60 --targets mirror --workloads rw4k_qd32",
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start peers.sh");
+    // Interrupt it while fio runs against the mirror: both QEMU processes and fio up.
+    let stderr = interrupt_when(child, "peers.sh", || {
+        let running = processes_naming(&parent.0);
+        running
+            .iter()
+            .any(|p| p.contains("fio --name=mirror-rw4k_qd32"))
+            && running.iter().any(|p| p.contains("qemu-storage-daemon"))
+    });
+    assert!(stderr.contains("interrupted"), "stderr:\n{stderr}");
     assert_nothing_left(&parent);
 }
