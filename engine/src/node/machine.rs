@@ -42,6 +42,8 @@ pub(super) enum Purpose {
     Flush,
     /// A new generation before writes without (all) peers.
     Rotation,
+    /// As a chosen sync target: Inconsistent is durable, records may be applied.
+    MarkTarget { peer: PeerId, session: SessionId },
     /// As secondary: a received record is journaled (ACK_WRITTEN).
     Replicated {
         peer: PeerId,
@@ -1027,6 +1029,7 @@ impl<S: Storage> Node<S> {
                         source_current: 0,
                     });
                 }
+                self.mark_target(peer, session);
             }
             _ => {}
         }
@@ -1093,7 +1096,14 @@ impl<S: Storage> Node<S> {
         }
         if let Conn::Connected(session) = conn {
             let session = *session;
-            if matches!(session.repl, Repl::Target(_)) {
+            // The tracking of stream-written blocks belongs to a resync this node
+            // receives; with no target session left, none runs (whatever state the
+            // ended session was in: a verify may have replaced it).
+            let target_left = self.peers.iter().any(|peer| {
+                peer.session()
+                    .is_some_and(|other| matches!(other.repl, Repl::Target(_)))
+            });
+            if !target_left {
                 if let Some(storage) = self.storage.as_mut() {
                     storage.end_resync_target();
                 }
@@ -1122,9 +1132,13 @@ impl<S: Storage> Node<S> {
                 {
                     self.start_rotation();
                 }
-            } else if session.peer_state.role == Role::Primary && !unmarked {
+            } else if (session.peer_state.role == Role::Primary || session.last_record_seq > 0)
+                && !unmarked
+            {
                 // Records received above the primary's last DURABLE mark may be
                 // missing there: their blocks are reconciled at the next resync.
+                // (Also when the peer demoted itself before the session ended: held
+                // records would otherwise pin the journal for good.)
                 if let Some(storage) = self.storage.as_mut() {
                     storage.peer_detached();
                 }
@@ -1636,6 +1650,21 @@ impl<S: Storage> Node<S> {
                     SessionEnd::Storage(format!("flush: {error}")),
                 ),
             },
+            (Purpose::MarkTarget { peer, session }, Completion::Persisted(result)) => {
+                match result {
+                    Ok(()) => {
+                        if let Some(state) = self.peers[peer.0].current(session) {
+                            state.data_gate = None;
+                            self.release_deferred(peer, session);
+                        }
+                    }
+                    Err(error) => self.end_session_if(
+                        peer,
+                        session,
+                        SessionEnd::Storage(format!("cannot mark the disk Inconsistent: {error}")),
+                    ),
+                }
+            }
             (
                 Purpose::Adopt {
                     peer,

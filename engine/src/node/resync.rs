@@ -537,6 +537,37 @@ impl<S: Storage> Node<S> {
 
     // ----- target -----
 
+    /// The handshake made us the sync target. The source ships its writes at once,
+    /// before the bitmaps are exchanged, and applying them makes our data a mix that
+    /// is no prefix of anything: Inconsistent must be durable before the first one
+    /// (the data channel waits), so a crash in between cannot leave a disk that
+    /// claims to be UpToDate.
+    pub(super) fn mark_target(&mut self, peer: PeerId, session: SessionId) {
+        let token = self.token(Purpose::MarkTarget { peer, session });
+        let Some(state) = self.peers[peer.0].current(session) else {
+            self.tokens.remove(&token);
+            return;
+        };
+        state.data_gate = Some(token);
+        match self.storage.as_mut() {
+            Some(storage) => {
+                if !self.config.mutated(super::Mutation::ApplyStaleResyncData) {
+                    storage.begin_resync_target();
+                }
+                storage.update_superblock(
+                    SuperblockChange::SetDisk(StoredDiskState::Inconsistent),
+                    token,
+                );
+            }
+            None => {
+                self.tokens.remove(&token);
+                if let Some(state) = self.peers[peer.0].current(session) {
+                    state.data_gate = None;
+                }
+            }
+        }
+    }
+
     /// The source's bitmap is merged: persist Inconsistent and the bitmap, then take
     /// resync data.
     fn enter_target(&mut self, peer: PeerId, session: SessionId) -> Result<(), SessionEnd> {
@@ -859,12 +890,20 @@ impl<S: Storage> Node<S> {
             );
             return;
         };
-        let state = self.peers[peer.0]
-            .session()
-            .map(|s| (s.peer_state.disk, s.replication_state(false)));
+        // Exactly Established: a sync target still waiting for the source's bitmap
+        // shows as Established too, but its data is about to be resynced.
+        let state = self.peers[peer.0].session().map(|s| {
+            let established = matches!(s.repl, Repl::Established);
+            let shown = if matches!(s.repl, Repl::Target(_)) {
+                crate::repl::ReplicationState::SyncTarget
+            } else {
+                s.replication_state(false)
+            };
+            (s.peer_state.disk, established, shown)
+        });
         match state {
-            Some((DiskState::UpToDate, crate::repl::ReplicationState::Established)) => {}
-            Some((DiskState::UpToDate, other)) => {
+            Some((DiskState::UpToDate, true, _)) => {}
+            Some((DiskState::UpToDate, false, other)) => {
                 self.admin_done(
                     admin,
                     Err(AdminError::Refused(format!(

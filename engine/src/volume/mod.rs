@@ -1089,7 +1089,11 @@ impl Volume {
     pub fn begin_resync_target(&self) {
         let mut state = self.shared.lock();
         let blocks = self.shared.geometry.data_blocks();
-        state.resync_written = Some(Bitmap::new(blocks));
+        // Already tracking (the target was marked before its bitmap came): keep what
+        // the replication stream wrote meanwhile.
+        state
+            .resync_written
+            .get_or_insert_with(|| Bitmap::new(blocks));
     }
 
     /// Sync target: resync finished (or abandoned).
