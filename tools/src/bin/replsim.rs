@@ -41,8 +41,8 @@ struct Args {
     /// Replication mode: sync, semi-sync or async.
     #[arg(long, default_value = "sync")]
     mode: String,
-    /// Events in the fault phase of each seed.
-    #[arg(long, default_value_t = 3000)]
+    /// Events in the fault phase of each seed (20000: about 20 virtual seconds).
+    #[arg(long, default_value_t = 20000)]
     steps: u64,
     /// Fault classes: crash,power,partition,reset,slow,operator (or all, none).
     #[arg(long, default_value = "all")]

@@ -136,7 +136,7 @@ impl Default for Options {
         Options {
             nodes: 2,
             mode: Mode::Sync,
-            steps: 3000,
+            steps: 20000,
             faults: Faults::ALL,
             mutation: None,
             full_trace: false,
@@ -370,6 +370,7 @@ struct World {
     /// may be gone, even if the acknowledgement arrives later).
     power_cut_at: Vec<Option<Time>>,
     floor_durable: Vec<Vec<u64>>,
+    watch_last: String,
     flush_cursor: Vec<Vec<usize>>,
     generation_writer: BTreeMap<u64, usize>,
     feeds: Vec<Option<Feed>>,
@@ -484,6 +485,7 @@ impl World {
             floor_volatile: vec![vec![0; WRITE_BLOCKS as usize]; count],
             power_cut_at: vec![None; count],
             floor_durable: vec![vec![0; WRITE_BLOCKS as usize]; count],
+            watch_last: String::new(),
             flush_cursor: vec![vec![0; count]; count],
             generation_writer: BTreeMap::new(),
             feeds: vec![None; count],
@@ -600,6 +602,8 @@ impl World {
         );
         let state = &mut self.nodes[index];
         state.inc += 1;
+        // Completions of an earlier incarnation (a detached store) never arrive.
+        state.storage_pending = 0;
         state.up = Some(Up {
             node,
             volume,
@@ -869,6 +873,17 @@ impl World {
             // A partition: TCP keeps the bytes and delivers them in order after it heals.
             self.conns[conn].held[from_end][channel].push_back(frame);
             return;
+        }
+        if let Frame::ResyncData(data) = &frame {
+            // The target takes the source's blocks: what the source must hold there is
+            // what the target must hold, no more (a write the source legitimately lost,
+            // say to a forced promotion, is lost for the target too).
+            let end = (data.first_block + u64::from(data.blocks)).min(WRITE_BLOCKS);
+            for block in data.first_block.min(end)..end {
+                let block = block as usize;
+                self.floor_volatile[to][block] = self.floor_volatile[from][block];
+                self.floor_durable[to][block] = self.floor_durable[from][block];
+            }
         }
         let (from_name, to_name) = (self.nodes[from].name.clone(), self.nodes[to].name.clone());
         self.log(format!("{to_name} <- {from_name} {}", frame_text(&frame)));
@@ -1905,6 +1920,19 @@ impl World {
                 self.call(node, |n, now| {
                     let _ = n.connect(now, false);
                 });
+            }
+        }
+        if let Ok(watch) = std::env::var("REPLSIM_WATCH") {
+            // Debugging aid: NODE:BLOCK, logged whenever it changes.
+            if let Some((node, block)) = watch.split_once(':') {
+                let (node, block): (usize, usize) =
+                    (node.parse().unwrap_or(0), block.parse().unwrap_or(0));
+                let now = self.contents(node).and_then(|c| c.get(block).copied());
+                let text = format!("{now:?}");
+                if self.watch_last != text {
+                    self.log(format!("WATCH n{node} block {block}: {text}"));
+                    self.watch_last = text;
+                }
             }
         }
         if self.now.since(self.last_divergence_check) >= ms(500) {
