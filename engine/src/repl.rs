@@ -1,11 +1,10 @@
 //! The replication core's vocabulary and rules (sans-IO).
 //!
 //! States as DRBD users know them, the role rules (who may promote, and when force is
-//! needed), and the acknowledgement rules per mode (when a client write completes).
-//! No sockets, no clocks: the daemon feeds facts in and acts on the answers; tests
-//! drive every case directly.
+//! needed), and the acknowledgement rules per mode (what a client write waits for).
+//! No sockets, no clocks: the state machine (`crate::node`) asks, tests drive every
+//! case directly.
 
-use std::collections::VecDeque;
 use std::fmt;
 
 /// A node's role.
@@ -199,86 +198,6 @@ pub fn ack_needs(mode: Mode, fua: bool) -> AckNeeds {
     }
 }
 
-/// Kinds of acknowledgement from the peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeerAck {
-    Received,
-    Written,
-}
-
-/// Tracks records shipped to the peer and tells which client waits are satisfied.
-/// Acks arrive in order per kind (the peer processes records in sequence).
-#[derive(Debug, Default)]
-pub struct AckTracker {
-    received_seq: u64,
-    written_seq: u64,
-    /// `(seq, needs, waiter)` in sequence order.
-    waiting: VecDeque<(u64, AckNeeds, u64)>,
-}
-
-impl AckTracker {
-    pub fn new() -> AckTracker {
-        AckTracker::default()
-    }
-
-    /// A write whose last record is `seq` waits for `needs`; `waiter` identifies it.
-    /// Returns true if it is already satisfied.
-    pub fn track(&mut self, seq: u64, needs: AckNeeds, waiter: u64) -> bool {
-        if self.satisfied(seq, needs) {
-            return true;
-        }
-        self.waiting.push_back((seq, needs, waiter));
-        false
-    }
-
-    fn satisfied(&self, seq: u64, needs: AckNeeds) -> bool {
-        (!needs.peer_received || self.received_seq >= seq)
-            && (!needs.peer_written || self.written_seq >= seq)
-    }
-
-    /// The peer acknowledged everything up to `seq`; returns the waiters now complete.
-    pub fn ack(&mut self, kind: PeerAck, seq: u64) -> Vec<u64> {
-        match kind {
-            PeerAck::Received => self.received_seq = self.received_seq.max(seq),
-            PeerAck::Written => {
-                self.written_seq = self.written_seq.max(seq);
-                self.received_seq = self.received_seq.max(seq);
-            }
-        }
-        let mut done = Vec::new();
-        let mut still = VecDeque::with_capacity(self.waiting.len());
-        for (seq, needs, waiter) in self.waiting.drain(..) {
-            if (!needs.peer_received || self.received_seq >= seq)
-                && (!needs.peer_written || self.written_seq >= seq)
-            {
-                done.push(waiter);
-            } else {
-                still.push_back((seq, needs, waiter));
-            }
-        }
-        self.waiting = still;
-        done
-    }
-
-    /// The peer is gone: every waiter completes (its records are marked out of sync
-    /// and the node goes on alone, as DRBD does).
-    pub fn detach(&mut self) -> Vec<u64> {
-        self.waiting
-            .drain(..)
-            .map(|(_, _, waiter)| waiter)
-            .collect()
-    }
-
-    pub fn waiting(&self) -> usize {
-        self.waiting.len()
-    }
-
-    /// Highest sequence the peer has in its journal.
-    pub fn written_seq(&self) -> u64 {
-        self.written_seq
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,25 +353,6 @@ mod tests {
                 peer_written: false
             }
         );
-    }
-
-    #[test]
-    fn tracker_completes_waiters_in_order_of_their_needs() {
-        let mut tracker = AckTracker::new();
-        assert!(!tracker.track(1, ack_needs(Mode::Sync, false), 10));
-        assert!(!tracker.track(2, ack_needs(Mode::SemiSync, false), 20));
-        assert!(!tracker.track(3, ack_needs(Mode::SemiSync, true), 30));
-        assert_eq!(tracker.ack(PeerAck::Received, 2), vec![20]);
-        assert_eq!(tracker.ack(PeerAck::Written, 1), vec![10]);
-        assert_eq!(tracker.ack(PeerAck::Received, 3), Vec::<u64>::new());
-        assert_eq!(tracker.ack(PeerAck::Written, 3), vec![30]);
-        assert!(
-            tracker.track(3, ack_needs(Mode::Sync, false), 40),
-            "already acknowledged"
-        );
-        assert!(!tracker.track(4, ack_needs(Mode::Sync, false), 50));
-        assert_eq!(tracker.detach(), vec![50]);
-        assert_eq!(tracker.waiting(), 0);
     }
 
     #[test]

@@ -454,7 +454,7 @@ fn pad_record() {
 #[test]
 fn hello_frame() {
     let frame = Frame::Hello(Hello {
-        protocol_version: 2,
+        protocol_version: 3,
         channel: Channel::Data,
         resource_uuid: RESOURCE_UUID,
         node_id: 0,
@@ -464,7 +464,7 @@ fn hello_frame() {
     let fixture = golden("frame-hello.bin", &frame.encode_to_vec());
     let body = frame_header("frame-hello.bin", &fixture, 1, fixture.len() - 24);
     let mut table = ByteTable::new("frame-hello.bin body", body);
-    table.uint(0, 4, "protocol version", 2);
+    table.uint(0, 4, "protocol version", 3);
     table.uint(4, 1, "channel (data)", 1);
     table.bytes(5, "resource UUID", &RESOURCE_UUID);
     table.uint(21, 4, "node id", 0);
