@@ -1540,13 +1540,7 @@ impl<S: Storage> Node<S> {
         first_block: u64,
         blocks: u32,
     ) -> Result<(), SessionEnd> {
-        let state = self.session_of(peer, session)?;
-        if state.served >= MAX_SERVED {
-            return Err(SessionEnd::Protocol(format!(
-                "more than {MAX_SERVED} requests at once"
-            )));
-        }
-        state.served += 1;
+        self.serve_one(peer, session)?;
         let token = self.token(Purpose::PeerRead {
             peer,
             session,
@@ -1572,13 +1566,7 @@ impl<S: Storage> Node<S> {
         first_block: u64,
         blocks: u32,
     ) -> Result<(), SessionEnd> {
-        let state = self.session_of(peer, session)?;
-        if state.served >= MAX_SERVED {
-            return Err(SessionEnd::Protocol(format!(
-                "more than {MAX_SERVED} requests at once"
-            )));
-        }
-        state.served += 1;
+        self.serve_one(peer, session)?;
         let token = self.token(Purpose::PeerVerify {
             peer,
             session,
@@ -1591,7 +1579,20 @@ impl<S: Storage> Node<S> {
         Ok(())
     }
 
-    fn served_one(&mut self, peer: PeerId, session: SessionId) -> bool {
+    /// Counts one more request of the peer being served (READ_REQUEST, VERIFY_REQUEST,
+    /// RESYNC_CHECK); a peer with [`MAX_SERVED`] in work breaks the protocol.
+    pub(super) fn serve_one(&mut self, peer: PeerId, session: SessionId) -> Result<(), SessionEnd> {
+        let state = self.session_of(peer, session)?;
+        if state.served >= MAX_SERVED {
+            return Err(SessionEnd::Protocol(format!(
+                "more than {MAX_SERVED} requests at once"
+            )));
+        }
+        state.served += 1;
+        Ok(())
+    }
+
+    pub(super) fn served_one(&mut self, peer: PeerId, session: SessionId) -> bool {
         match self.peers[peer.0].current(session) {
             Some(state) => {
                 state.served = state.served.saturating_sub(1);

@@ -723,6 +723,7 @@ impl<S: Storage> Node<S> {
             self.send_check_reply(peer, session, first_block, &digests, None);
             return Ok(());
         }
+        self.serve_one(peer, session)?;
         let token = self.token(Purpose::ResyncCheck {
             peer,
             session,
@@ -1317,7 +1318,7 @@ impl<S: Storage> Node<S> {
                 },
                 Completion::Checked(result),
             ) => {
-                if self.peers[peer.0].current(session).is_some() {
+                if self.served_one(peer, session) {
                     self.send_check_reply(
                         peer,
                         session,
