@@ -10,6 +10,7 @@
 //! * [`gen`] — generation identifiers and the connect-time decision.
 //! * [`node`] — the replication state machine of one resource on one node (sans-IO).
 
+pub mod auth;
 pub mod backend;
 pub mod bitmap;
 pub mod checksum;

@@ -20,6 +20,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::auth::{Challenge, Proof, CHALLENGE_BYTES, PROOF_BYTES};
 use crate::gen::GenerationIds;
 use crate::record::{Record, RecordError};
 use crate::repl::{DiskState, Role};
@@ -30,7 +31,7 @@ pub const FRAME_HEADER_BYTES: usize = 24;
 /// Largest body: a 32 MiB record plus its header, with room to spare.
 pub const MAX_BODY_BYTES: u32 = 33 << 20;
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Most blocks in one RESYNC_DATA, READ_REPLY or VERIFY frame.
 pub const MAX_FRAME_BLOCKS: u32 = 256;
 
@@ -52,6 +53,13 @@ pub struct Hello {
     pub node_id: u32,
     pub resource: String,
     pub node: String,
+    /// The sender holds a secret and authenticates ([`crate::auth`]).
+    pub authenticates: bool,
+    /// A fresh random value for the receiver to answer (zero when not authenticating).
+    pub challenge: Challenge,
+    /// The acceptor's answer to the dialer's challenge; zero in the dialer's HELLO and
+    /// when not authenticating.
+    pub proof: Proof,
 }
 
 /// A node's state, exchanged after HELLO and whenever it changes.
@@ -73,6 +81,9 @@ pub enum Frame {
     Hello(Hello),
     /// Connection refused; the reason is for logs and status.
     Reject(String),
+    /// The dialer's answer to the acceptor's challenge (after the HELLOs, when both
+    /// nodes hold a secret).
+    Auth(Proof),
     State(PeerState),
     /// Part of an out-of-sync bitmap: `words` start at word `first_word`.
     Bitmap {
@@ -230,6 +241,7 @@ const T_RESYNC_CHECK_REPLY: u16 = 22;
 const T_DURABLE: u16 = 23;
 const T_PROMOTE_REQUEST: u16 = 24;
 const T_PROMOTE_REPLY: u16 = 25;
+const T_AUTH: u16 = 26;
 
 /// Decodes a frame header. Never panics.
 pub fn decode_header(buf: &[u8; FRAME_HEADER_BYTES]) -> Result<FrameHeader, WireError> {
@@ -314,6 +326,7 @@ impl Frame {
             | Frame::Durable(_) => Channel::Meta,
             Frame::Hello(_)
             | Frame::Reject(_)
+            | Frame::Auth(_)
             | Frame::State(_)
             | Frame::Bitmap { .. }
             | Frame::Record(_)
@@ -345,11 +358,18 @@ impl Frame {
                 body.put_u32_le(hello.node_id);
                 put_string(&mut body, &hello.resource);
                 put_string(&mut body, &hello.node);
+                body.put_u8(u8::from(hello.authenticates));
+                body.put_slice(&hello.challenge);
+                body.put_slice(&hello.proof);
                 T_HELLO
             }
             Frame::Reject(reason) => {
                 put_string(&mut body, reason);
                 T_REJECT
+            }
+            Frame::Auth(proof) => {
+                body.put_slice(proof);
+                T_AUTH
             }
             Frame::State(state) => {
                 body.put_u8(role_code(state.role));
@@ -547,6 +567,7 @@ impl Frame {
         match self {
             Frame::Hello(_) => "HELLO",
             Frame::Reject(_) => "REJECT",
+            Frame::Auth(_) => "AUTH",
             Frame::State(_) => "STATE",
             Frame::Bitmap { .. } => "BITMAP",
             Frame::Record(_) => "RECORD",
@@ -799,16 +820,32 @@ pub fn decode_body(header: &FrameHeader, body_bytes: Bytes) -> Result<Frame, Wir
             let node_id = body.u32()?;
             let resource = body.string()?;
             let node = body.string()?;
-            Frame::Hello(Hello {
+            let mut hello = Hello {
                 protocol_version,
                 channel,
                 resource_uuid,
                 node_id,
                 resource,
                 node,
-            })
+                authenticates: false,
+                challenge: [0; CHALLENGE_BYTES],
+                proof: [0; PROOF_BYTES],
+            };
+            // A HELLO of protocol 3 or older ends here: it decodes, so that the
+            // receiver refuses the version with a clear reason instead of a bad frame.
+            if protocol_version >= 4 || !body.buf.is_empty() {
+                hello.authenticates = match body.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(body.malformed("authentication flag is neither 0 nor 1")),
+                };
+                hello.challenge = body.bytes()?;
+                hello.proof = body.bytes()?;
+            }
+            Frame::Hello(hello)
         }
         T_REJECT => Frame::Reject(body.string()?),
+        T_AUTH => Frame::Auth(body.bytes()?),
         T_STATE => {
             let role = match body.u8()? {
                 1 => Role::Primary,
@@ -981,6 +1018,29 @@ pub fn decode(buf: &[u8]) -> Result<(Frame, usize), WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hello_of_protocol_3_decodes_so_that_its_version_can_be_refused() {
+        let mut body = BytesMut::new();
+        body.put_u32_le(3);
+        body.put_u8(1);
+        body.put_slice(&[3; 16]);
+        body.put_u32_le(0);
+        put_string(&mut body, "r0");
+        put_string(&mut body, "alpha");
+        let header = FrameHeader {
+            frame_type: T_HELLO,
+            body_bytes: body.len() as u32,
+            body_crc: crc32fast::hash(&body),
+        };
+        match decode_body(&header, body.freeze()) {
+            Ok(Frame::Hello(hello)) => {
+                assert_eq!(hello.protocol_version, 3);
+                assert!(!hello.authenticates);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     use proptest::prelude::*;
 
     fn samples() -> Vec<Frame> {
@@ -994,8 +1054,12 @@ mod tests {
                 node_id: 1,
                 resource: "r0".into(),
                 node: "beta".into(),
+                authenticates: true,
+                challenge: [4; 32],
+                proof: [5; 32],
             }),
             Frame::Reject("wrong resource".into()),
+            Frame::Auth([6; 32]),
             Frame::State(PeerState {
                 role: Role::Primary,
                 disk: DiskState::Inconsistent,

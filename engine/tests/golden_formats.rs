@@ -451,20 +451,29 @@ fn pad_record() {
     assert!(Record::parse(Bytes::from(fixture)).is_err());
 }
 
+/// The dialer's and the acceptor's HELLO challenges (32 readable bytes each).
+const DIALER_CHALLENGE: [u8; 32] = *b"golden challenge of the dialer.!";
+const ACCEPTOR_CHALLENGE: [u8; 32] = *b"golden challenge, the acceptor.!";
+/// The shared secret the AUTH fixture's proof is computed with.
+const SECRET: &[u8] = b"golden secret";
+
 #[test]
 fn hello_frame() {
     let frame = Frame::Hello(Hello {
-        protocol_version: 3,
+        protocol_version: 4,
         channel: Channel::Data,
         resource_uuid: RESOURCE_UUID,
         node_id: 0,
         resource: "r0".into(),
         node: "alpha".into(),
+        authenticates: true,
+        challenge: DIALER_CHALLENGE,
+        proof: [0; 32],
     });
     let fixture = golden("frame-hello.bin", &frame.encode_to_vec());
     let body = frame_header("frame-hello.bin", &fixture, 1, fixture.len() - 24);
     let mut table = ByteTable::new("frame-hello.bin body", body);
-    table.uint(0, 4, "protocol version", 3);
+    table.uint(0, 4, "protocol version", 4);
     table.uint(4, 1, "channel (data)", 1);
     table.bytes(5, "resource UUID", &RESOURCE_UUID);
     table.uint(21, 4, "node id", 0);
@@ -472,8 +481,56 @@ fn hello_frame() {
     table.bytes(27, "resource name", b"r0");
     table.uint(29, 2, "node name length", 5);
     table.bytes(31, "node name", b"alpha");
+    table.uint(36, 1, "authenticates", 1);
+    table.bytes(37, "challenge", &DIALER_CHALLENGE);
+    table.zeros(69, 32, "proof (none in the dialer's HELLO)");
     table.finish();
     decodes_to("frame-hello.bin", &fixture, &frame);
+}
+
+/// The dialer's AUTH for the HELLOs above: also pins the authenticated transcript
+/// (FORMAT.md §9.1), since the proof is computed from it.
+#[test]
+fn auth_frame() {
+    use engine::auth::{prove, Prover, Secret, Transcript};
+    let secret = Secret::new(SECRET.to_vec()).expect("secret");
+    let transcript = Transcript {
+        resource: "r0",
+        resource_uuid: RESOURCE_UUID,
+        channel: Channel::Data,
+        dialer_node_id: 0,
+        acceptor_node_id: 1,
+        dialer_challenge: DIALER_CHALLENGE,
+        acceptor_challenge: ACCEPTOR_CHALLENGE,
+    };
+    let proof = prove(&secret, Prover::Dialer, &transcript);
+    let frame = Frame::Auth(proof);
+    let fixture = golden("frame-auth.bin", &frame.encode_to_vec());
+    let body = frame_header("frame-auth.bin", &fixture, 26, 32);
+    let mut table = ByteTable::new("frame-auth.bin body", body);
+    table.bytes(0, "proof: HMAC-SHA256 of the transcript", &proof);
+    table.finish();
+    decodes_to("frame-auth.bin", &fixture, &frame);
+    // The transcript, byte by byte as FORMAT.md lists it: the same HMAC over it.
+    use hmac::{Hmac, Mac};
+    let mut message = Vec::new();
+    message.extend_from_slice(b"replicad peer authentication\0");
+    message.extend_from_slice(&4u32.to_le_bytes());
+    message.extend_from_slice(&[1, 1]);
+    message.extend_from_slice(&RESOURCE_UUID);
+    message.extend_from_slice(&2u64.to_le_bytes());
+    message.extend_from_slice(b"r0");
+    message.extend_from_slice(&0u32.to_le_bytes());
+    message.extend_from_slice(&1u32.to_le_bytes());
+    message.extend_from_slice(&DIALER_CHALLENGE);
+    message.extend_from_slice(&ACCEPTOR_CHALLENGE);
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(SECRET).expect("key");
+    mac.update(&message);
+    assert_eq!(
+        proof,
+        <[u8; 32]>::from(mac.finalize().into_bytes()),
+        "the transcript differs from FORMAT.md"
+    );
 }
 
 #[test]

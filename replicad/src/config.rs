@@ -3,6 +3,7 @@
 //! ```toml
 //! [resource.r0]
 //! mode = "sync"                       # sync | semi-sync | async
+//! secret-file = "r0.secret"           # or secret = "…": peers must hold the same
 //! [resource.r0.nodes.alpha]
 //! address = "10.0.0.1:7788"           # replication listener
 //! disk = "/dev/loop0"                 # block device or image file
@@ -179,6 +180,17 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duratio
     }
 }
 
+/// The text of a `secret` key. Its `Debug` never shows it (configs are logged).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretText(<redacted>)")
+    }
+}
+
 fn uuid<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<[u8; 16]>, D::Error> {
     let Some(text) = Option::<String>::deserialize(deserializer)? else {
         return Ok(None);
@@ -250,6 +262,14 @@ pub struct ResourceConfig {
     /// Resource UUID; by default derived from the resource's name.
     #[serde(default, deserialize_with = "uuid")]
     pub uuid: Option<[u8; 16]>,
+    /// Shared secret: a peer must prove it holds the same one (HMAC challenge-response
+    /// at every connection). Absent on both nodes: peers are not authenticated.
+    #[serde(default)]
+    pub secret: Option<SecretText>,
+    /// File holding the shared secret (trailing newlines dropped); a relative path is
+    /// relative to the config file's directory. Read when the daemon starts.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
     /// Journal ring size written by `create-md` (default 128M).
     #[serde(default, deserialize_with = "size")]
     pub journal_size: Option<u64>,
@@ -402,6 +422,23 @@ impl Config {
             {
                 return Err(invalid(format!("resource.{name}: ping-interval must be above zero and below timeout (at least 100ms)")));
             }
+            if resource.secret.is_some() && resource.secret_file.is_some() {
+                return Err(invalid(format!(
+                    "resource.{name}: set either secret or secret-file, not both"
+                )));
+            }
+            if let Some(SecretText(text)) = &resource.secret {
+                if let Err(error) = engine::auth::Secret::new(text.clone().into_bytes()) {
+                    return Err(invalid(format!("resource.{name}.secret: {error}")));
+                }
+            }
+            if resource
+                .secret_file
+                .as_ref()
+                .is_some_and(|file| file.as_os_str().is_empty())
+            {
+                return Err(invalid(format!("resource.{name}.secret-file: empty path")));
+            }
             let nodes: Vec<_> = resource.nodes.values().collect();
             if nodes.len() == 2 && nodes[0].address == nodes[1].address {
                 return Err(invalid(format!(
@@ -418,6 +455,40 @@ impl Config {
         self.resource
             .get(name)
             .ok_or_else(|| ConfigError::NoSuchResource(name.to_string()))
+    }
+
+    /// The shared secret of resource `name` (reads `secret-file` now), if it has one.
+    pub fn secret(&self, name: &str) -> Result<Option<engine::auth::Secret>, ConfigError> {
+        let resource = self.resource(name)?;
+        let (bytes, origin) = match (&resource.secret, &resource.secret_file) {
+            (Some(SecretText(text)), _) => {
+                (text.clone().into_bytes(), format!("resource.{name}.secret"))
+            }
+            (None, Some(file)) => {
+                let path = match self.path.parent() {
+                    Some(dir) if file.is_relative() => dir.join(file),
+                    _ => file.clone(),
+                };
+                let mut bytes = std::fs::read(&path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    bytes.pop();
+                }
+                (
+                    bytes,
+                    format!("resource.{name}.secret-file {}", path.display()),
+                )
+            }
+            (None, None) => return Ok(None),
+        };
+        engine::auth::Secret::new(bytes)
+            .map(Some)
+            .map_err(|error| ConfigError::Invalid {
+                path: self.path.display().to_string(),
+                message: format!("{origin}: {error}"),
+            })
     }
 
     /// Names of the resources `node` takes part in.
@@ -583,6 +654,53 @@ nbd = "unix:/run/replicad/r0.nbd"
             .unwrap_err()
             .to_string()
             .contains("both nodes"));
+    }
+
+    #[test]
+    fn the_secret_comes_from_the_config_or_a_file_next_to_it() {
+        let with =
+            |line: &str| GOOD.replace("mode = \"sync\"", &format!("mode = \"sync\"\n{line}"));
+        let config = parse(&with("secret = \"hunter2\"")).unwrap();
+        assert_eq!(
+            config.secret("r0").unwrap(),
+            Some(engine::auth::Secret::new(b"hunter2".to_vec()).unwrap())
+        );
+        assert!(
+            !format!("{config:?}").contains("hunter2"),
+            "the secret is logged"
+        );
+        assert_eq!(parse(GOOD).unwrap().secret("r0").unwrap(), None);
+
+        let dir = std::env::temp_dir().join(format!("replicad-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("r0.secret"), "from a file\r\n").unwrap();
+        let config = Config::parse(
+            &with("secret-file = \"r0.secret\""),
+            &dir.join("replicad.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.secret("r0").unwrap(),
+            Some(engine::auth::Secret::new(b"from a file".to_vec()).unwrap())
+        );
+        std::fs::write(dir.join("r0.secret"), "\n").unwrap();
+        let empty = config.secret("r0").unwrap_err().to_string();
+        assert!(
+            empty.contains("secret-file") && empty.contains("empty"),
+            "{empty}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let missing = config.secret("r0").unwrap_err().to_string();
+        assert!(missing.contains("r0.secret"), "{missing}");
+
+        for (line, needle) in [
+            ("secret = \"\"", "secret: the secret is empty"),
+            ("secret = \"a\"\nsecret-file = \"b\"", "not both"),
+            ("secret = 7", "secret"),
+        ] {
+            let error = parse(&with(line)).unwrap_err().to_string();
+            assert!(error.contains(needle), "{line}: {error}");
+        }
     }
 
     #[test]

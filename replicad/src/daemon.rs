@@ -208,7 +208,13 @@ pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
     let mut resources = BTreeMap::new();
     for name in config.resources_of(&node) {
         let resource_config = config.resource(&name)?;
-        let resource = Resource::new(&name, &node, resource_config, events.clone())?;
+        let secret = config.secret(&name)?;
+        if secret.is_none() && resource_config.nodes.len() > 1 {
+            tracing::warn!(
+                "{name}: no secret configured: replication peers are not authenticated (set `secret-file`)"
+            );
+        }
+        let resource = Resource::new(&name, &node, resource_config, secret, events.clone())?;
         resources.insert(name, resource);
     }
     // Attach every store (recovery runs now); a store that fails stays Diskless.

@@ -42,7 +42,7 @@ use tokio::sync::{broadcast, oneshot, watch, Notify, Semaphore};
 use crate::config::{IoMode, NodeConfig, ResourceConfig};
 use crate::control::{GenerationStatus, IoStatus, PeerStatus, ResourceStatus};
 use crate::nbd::{Errno, Export};
-use crate::peer::{self, Connections, Identity, SessionHandle};
+use crate::peer::{self, Connections, Identity, LinkError, SessionHandle};
 
 /// Opens a node's backing store (and its metadata) as the config says.
 pub fn open_stores(
@@ -250,6 +250,7 @@ impl Resource {
         name: &str,
         node: &str,
         config: &ResourceConfig,
+        secret: Option<engine::auth::Secret>,
         events: broadcast::Sender<String>,
     ) -> Result<Arc<Resource>, crate::config::ConfigError> {
         let node_config = config
@@ -316,6 +317,7 @@ impl Resource {
                 uuid,
                 node: node.to_string(),
                 node_id,
+                secret,
             },
             peers,
             core: Mutex::new(Core {
@@ -522,6 +524,16 @@ impl Resource {
         }
     }
 
+    /// A connection of (or to) `peer` failed authentication: both nodes log it, status
+    /// shows it; a running session is not touched.
+    pub fn auth_failed(&self, peer: PeerId, reason: &str) {
+        self.emit(&format!("refused a connection: {reason}"));
+        self.step(|core, _| {
+            core.node
+                .note_error(peer, SessionEnd::Unauthenticated(reason.into()))
+        });
+    }
+
     /// A checked pair of connections from (or to) `peer`: a new session.
     pub fn incoming(&self, peer: PeerId, connections: Connections) {
         let Some(this) = self.this.upgrade() else {
@@ -547,7 +559,31 @@ impl Resource {
             match peer::dial(entry.address, &this.identity, &entry.name, entry.node_id).await {
                 Ok(connections) => this.incoming(peer, connections),
                 Err(error) => {
-                    this.step(|core, now| core.node.on_dial_failed(now, peer, error.to_string()))
+                    // A refusal is not a network failure: status names its kind, and
+                    // the log says it once (not at every retry).
+                    let refusal = match &error {
+                        LinkError::Auth(error) => {
+                            Some(SessionEnd::Unauthenticated(error.to_string()))
+                        }
+                        LinkError::Refused(reason) => {
+                            Some(SessionEnd::RefusedByPeer(reason.clone()))
+                        }
+                        _ => None,
+                    };
+                    let mut news = None;
+                    this.step(|core, now| {
+                        let before = core.node.peers()[peer.0].last_error.clone();
+                        core.node.on_dial_failed(now, peer, error.to_string());
+                        if let Some(refusal) = refusal {
+                            if before.as_ref() != Some(&refusal) {
+                                news = Some(refusal.to_string());
+                            }
+                            core.node.note_error(peer, refusal);
+                        }
+                    });
+                    if let Some(news) = news {
+                        this.emit(&format!("connection to {} refused: {news}", entry.name));
+                    }
                 }
             }
         });

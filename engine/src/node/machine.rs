@@ -1250,7 +1250,7 @@ impl<S: Storage> Node<S> {
     ) -> Result<(), SessionEnd> {
         let protocol = |text: String| SessionEnd::Protocol(text);
         match frame {
-            Frame::Hello(_) | Frame::Reject(_) => {
+            Frame::Hello(_) | Frame::Reject(_) | Frame::Auth(_) => {
                 Err(protocol(format!("peer sent {} mid-session", frame.name())))
             }
             Frame::State(state) => self.on_state(peer, session, state),

@@ -314,6 +314,9 @@ pub enum SessionEnd {
     Refused(String),
     /// The peer refused us (REJECT).
     RefusedByPeer(String),
+    /// The peer failed authentication, or refused ours (a missing or different
+    /// secret, or a connection that is not from the peer it claims to be).
+    Unauthenticated(String),
     /// The operator disconnected, invalidated, detached, or a new connection replaced
     /// this one.
     Local(String),
@@ -329,6 +332,7 @@ impl SessionEnd {
             SessionEnd::Protocol(_) => "protocol",
             SessionEnd::Refused(_) => "refused",
             SessionEnd::RefusedByPeer(_) => "refused-by-peer",
+            SessionEnd::Unauthenticated(_) => "auth-failed",
             SessionEnd::Local(_) => "local",
             SessionEnd::Storage(_) => "storage",
         }
@@ -343,6 +347,7 @@ impl fmt::Display for SessionEnd {
             SessionEnd::Protocol(why) => write!(f, "bad frame from peer: {why}"),
             SessionEnd::Refused(why) => f.write_str(why),
             SessionEnd::RefusedByPeer(why) => write!(f, "peer refused: {why}"),
+            SessionEnd::Unauthenticated(why) => f.write_str(why),
             SessionEnd::Local(why) => f.write_str(why),
             SessionEnd::Storage(why) => write!(f, "storage: {why}"),
         }

@@ -5,6 +5,11 @@
 //! A connection that sends garbage, a HELLO for an unknown resource, another protocol
 //! version or a foreign resource UUID gets a REJECT frame with the reason (when it
 //! spoke our framing at all) and is closed; the daemon serves on.
+//!
+//! When the resource has a secret, each connection must also prove it holds it (the
+//! AUTH frame answering our challenge) before it is kept: an unauthenticated connection
+//! never reaches the resource, so it can neither replace a running session nor take
+//! the place of a peer's data connection waiting for its meta connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -89,6 +94,14 @@ async fn handle(router: &Router, mut stream: TcpStream) -> Result<(), LinkError>
     let Some((peer, name, _)) = peer else {
         return Ok(());
     };
+    let (answer, pending_auth) = match resource.identity().answer(&hello, &name) {
+        Ok(answer) => answer,
+        Err(error) => {
+            resource.auth_failed(peer, &error.to_string());
+            reject_and_linger(&mut stream, &error.to_string()).await;
+            return Err(error.into());
+        }
+    };
     if !resource.accepts(peer) {
         let reason =
             "this node is StandAlone (disconnected by the operator or after a split brain)"
@@ -96,12 +109,32 @@ async fn handle(router: &Router, mut stream: TcpStream) -> Result<(), LinkError>
         reject_and_linger(&mut stream, &reason).await;
         return Err(LinkError::Refused(reason));
     }
-    write_frames(
-        &mut stream,
-        &[Frame::Hello(resource.identity().hello(hello.channel))],
-    )
-    .await
-    .map_err(|error| LinkError::Lost(error.to_string()))?;
+    write_frames(&mut stream, &[Frame::Hello(answer)])
+        .await
+        .map_err(|error| LinkError::Lost(error.to_string()))?;
+    if let Some(pending) = pending_auth {
+        let frame = tokio::time::timeout(wire_io::HELLO_TIMEOUT, read_frame(&mut stream))
+            .await
+            .map_err(|_| LinkError::HelloTimeout)??;
+        let checked = match frame {
+            Frame::Auth(proof) => pending.check(resource.identity(), &proof),
+            Frame::Reject(reason) => {
+                // The dialer refused our proof (or our lack of a secret).
+                resource.auth_failed(peer, &format!("{name} refused: {reason}"));
+                return Err(LinkError::Refused(reason));
+            }
+            other => {
+                let reason = format!("expected AUTH, got {}", other.name());
+                reject_and_linger(&mut stream, &reason).await;
+                return Err(LinkError::BadFrame(reason));
+            }
+        };
+        if let Err(error) = checked {
+            resource.auth_failed(peer, &error.to_string());
+            reject_and_linger(&mut stream, &error.to_string()).await;
+            return Err(error.into());
+        }
+    }
     let key = (hello.resource.clone(), name);
     match hello.channel {
         Channel::Data => {

@@ -1,9 +1,11 @@
 //! Frames on a socket: reading one (checked before anything is allocated), writing a
-//! batch in one vectored write, HELLO and its checks, REJECT with a linger.
+//! batch in one vectored write, HELLO and its checks (identity, then authentication:
+//! [`engine::auth`]), REJECT with a linger.
 
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use engine::auth::{self, AuthError, Challenge, Prover, Secret, Transcript};
 use engine::wire::{self, Channel, Frame, Hello, FRAME_HEADER_BYTES, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,6 +34,9 @@ pub enum LinkError {
     /// The peer's HELLO does not match the config (protocol, resource, node).
     #[error("{0}")]
     Identity(String),
+    /// A secret on one side only, or a proof that does not match ours.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// How long the refusing side keeps a connection open for the peer to read its REJECT.
@@ -117,6 +122,49 @@ pub struct Identity {
     pub uuid: [u8; 16],
     pub node: String,
     pub node_id: u32,
+    /// The resource's shared secret: peers must prove they hold it.
+    pub secret: Option<Secret>,
+}
+
+/// A fresh challenge from the OS's random source (never from a seeded generator: a
+/// challenge must not be predictable from earlier ones).
+pub fn fresh_challenge() -> Challenge {
+    let mut challenge = [0u8; auth::CHALLENGE_BYTES];
+    for chunk in challenge.chunks_mut(8) {
+        chunk.copy_from_slice(&engine::rng::os_random_u64().to_le_bytes());
+    }
+    challenge
+}
+
+/// The acceptor's half of the authentication of one connection.
+pub struct AcceptorAuth {
+    secret: Secret,
+    dialer: String,
+    dialer_node_id: u32,
+    channel: Channel,
+    dialer_challenge: Challenge,
+    challenge: Challenge,
+}
+
+impl AcceptorAuth {
+    /// Checks the dialer's AUTH frame.
+    pub fn check(&self, identity: &Identity, proof: &auth::Proof) -> Result<(), AuthError> {
+        let transcript = identity.transcript(
+            self.channel,
+            self.dialer_node_id,
+            identity.node_id,
+            self.dialer_challenge,
+            self.challenge,
+        );
+        if auth::verify(&self.secret, Prover::Dialer, &transcript, proof) {
+            Ok(())
+        } else {
+            Err(AuthError::WrongProof {
+                prover: self.dialer.clone(),
+                verifier: identity.node.clone(),
+            })
+        }
+    }
 }
 
 impl Identity {
@@ -128,7 +176,96 @@ impl Identity {
             node_id: self.node_id,
             resource: self.resource.clone(),
             node: self.node.clone(),
+            authenticates: self.secret.is_some(),
+            challenge: [0; auth::CHALLENGE_BYTES],
+            proof: [0; auth::PROOF_BYTES],
         }
+    }
+
+    fn transcript(
+        &self,
+        channel: Channel,
+        dialer_node_id: u32,
+        acceptor_node_id: u32,
+        dialer_challenge: Challenge,
+        acceptor_challenge: Challenge,
+    ) -> Transcript<'_> {
+        Transcript {
+            resource: &self.resource,
+            resource_uuid: self.uuid,
+            channel,
+            dialer_node_id,
+            acceptor_node_id,
+            dialer_challenge,
+            acceptor_challenge,
+        }
+    }
+
+    /// The acceptor's answer to a checked HELLO of `peer`: our HELLO (with a proof
+    /// and a challenge when both nodes authenticate) and, then, what checks the
+    /// dialer's AUTH. A secret on one side only is refused here.
+    pub fn answer(
+        &self,
+        hello: &Hello,
+        peer: &str,
+    ) -> Result<(Hello, Option<AcceptorAuth>), AuthError> {
+        let mut answer = self.hello(hello.channel);
+        let authenticate =
+            auth::required(&self.node, self.secret.as_ref(), peer, hello.authenticates)?;
+        let (true, Some(secret)) = (authenticate, &self.secret) else {
+            return Ok((answer, None));
+        };
+        answer.challenge = fresh_challenge();
+        let transcript = self.transcript(
+            hello.channel,
+            hello.node_id,
+            self.node_id,
+            hello.challenge,
+            answer.challenge,
+        );
+        answer.proof = auth::prove(secret, Prover::Acceptor, &transcript);
+        let pending = AcceptorAuth {
+            secret: secret.clone(),
+            dialer: peer.to_string(),
+            dialer_node_id: hello.node_id,
+            channel: hello.channel,
+            dialer_challenge: hello.challenge,
+            challenge: answer.challenge,
+        };
+        Ok((answer, Some(pending)))
+    }
+
+    /// The dialer's check of the acceptor's answer `reply` to our `sent` HELLO: the
+    /// AUTH frame to send when both nodes authenticate.
+    fn dialer_auth(
+        &self,
+        sent: &Hello,
+        reply: &Hello,
+        peer: &str,
+    ) -> Result<Option<Frame>, AuthError> {
+        let authenticate =
+            auth::required(&self.node, self.secret.as_ref(), peer, reply.authenticates)?;
+        let (true, Some(secret)) = (authenticate, &self.secret) else {
+            return Ok(None);
+        };
+        let transcript = self.transcript(
+            sent.channel,
+            self.node_id,
+            reply.node_id,
+            sent.challenge,
+            reply.challenge,
+        );
+        if !auth::verify(secret, Prover::Acceptor, &transcript, &reply.proof) {
+            return Err(AuthError::WrongProof {
+                prover: peer.to_string(),
+                verifier: self.node.clone(),
+            });
+        }
+        Ok(Some(Frame::Auth(auth::prove(
+            secret,
+            Prover::Dialer,
+            &transcript,
+        ))))
     }
 
     /// Checks a peer's HELLO against this resource and the expected peer.
@@ -182,18 +319,34 @@ pub async fn dial_one(
     stream
         .set_nodelay(true)
         .map_err(|error| LinkError::Lost(error.to_string()))?;
-    write_frames(&mut stream, &[Frame::Hello(identity.hello(channel))])
+    let mut hello = identity.hello(channel);
+    if identity.secret.is_some() {
+        hello.challenge = fresh_challenge();
+    }
+    write_frames(&mut stream, &[Frame::Hello(hello.clone())])
         .await
         .map_err(|error| LinkError::Lost(error.to_string()))?;
     let reply = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream))
         .await
         .map_err(|_| LinkError::NoHello)??;
-    match reply {
-        Frame::Hello(hello) => {
-            identity.check(&hello, peer, peer_id)?;
+    let reply = match reply {
+        Frame::Hello(reply) => reply,
+        Frame::Reject(reason) => return Err(LinkError::Refused(reason)),
+        other => return Err(LinkError::UnexpectedFrame(other.name())),
+    };
+    identity.check(&reply, peer, peer_id)?;
+    match identity.dialer_auth(&hello, &reply, peer) {
+        Ok(None) => Ok(stream),
+        Ok(Some(auth)) => {
+            write_frames(&mut stream, &[auth])
+                .await
+                .map_err(|error| LinkError::Lost(error.to_string()))?;
             Ok(stream)
         }
-        Frame::Reject(reason) => Err(LinkError::Refused(reason)),
-        other => Err(LinkError::UnexpectedFrame(other.name())),
+        Err(error) => {
+            // The acceptor waits for our AUTH: it learns why it does not come.
+            reject_and_linger(&mut stream, &error.to_string()).await;
+            Err(LinkError::Auth(error))
+        }
     }
 }

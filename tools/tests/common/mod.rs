@@ -1272,6 +1272,9 @@ pub fn hello_frame(
         node_id,
         resource: resource.to_string(),
         node: node.to_string(),
+        authenticates: false,
+        challenge: [0; 32],
+        proof: [0; 32],
     })
     .encode_to_vec()
 }
