@@ -48,6 +48,7 @@ fn options(background: Background) -> VolumeOptions {
         reader_threads: 1,
         mark_replayed_out_of_sync: true,
         background,
+        ..VolumeOptions::default()
     }
 }
 

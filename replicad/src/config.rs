@@ -279,6 +279,11 @@ pub struct ResourceConfig {
     /// Heartbeat interval (default 500ms).
     #[serde(default, deserialize_with = "duration")]
     pub ping_interval: Option<Duration>,
+    /// A peer that leaves a replicated write not durable, or a FLUSH unanswered, this
+    /// long is disconnected and its blocks marked out of sync (default 42s: DRBD's
+    /// timeout × ko-count). A sick spare then never hangs the Primary.
+    #[serde(default, deserialize_with = "duration")]
+    pub ko_timeout: Option<Duration>,
     /// Resync bandwidth cap in bytes per second; 0 or absent: unlimited.
     #[serde(default, deserialize_with = "size")]
     pub resync_rate: Option<u64>,
@@ -313,6 +318,10 @@ impl ResourceConfig {
 
     pub fn ping_interval(&self) -> Duration {
         self.ping_interval.unwrap_or(Duration::from_millis(500))
+    }
+
+    pub fn ko_timeout(&self) -> Duration {
+        self.ko_timeout.unwrap_or(Duration::from_secs(42))
     }
 
     /// Journal size for a store of `store_bytes`: the configured one, else an eighth
@@ -438,6 +447,12 @@ impl Config {
                 .is_some_and(|file| file.as_os_str().is_empty())
             {
                 return Err(invalid(format!("resource.{name}.secret-file: empty path")));
+            }
+            if resource.ko_timeout() < resource.timeout() {
+                return Err(invalid(format!(
+                    "resource.{name}.ko-timeout: must be at least the timeout ({} ms)",
+                    resource.timeout().as_millis()
+                )));
             }
             let nodes: Vec<_> = resource.nodes.values().collect();
             if nodes.len() == 2 && nodes[0].address == nodes[1].address {

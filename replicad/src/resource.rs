@@ -276,6 +276,7 @@ impl Resource {
         let timing = node::Timing {
             ping_interval: config.ping_interval(),
             timeout: config.timeout(),
+            ko_timeout: config.ko_timeout(),
             ..node::Timing::default()
         };
         let machine_config = node::NodeConfig {
@@ -670,6 +671,9 @@ impl Resource {
         let uuid = self.uuid;
         let options = VolumeOptions {
             mark_replayed_out_of_sync: !self.single_node(),
+            // No runtime thread waits for the store: with a hung disk this node must
+            // still answer pings and report what it can.
+            commit_inline: false,
             ..VolumeOptions::default()
         };
         let opened = tokio::task::spawn_blocking(move || {

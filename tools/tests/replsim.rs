@@ -92,7 +92,13 @@ fn seeds_that_once_failed_stay_fixed() {
         ("1933", "sync"),
         ("2598", "sync"),
         ("2774", "sync"),
+        ("3620", "sync"),
+        ("817", "sync"),
+        ("1264", "sync"),
+        ("8876", "sync"),
         ("5872", "semi-sync"),
+        ("6544", "semi-sync"),
+        ("30297", "async"),
         ("1179", "async"),
         ("7087", "async"),
     ] {

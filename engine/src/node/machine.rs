@@ -86,6 +86,8 @@ pub(super) enum Purpose {
     },
     /// Resync source: our generation change after the target confirmed.
     FinishSource { peer: PeerId, session: SessionId },
+    /// Resync source: what we sent is durable here before RESYNC_DONE.
+    FlushSource { peer: PeerId, session: SessionId },
     /// Sync target entering: Inconsistent persisted, then the bitmap.
     EnterTarget {
         peer: PeerId,
@@ -148,6 +150,7 @@ struct PendingWrite {
 #[derive(Debug)]
 struct PendingFlush {
     id: RequestId,
+    started: Time,
     local: Option<Result<(), IoError>>,
     /// FLUSH frames it waits for, per peer session.
     waits: Vec<(PeerId, SessionId, u64)>,
@@ -379,7 +382,7 @@ impl<S: Storage> Node<S> {
         match &self.storage {
             None => DiskState::Diskless,
             Some(storage) if storage.failure().is_some() => DiskState::Failed,
-            Some(storage) => match storage.superblock().disk_state {
+            Some(storage) => match storage.stored_disk_state() {
                 StoredDiskState::UpToDate => DiskState::UpToDate,
                 StoredDiskState::Outdated => DiskState::Outdated,
                 StoredDiskState::Inconsistent => DiskState::Inconsistent,
@@ -651,6 +654,7 @@ impl<S: Storage> Node<S> {
         let journal_bytes = self.storage.as_ref().map_or(0, |s| s.journal_bytes());
         let mut waits = Vec::new();
         let mut fell_behind = Vec::new();
+        let now = self.now;
         for index in 0..self.peers.len() {
             let Some(session) = self.peers[index].session_mut() else {
                 continue;
@@ -665,6 +669,7 @@ impl<S: Storage> Node<S> {
                 session.lag.push_back((record.header.seq, bytes));
                 session.lag_bytes += bytes;
             }
+            session.shipped_at.push_back((last_seq, now));
             let lag_bytes = session.lag_bytes;
             for record in &records {
                 self.actions.push_back(Action::Send {
@@ -725,6 +730,7 @@ impl<S: Storage> Node<S> {
             token,
             PendingFlush {
                 id,
+                started: self.now,
                 local: None,
                 waits,
             },
@@ -1781,7 +1787,54 @@ impl<S: Storage> Node<S> {
                 Err(why) => self.end_session(peer, why, false),
             }
         }
+        self.drop_slow_peers();
         self.retry_blocked();
+    }
+
+    /// A peer that leaves a shipped write not durable, or a FLUSH unanswered, for
+    /// longer than `ko_timeout` is dropped (its blocks marked, the generation
+    /// rotated, the waiting requests completed without it): a sick spare — a hung
+    /// disk, a data connection that black-holes while pings still flow — never hangs
+    /// the Primary. (DRBD's `timeout` × `ko-count`.)
+    fn drop_slow_peers(&mut self) {
+        let now = self.now;
+        let limit = self.config.timing.ko_timeout;
+        let mut slow = Vec::new();
+        for peer in &mut self.peers {
+            let peer_id = peer.id;
+            let Some(session) = peer.session_mut() else {
+                continue;
+            };
+            while session
+                .shipped_at
+                .front()
+                .is_some_and(|&(seq, _)| seq <= session.peer_durable)
+            {
+                session.shipped_at.pop_front();
+            }
+            let oldest_write = session.shipped_at.front().map(|&(_, at)| at);
+            let oldest_flush = self
+                .flushes
+                .values()
+                .filter(|flush| {
+                    flush
+                        .waits
+                        .iter()
+                        .any(|&(p, s, _)| p == peer_id && s == session.id)
+                })
+                .map(|flush| flush.started)
+                .min();
+            let oldest = match (oldest_write, oldest_flush) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(age) = oldest.map(|at| now.since(at)).filter(|age| *age > limit) {
+                slow.push((peer_id, age));
+            }
+        }
+        for (peer, age) in slow {
+            self.end_session(peer, SessionEnd::TooSlow(age), false);
+        }
     }
 
     /// One peer's timers; an error ends its session.
@@ -1905,7 +1958,7 @@ impl<S: Storage> Node<S> {
                     assert_eq!(sum, source.in_flight_bytes, "resync in-flight accounting");
                     if matches!(
                         source.phase,
-                        SourcePhase::Done { .. } | SourcePhase::Closing
+                        SourcePhase::Flushing | SourcePhase::Done { .. } | SourcePhase::Closing
                     ) {
                         assert!(source.in_flight.is_empty());
                     }

@@ -129,6 +129,9 @@ pub struct Timing {
     pub request: Duration,
     /// The other side of a resync must send its bitmap, or confirm the end, within this.
     pub resync_step: Duration,
+    /// A peer that leaves a shipped write not durable, or a FLUSH unanswered, this
+    /// long is dropped (DRBD's `timeout` × `ko-count`; 6 s × 7 there).
+    pub ko_timeout: Duration,
 }
 
 impl Default for Timing {
@@ -142,6 +145,7 @@ impl Default for Timing {
             durable_report: Duration::from_millis(20),
             request: Duration::from_secs(60),
             resync_step: Duration::from_secs(120),
+            ko_timeout: Duration::from_secs(42),
         }
     }
 }
@@ -322,6 +326,9 @@ pub enum SessionEnd {
     Local(String),
     /// A storage operation failed.
     Storage(String),
+    /// The peer left a write not durable, or a FLUSH unanswered, for this long
+    /// (longer than `ko_timeout`).
+    TooSlow(Duration),
 }
 
 impl SessionEnd {
@@ -335,6 +342,7 @@ impl SessionEnd {
             SessionEnd::Unauthenticated(_) => "auth-failed",
             SessionEnd::Local(_) => "local",
             SessionEnd::Storage(_) => "storage",
+            SessionEnd::TooSlow(_) => "peer-too-slow",
         }
     }
 }
@@ -344,6 +352,11 @@ impl fmt::Display for SessionEnd {
         match self {
             SessionEnd::ConnectionLost(why) => f.write_str(why),
             SessionEnd::Silent(silent) => write!(f, "peer silent for {} ms", silent.as_millis()),
+            SessionEnd::TooSlow(age) => write!(
+                f,
+                "peer left a write or FLUSH incomplete for {} ms (ko-timeout): dropped, its blocks marked out of sync",
+                age.as_millis()
+            ),
             SessionEnd::Protocol(why) => write!(f, "bad frame from peer: {why}"),
             SessionEnd::Refused(why) => f.write_str(why),
             SessionEnd::RefusedByPeer(why) => write!(f, "peer refused: {why}"),

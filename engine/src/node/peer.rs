@@ -106,6 +106,10 @@ pub struct Session {
     /// The peer's journal holds every record up to this durably (its DURABLE, or a
     /// FLUSH_ACK covering what was shipped before the FLUSH).
     pub peer_durable: u64,
+    /// When each shipped write left (its last sequence number, the time), oldest
+    /// first, until the peer reports it durable: the age of the oldest is what the
+    /// `ko-timeout` measures.
+    pub shipped_at: VecDeque<(u64, Time)>,
     /// Our durable sequence number as last reported to the peer.
     pub reported_durable: u64,
     pub next_durable_report: Time,
@@ -152,6 +156,7 @@ impl Session {
             received_seq: 0,
             written_seq: 0,
             peer_durable: 0,
+            shipped_at: VecDeque::new(),
             reported_durable: 0,
             next_durable_report: now,
             lag: VecDeque::new(),
@@ -247,6 +252,10 @@ pub enum SourcePhase {
         deadline: Time,
     },
     Streaming,
+    /// Everything is sent; our own journal is being flushed first, so no block the
+    /// target now holds can be lost here by a power cut (the target would keep a
+    /// write we no longer have, with no bit left to say so).
+    Flushing,
     /// RESYNC_DONE sent; waiting for RESYNC_DONE_ACK.
     Done {
         deadline: Time,

@@ -322,11 +322,11 @@ impl<S: Storage> Node<S> {
                 source.wait_until = now + RESCAN_DELAY;
                 return Ok(());
             }
-            let current = storage.superblock().generations.current;
-            source.phase = SourcePhase::Done {
-                deadline: now + self.config.timing.resync_step,
-            };
-            self.send(peer, session, Frame::ResyncDone { current });
+            source.phase = SourcePhase::Flushing;
+            let token = self.token(Purpose::FlushSource { peer, session });
+            if let Some(storage) = self.storage.as_mut() {
+                storage.flush(token);
+            }
             return Ok(());
         }
         source.reads_pending = runs.len();
@@ -764,6 +764,43 @@ impl<S: Storage> Node<S> {
                 differ,
             },
         );
+    }
+
+    /// Our journal is durable: the resync may end.
+    fn source_flushed(
+        &mut self,
+        peer: PeerId,
+        session: SessionId,
+        result: Result<(), crate::IoError>,
+    ) {
+        if let Err(error) = result {
+            self.end_session_if(
+                peer,
+                session,
+                SessionEnd::Storage(format!("cannot flush before ending the resync: {error}")),
+            );
+            return;
+        }
+        let now = self.now;
+        let deadline = now + self.config.timing.resync_step;
+        let Some(current) = self
+            .storage
+            .as_ref()
+            .map(|storage| storage.superblock().generations.current)
+        else {
+            return;
+        };
+        let Some(state) = self.peers[peer.0].current(session) else {
+            return;
+        };
+        let Repl::Source(source) = &mut state.repl else {
+            return;
+        };
+        if source.phase != SourcePhase::Flushing {
+            return;
+        }
+        source.phase = SourcePhase::Done { deadline };
+        self.send(peer, session, Frame::ResyncDone { current });
     }
 
     pub(super) fn on_resync_done(
@@ -1270,6 +1307,9 @@ impl<S: Storage> Node<S> {
                 {
                     self.end_session_if(peer, session, why);
                 }
+            }
+            (Purpose::FlushSource { peer, session }, Completion::Flushed(result)) => {
+                self.source_flushed(peer, session, result);
             }
             (Purpose::FinishSource { peer, session }, Completion::Persisted(result)) => {
                 self.source_finished(peer, session, result);

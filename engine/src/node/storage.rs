@@ -138,6 +138,10 @@ pub trait Storage {
     /// The journal ring's size (bounds an async peer's lag).
     fn journal_bytes(&self) -> u64;
     fn superblock(&self) -> Superblock;
+    /// The stored disk state (asked on every driver step: no superblock copy).
+    fn stored_disk_state(&self) -> crate::superblock::StoredDiskState {
+        self.superblock().disk_state
+    }
     /// Why the store failed, if it did.
     fn failure(&self) -> Option<String>;
     fn next_seq(&self) -> u64;
@@ -331,6 +335,10 @@ impl Storage for VolumeStorage {
 
     fn superblock(&self) -> Superblock {
         self.volume.superblock()
+    }
+
+    fn stored_disk_state(&self) -> crate::superblock::StoredDiskState {
+        self.volume.stored_disk_state()
     }
 
     fn failure(&self) -> Option<String> {

@@ -170,7 +170,8 @@ pub(super) enum Round {
 pub(super) fn may_commit_inline(shared: &Shared, state: &State) -> bool {
     // Through the page cache a round costs microseconds; an O_DIRECT journal would make
     // each writer wait for the device alone, defeating group commit.
-    !shared.meta.is_direct()
+    shared.options.commit_inline
+        && !shared.meta.is_direct()
         && !state.committing
         && !state.closing
         && state.failed.is_none()

@@ -91,6 +91,11 @@ pub struct VolumeOptions {
     pub mark_replayed_out_of_sync: bool,
     /// Engine threads, or work driven by the caller.
     pub background: Background,
+    /// A writer may run the group commit on its own thread when the journal thread is
+    /// idle and no fdatasync is needed (two thread hand-offs fewer per write). Off
+    /// where the caller's thread must never wait for the store (the daemon's
+    /// runtime: a hung disk would stall its heartbeats too).
+    pub commit_inline: bool,
 }
 
 impl Default for VolumeOptions {
@@ -100,6 +105,7 @@ impl Default for VolumeOptions {
             reader_threads: 2,
             mark_replayed_out_of_sync: true,
             background: Background::Threads,
+            commit_inline: true,
         }
     }
 }
@@ -584,6 +590,11 @@ impl Volume {
     }
 
     /// A copy of the in-memory superblock (what the next superblock write will hold).
+    /// The stored disk state alone (no copy of the superblock).
+    pub fn stored_disk_state(&self) -> crate::superblock::StoredDiskState {
+        self.shared.lock().superblock.disk_state
+    }
+
     pub fn superblock(&self) -> Superblock {
         self.shared.lock().superblock.clone()
     }

@@ -276,6 +276,8 @@ struct SimNode {
     storage_pending: usize,
     /// A slow disk until then.
     slow_until: Time,
+    /// The disk hangs: no storage operation completes before this.
+    hung_until: Time,
     /// Detached by the operator (the store is closed cleanly, not lost).
     detached: bool,
     /// A restart is scheduled.
@@ -330,7 +332,9 @@ struct FlushInfo {
 #[derive(Default, Clone)]
 struct Feed {
     primary: usize,
-    session: u64,
+    /// The simulated connection (unique for the run; session ids restart with a
+    /// node's incarnation).
+    conn: usize,
     /// Write ids in the order their records were shipped.
     writes: Vec<u64>,
     /// The node was a sync target in this feed's time: no prefix promised.
@@ -464,6 +468,7 @@ impl World {
                     next_tick: None,
                     storage_pending: 0,
                     slow_until: Time::ZERO,
+                    hung_until: Time::ZERO,
                     detached: false,
                     restarting: false,
                 }
@@ -563,7 +568,11 @@ impl World {
             node_id: index as u32,
             mode: self.options.mode,
             peers,
-            timing: Timing::default(),
+            timing: Timing {
+                // Short enough that a hung disk (a fault below) trips it in a run.
+                ko_timeout: Duration::from_secs(3),
+                ..Timing::default()
+            },
             resync: engine::node::ResyncConfig::default(),
             mutation: self.options.mutation,
         }
@@ -721,7 +730,10 @@ impl World {
             let inc = self.nodes[index].inc;
             for (token, completion) in completions {
                 let slow = self.nodes[index].slow_until > self.now;
-                let delay = if slow {
+                let hung_until = self.nodes[index].hung_until;
+                let delay = if hung_until > self.now {
+                    hung_until.since(self.now) + us(20 + self.rng.below(400))
+                } else if slow {
                     ms(5 + self.rng.below(60))
                 } else {
                     us(20 + self.rng.below(400))
@@ -884,6 +896,12 @@ impl World {
                 self.floor_volatile[to][block] = self.floor_volatile[from][block];
                 self.floor_durable[to][block] = self.floor_durable[from][block];
             }
+            // Nor does a later FLUSH of the target bring back what it acknowledged
+            // before (as a Primary) and the resync replaced.
+            let acked = self.acked[to].len();
+            self.flush_cursor[to]
+                .iter_mut()
+                .for_each(|cursor| *cursor = (*cursor).max(acked));
         }
         let (from_name, to_name) = (self.nodes[from].name.clone(), self.nodes[to].name.clone());
         self.log(format!("{to_name} <- {from_name} {}", frame_text(&frame)));
@@ -1051,12 +1069,11 @@ impl World {
             write.last_seq = Some(write.last_seq.map_or(seq, |s| s.max(seq)));
         }
         let target = self.conns[conn].ends[1 - end].node;
-        let session = self.conns[conn].ends[1 - end].session.0;
         let feed = self.feeds[target].get_or_insert_with(Feed::default);
-        if feed.primary != node || feed.session != session {
+        if feed.primary != node || feed.conn != conn {
             *feed = Feed {
                 primary: node,
-                session,
+                conn,
                 writes: Vec::new(),
                 target: false,
             };
@@ -1726,10 +1743,17 @@ impl World {
                 }
             }
             5 if faults.slow => {
-                let until = self.now + ms(200 + self.rng.below(2000));
-                self.nodes[index].slow_until = until;
                 let name = self.nodes[index].name.clone();
-                self.log(format!("{name} slow until {until}"));
+                if self.rng.below(4) == 0 {
+                    // A hung disk (not dead: everything completes when it wakes).
+                    let until = self.now + ms(2500 + self.rng.below(4000));
+                    self.nodes[index].hung_until = until;
+                    self.log(format!("{name} disk hangs until {until}"));
+                } else {
+                    let until = self.now + ms(200 + self.rng.below(2000));
+                    self.nodes[index].slow_until = until;
+                    self.log(format!("{name} slow until {until}"));
+                }
             }
             6..=9 if faults.operator && up => self.operator(index),
             _ => {}
@@ -1955,6 +1979,7 @@ impl World {
                 }
             }
             self.nodes[a].slow_until = Time::ZERO;
+            self.nodes[a].hung_until = Time::ZERO;
         }
         for index in 0..count {
             if self.nodes[index].up.is_none() {
@@ -2081,8 +2106,15 @@ impl World {
             });
             return;
         }
-        // The Primary's data survives; without one, the lowest node's.
-        let survivor = primaries.first().copied().or(Some(0));
+        // The Primary's data survives; without one, the first UpToDate node's (an
+        // Inconsistent node's newer history is no good data), else the lowest node's.
+        let up_to_date = (0..count).find(|&i| {
+            self.nodes[i]
+                .up
+                .as_ref()
+                .is_some_and(|up| up.node.disk() == DiskState::UpToDate)
+        });
+        let survivor = primaries.first().copied().or(up_to_date).or(Some(0));
         for index in 0..count {
             let Some(up) = self.nodes[index].up.as_ref() else {
                 continue;
@@ -2148,6 +2180,35 @@ impl World {
                         && up.node.peers().iter().all(|peer| peer.session().is_some())
                 })
             });
+            let none_up_to_date = (0..count).all(|i| {
+                self.nodes[i]
+                    .up
+                    .as_ref()
+                    .is_some_and(|up| up.node.disk() == DiskState::Inconsistent)
+            });
+            if candidate.is_none() && none_up_to_date {
+                // No good data left (the operator invalidated both sides at once): a
+                // person forces one; what the others held is forfeit with it.
+                let name = self.nodes[0].name.clone();
+                self.log(format!(
+                    "operator (healing): promote {name} --force (no UpToDate disk left)"
+                ));
+                for index in 0..count {
+                    self.floor_volatile[index].iter_mut().for_each(|f| *f = 0);
+                    self.floor_durable[index].iter_mut().for_each(|f| *f = 0);
+                    self.feeds[index] = None;
+                }
+                self.promoting = true;
+                self.admin(
+                    0,
+                    Pending::Promote {
+                        node: 0,
+                        force: true,
+                    },
+                    |node, now, id| node.promote(now, id, true),
+                );
+                return;
+            }
             if let Some(index) = candidate {
                 let name = self.nodes[index].name.clone();
                 self.log(format!("operator (healing): promote {name}"));

@@ -1309,11 +1309,14 @@ pub fn teardown_dead_stack(mount: Mount, loop_device: LoopDevice, fuse: NbdFuse)
 /// exposed as the file `mount/nbd` by `nbdfuse` (O_DIRECT works on it). A daemon
 /// whose `disk` is that file sees an ordinary store; [`VolatileStore::power_cut`]
 /// kills nbdkit and nbdfuse with SIGKILL and unmounts lazily, so the image file keeps
-/// exactly what the daemon's fdatasyncs made durable.
+/// exactly what the daemon's fdatasyncs made durable. [`VolatileStore::hang`] makes
+/// every request wait (nbdkit's `pause` filter, above the cache) until
+/// [`VolatileStore::wake`]: a disk that hangs without failing.
 pub struct VolatileStore {
     pub image: PathBuf,
     mount: PathBuf,
     socket: PathBuf,
+    pause: PathBuf,
     nbdkit: Option<Child>,
     fuse: Option<NbdFuse>,
 }
@@ -1327,6 +1330,7 @@ impl VolatileStore {
             image: image.to_path_buf(),
             mount: dir.join("mount"),
             socket: dir.join("nbdkit.sock"),
+            pause: dir.join("pause.sock"),
             nbdkit: None,
             fuse: None,
         };
@@ -1343,16 +1347,19 @@ impl VolatileStore {
     pub fn power_on(&mut self) {
         assert!(self.nbdkit.is_none(), "the store is already on");
         let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.pause);
         let mut nbdkit = Command::new("nbdkit");
         nbdkit
             .arg("--foreground")
             .arg("--exit-with-parent")
             .arg("--unix")
             .arg(&self.socket)
+            .arg("--filter=pause")
             .arg("--filter=cache")
             .arg("file")
             .arg(&self.image)
             .arg("cache=writeback")
+            .arg(format!("pause-control={}", self.pause.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         self.nbdkit = Some(nbdkit.spawn().expect("start nbdkit"));
@@ -1364,6 +1371,30 @@ impl VolatileStore {
         });
         let uri = format!("nbd+unix:///?socket={}", self.socket.display());
         self.fuse = Some(NbdFuse::mount(&self.mount, &uri));
+    }
+
+    /// The disk hangs: requests from now on wait (those in flight finish first).
+    pub fn hang(&self) {
+        self.pause_control(b'p');
+    }
+
+    /// The hung disk answers again.
+    pub fn wake(&self) {
+        self.pause_control(b'r');
+    }
+
+    /// Sends a command to the pause filter; it echoes it in upper case once done.
+    fn pause_control(&self, command: u8) {
+        use std::io::{Read, Write};
+        let mut socket =
+            std::os::unix::net::UnixStream::connect(&self.pause).expect("pause control socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        socket.write_all(&[command]).expect("pause command");
+        let mut reply = [0u8; 1];
+        socket.read_exact(&mut reply).expect("pause reply");
+        assert_eq!(reply[0], command.to_ascii_uppercase(), "pause filter reply");
     }
 
     /// The power goes: everything not flushed to the image file is lost.
