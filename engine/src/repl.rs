@@ -63,6 +63,9 @@ pub enum Mode {
 macro_rules! names {
     ($type:ty { $($variant:ident => $name:literal),* $(,)? }) => {
         impl $type {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$type] = &[$(<$type>::$variant),*];
+
             pub fn name(self) -> &'static str {
                 match self { $(<$type>::$variant => $name),* }
             }

@@ -9,6 +9,7 @@
 //! disk = "/dev/loop0"                 # block device or image file
 //! nbd = "127.0.0.1:10809"             # or "unix:/run/replicad/r0.nbd"
 //! control = "/run/replicad/alpha.ctl" # optional
+//! metrics = "127.0.0.1:9942"          # optional: Prometheus /metrics
 //! [resource.r0.nodes.beta]
 //! address = "10.0.0.2:7788"
 //! disk = "/var/lib/replicad/r0.img"
@@ -530,6 +531,35 @@ impl Config {
     /// Checks that `node` appears, and returns its control socket path: the one its
     /// sections name (they must agree), else `/run/replicad/NODE.ctl`.
     pub fn control_socket(&self, node: &str) -> Result<PathBuf, ConfigError> {
+        let chosen = self.one_per_daemon(
+            node,
+            "control sockets",
+            |n| n.control.as_ref(),
+            |path| path.display().to_string(),
+        )?;
+        Ok(chosen.unwrap_or_else(|| PathBuf::from(format!("/run/replicad/{node}.ctl"))))
+    }
+
+    /// Checks that `node` appears, and returns where its daemon serves Prometheus
+    /// metrics: the `metrics` address its sections name (they must agree), if any.
+    pub fn metrics_address(&self, node: &str) -> Result<Option<SocketAddr>, ConfigError> {
+        self.one_per_daemon(
+            node,
+            "metrics addresses",
+            |n| n.metrics.as_ref(),
+            ToString::to_string,
+        )
+    }
+
+    /// The value of a per-daemon key of `node` (`get` reads it from a node section):
+    /// every section of the node that sets it must set the same.
+    fn one_per_daemon<T: Clone + PartialEq>(
+        &self,
+        node: &str,
+        what: &str,
+        get: impl Fn(&NodeConfig) -> Option<&T>,
+        show: impl Fn(&T) -> String,
+    ) -> Result<Option<T>, ConfigError> {
         let resources = self.resources_of(node);
         if resources.is_empty() {
             return Err(ConfigError::NoSuchNode {
@@ -537,25 +567,25 @@ impl Config {
                 known: self.node_names().join(", "),
             });
         }
-        let mut chosen: Option<PathBuf> = None;
+        let mut chosen: Option<T> = None;
         for name in &resources {
-            if let Some(path) = &self.resource[name].nodes[node].control {
+            if let Some(value) = get(&self.resource[name].nodes[node]) {
                 match &chosen {
-                    Some(existing) if existing != path => {
+                    Some(existing) if existing != value => {
                         return Err(ConfigError::Invalid {
                             path: self.path.display().to_string(),
                             message: format!(
-                            "node {node} names two control sockets ({} and {}); a daemon has one",
-                            existing.display(),
-                            path.display()
-                        ),
+                                "node {node} names two {what} ({} and {}); a daemon has one",
+                                show(existing),
+                                show(value)
+                            ),
                         })
                     }
-                    _ => chosen = Some(path.clone()),
+                    _ => chosen = Some(value.clone()),
                 }
             }
         }
-        Ok(chosen.unwrap_or_else(|| PathBuf::from(format!("/run/replicad/{node}.ctl"))))
+        Ok(chosen)
     }
 }
 
@@ -618,6 +648,31 @@ nbd = "unix:/run/replicad/r0.nbd"
         );
         assert!(matches!(
             config.control_socket("gamma"),
+            Err(ConfigError::NoSuchNode { .. })
+        ));
+    }
+
+    #[test]
+    fn a_daemon_serves_metrics_on_one_address() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.metrics_address("alpha").unwrap(), None);
+        let text = format!(
+            "{GOOD}metrics = \"127.0.0.1:9942\"\n[resource.r1.nodes.beta]\naddress = \"10.0.0.2:7789\"\ndisk = \"/dev/loop1\"\nnbd = \"127.0.0.1:10810\"\nmetrics = \"127.0.0.1:9942\"\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.metrics_address("beta").unwrap(),
+            Some("127.0.0.1:9942".parse().unwrap())
+        );
+        assert_eq!(config.metrics_address("alpha").unwrap(), None);
+        let two = text.replacen("127.0.0.1:9942", "127.0.0.1:9943", 1);
+        let error = parse(&two).unwrap().metrics_address("beta").unwrap_err();
+        assert!(
+            error.to_string().contains("two metrics addresses"),
+            "{error}"
+        );
+        assert!(matches!(
+            parse(GOOD).unwrap().metrics_address("gamma"),
             Err(ConfigError::NoSuchNode { .. })
         ));
     }

@@ -138,6 +138,14 @@ pub struct ResourceStatus {
     pub recovery: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<PeerStatus>,
+    /// Promotions of this node since the daemon started.
+    #[serde(default)]
+    pub promotions: u64,
+    /// How long the last promotion took to give the resource a Primary again: from
+    /// the loss of the Primary peer (or, when none was lost, from the request) to the
+    /// promotion's completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover_seconds: Option<f64>,
 }
 
 /// Generation identifiers, in hex.
@@ -159,6 +167,9 @@ pub struct IoStatus {
     pub checksum_errors: u64,
     pub repaired_blocks: u64,
     pub journal_used_bytes: u64,
+    /// The journal ring's size.
+    #[serde(default)]
+    pub journal_bytes: u64,
     pub journal_commits: u64,
     pub journal_syncs: u64,
     pub checkpoints: u64,
@@ -179,6 +190,13 @@ pub struct PeerStatus {
     pub in_flight: u64,
     /// Client writes waiting for the peer's acknowledgement.
     pub unacked: u64,
+    /// Replication lag: record bytes shipped that the peer has not acknowledged as
+    /// written (what a failover to the peer would lose now).
+    #[serde(default)]
+    pub lag_bytes: u64,
+    /// How long ago the oldest of those records was shipped (0 when none).
+    #[serde(default)]
+    pub lag_seconds: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub done_percent: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -219,26 +237,15 @@ pub async fn serve<H: Handler>(
     handler: Arc<H>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let handler = handler.clone();
-                    tokio::spawn(async move {
-                        if let Err(error) = serve_connection(stream, handler).await {
-                            tracing::debug!("control connection ended: {error}");
-                        }
-                    });
-                }
-                Err(error) => {
-                    tracing::warn!("control socket accept failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+    crate::accept_until(&listener, shutdown, "control socket", |stream| {
+        let handler = handler.clone();
+        async move {
+            if let Err(error) = serve_connection(stream, handler).await {
+                tracing::debug!("control connection ended: {error}");
+            }
         }
-    }
+    })
+    .await;
     let _ = std::fs::remove_file(path);
     Ok(())
 }

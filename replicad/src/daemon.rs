@@ -203,6 +203,7 @@ async fn bind_nbd(address: &NbdAddress) -> anyhow::Result<nbd::Listener> {
 /// Runs the daemon for `node` until SIGTERM, SIGINT or a `shutdown` request.
 pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
     let control_path = config.control_socket(&node)?;
+    let metrics_address = config.metrics_address(&node)?;
     let (events, _) = broadcast::channel(1024);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut resources = BTreeMap::new();
@@ -289,6 +290,20 @@ pub async fn run(config: Config, node: String) -> anyhow::Result<()> {
     }
     for resource in resources.values() {
         background.push(tokio::spawn(resource.clone().run(shutdown_rx.clone())));
+    }
+    if let Some(address) = metrics_address {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {address}"))?;
+        let mut stop = shutdown_rx.clone();
+        let served = resources.values().cloned().collect();
+        background.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            crate::metrics::serve(listener, served, shutdown).await;
+        }));
+        tracing::info!("serving Prometheus metrics on http://{address}/metrics");
     }
 
     // Control socket last: once it answers, everything else listens.

@@ -9,11 +9,60 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod metrics;
 pub mod nbd;
 pub mod notify;
 pub mod peer;
 mod read_into;
 pub mod resource;
+
+/// A listener [`accept_until`] drives.
+pub(crate) trait Accept {
+    type Stream;
+    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>>;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` resolves, each served by the
+/// task `serve` makes of it. A failed accept (say, out of file descriptors) is logged
+/// as `what` and retried after a short pause.
+pub(crate) async fn accept_until<L: Accept, F>(
+    listener: &L,
+    shutdown: impl std::future::Future<Output = ()>,
+    what: &str,
+    mut serve: impl FnMut(L::Stream) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept_one() => match accepted {
+                Ok(stream) => {
+                    tokio::spawn(serve(stream));
+                }
+                Err(error) => {
+                    tracing::warn!("{what} accept failed: {error}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
 
 /// Current time as RFC 3339 (UTC, seconds), for event lines.
 pub fn now_rfc3339() -> String {

@@ -944,7 +944,7 @@ impl Resource {
 
     /// Status for `replctl status`.
     pub fn status(&self) -> ResourceStatus {
-        let (role, disk, peers, repaired, dirty) = {
+        let (role, disk, peers, repaired, dirty, promotions, last_failover) = {
             let core = self.lock_core();
             let node = &core.node;
             let now = self.now();
@@ -962,6 +962,8 @@ impl Resource {
                 peers,
                 node.repaired_blocks(),
                 dirty,
+                node.promotions(),
+                node.last_failover(),
             )
         };
         let local = self.lock_local();
@@ -974,6 +976,8 @@ impl Resource {
             mode: self.config.mode.to_string(),
             nbd: self.node_config.nbd.uri(&self.name),
             recovery: local.recovery.clone(),
+            promotions,
+            last_failover_seconds: last_failover.map(|took| took.as_secs_f64()),
             ..ResourceStatus::default()
         };
         drop(local);
@@ -1001,6 +1005,7 @@ impl Resource {
                 checksum_errors: stats.checksum_errors,
                 repaired_blocks: repaired,
                 journal_used_bytes: stats.journal_used_bytes,
+                journal_bytes: volume.geometry().journal_bytes,
                 journal_commits: stats.journal_commits,
                 journal_syncs: stats.journal_syncs,
                 checkpoints: stats.checkpoints,
@@ -1022,6 +1027,7 @@ impl Resource {
     ) -> PeerStatus {
         let entry = &self.peers[peer.id.0];
         let session = peer.session();
+        let (lag_bytes, lag_age) = session.map_or((0, Duration::ZERO), |s| s.written_lag(now));
         let mut status = PeerStatus {
             name: entry.name.clone(),
             address: entry.address.to_string(),
@@ -1035,6 +1041,8 @@ impl Resource {
             peer_disk: session.map(|s| s.peer_state.disk.to_string()),
             in_flight: session.map_or(0, |s| s.shipped_seq.saturating_sub(s.received_seq)),
             unacked: node.pending_requests() as u64,
+            lag_bytes,
+            lag_seconds: lag_age.as_secs_f64(),
             resync_bytes: peer.resync_bytes,
             resync_skipped_bytes: peer.resync_skipped_bytes,
             resync_remaining_bytes: dirty_blocks * engine::BLOCK_BYTES,

@@ -160,8 +160,11 @@ pub fn render_status(status: &ResourceStatus) -> String {
             }
             out.push('\n');
             out.push_str(&format!(
-                "    in-flight:{} unacked:{}\n",
-                peer.in_flight, peer.unacked
+                "    in-flight:{} unacked:{} lag:{} ({:.1}s)\n",
+                peer.in_flight,
+                peer.unacked,
+                human_bytes(peer.lag_bytes),
+                peer.lag_seconds
             ));
         }
         if peer.split_brain {

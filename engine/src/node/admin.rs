@@ -123,6 +123,7 @@ impl<S: Storage> Node<S> {
         if !self.begin_admin(id, "promote") {
             return;
         }
+        self.promote_asked = Some(now);
         // A sync target promoted by force stops its resync in both directions first:
         // the old source must not go on streaming into a Primary (the handshake that
         // follows sees the divergence and refuses, so nothing is overwritten).
@@ -323,6 +324,10 @@ impl<S: Storage> Node<S> {
 
     fn promoted(&mut self, id: AdminId, new_current: u64, detached: bool, forced_disk: bool) {
         self.role = Role::Primary;
+        self.promotions += 1;
+        let asked = self.promote_asked.take();
+        let since = self.primary_lost.take().or(asked);
+        self.last_failover = since.map(|since| self.now.since(since));
         // A detached promotion started a new generation already: the first write
         // without the peers needs none of its own.
         self.rotated = detached;

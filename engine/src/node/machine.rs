@@ -259,6 +259,16 @@ pub struct Node<S: Storage> {
     pub(super) repairs: BTreeMap<u64, (RequestId, bool)>,
     /// Blocks repaired from a peer since start.
     pub(super) repaired_blocks: u64,
+    /// Promotions completed since start.
+    pub(super) promotions: u64,
+    /// How long the last promotion took to give the resource a Primary again (see
+    /// [`Node::last_failover`]).
+    pub(super) last_failover: Option<Duration>,
+    /// When the promotion in progress was asked for.
+    pub(super) promote_asked: Option<Time>,
+    /// When a session with a Primary peer last ended, until a Primary is seen again
+    /// (a peer's STATE says so, or this node is promoted).
+    pub(super) primary_lost: Option<Time>,
     pub(super) now: Time,
 }
 
@@ -323,6 +333,10 @@ impl<S: Storage> Node<S> {
             verify: None,
             repairs: BTreeMap::new(),
             repaired_blocks: 0,
+            promotions: 0,
+            last_failover: None,
+            promote_asked: None,
+            primary_lost: None,
             now,
         }
     }
@@ -356,6 +370,20 @@ impl<S: Storage> Node<S> {
     /// Blocks repaired from a peer since start.
     pub fn repaired_blocks(&self) -> u64 {
         self.repaired_blocks
+    }
+
+    /// Promotions of this node completed since start.
+    pub fn promotions(&self) -> u64 {
+        self.promotions
+    }
+
+    /// How long the last promotion took to give the resource a Primary again: from the
+    /// moment this node saw the session with its last Primary peer end (the peer died,
+    /// the link broke or went silent for `timeout`) to the promotion's completion; when
+    /// no Primary peer was lost since a Primary was last seen, from the promotion's
+    /// request instead. `None` before the first promotion.
+    pub fn last_failover(&self) -> Option<Duration> {
+        self.last_failover
     }
 
     /// Records why the transport refused a connection of `peer` (status shows it).
@@ -668,6 +696,7 @@ impl<S: Storage> Node<S> {
                 session.shipped_seq = session.shipped_seq.max(record.header.seq);
                 session.lag.push_back((record.header.seq, bytes));
                 session.lag_bytes += bytes;
+                session.note_shipped(record.header.seq, bytes, self.now);
             }
             session.shipped_at.push_back((last_seq, now));
             let lag_bytes = session.lag_bytes;
@@ -994,6 +1023,9 @@ impl<S: Storage> Node<S> {
         if let Some(storage) = self.storage.as_mut() {
             storage.advance_seq(local.next_seq.max(peer_state.next_seq));
         }
+        if peer_state.role == Role::Primary {
+            self.primary_lost = None;
+        }
         let mut state = Session::new(session, decision, peer_state, now);
         state.next_ping = now + self.config.timing.ping_interval;
         let peer_ref = &mut self.peers[peer.0];
@@ -1102,6 +1134,9 @@ impl<S: Storage> Node<S> {
         }
         if let Conn::Connected(session) = conn {
             let session = *session;
+            if session.peer_state.role == Role::Primary {
+                self.primary_lost = Some(self.now);
+            }
             // The tracking of stream-written blocks belongs to a resync this node
             // receives; with no target session left, none runs (whatever state the
             // ended session was in: a verify may have replaced it).
@@ -1380,6 +1415,9 @@ impl<S: Storage> Node<S> {
         // The peer's promotion, if it asked us to agree to one, is decided.
         current.peer_promoting = false;
         let previous = std::mem::replace(&mut current.peer_state, state);
+        if state.role == Role::Primary {
+            self.primary_lost = None;
+        }
         if previous.role != state.role || previous.disk != state.disk {
             self.event(format!(
                 "peer {name} role:{} disk:{}",
@@ -1495,6 +1533,7 @@ impl<S: Storage> Node<S> {
         state.received_seq = state.received_seq.max(seq);
         if written {
             state.written_seq = state.written_seq.max(seq);
+            state.note_written(seq);
         }
         if early_release {
             state.peer_durable = state.peer_durable.max(seq);

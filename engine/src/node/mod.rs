@@ -32,6 +32,8 @@ mod machine;
 pub mod peer;
 mod resync;
 pub mod storage;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::ops::Add;

@@ -116,6 +116,11 @@ pub struct Session {
     /// Shipped records not yet received, `(seq, bytes)` (the async lag bound).
     pub lag: VecDeque<(u64, u64)>,
     pub lag_bytes: u64,
+    /// Shipped records the peer has not yet acknowledged as written (ACK_WRITTEN),
+    /// `(seq, bytes, shipped at)`, oldest first: the replication lag that status and
+    /// metrics report. At most [`MAX_UNWRITTEN`] entries.
+    pub unwritten: VecDeque<(u64, u64, Time)>,
+    pub unwritten_bytes: u64,
     /// FLUSH frames sent to the peer: id → the last sequence shipped before it.
     pub flushes: BTreeMap<u64, u64>,
     pub next_flush_id: u64,
@@ -142,6 +147,12 @@ pub struct Session {
 /// a peer that sends more breaks the protocol.
 pub const MAX_SERVED: usize = 128;
 
+/// Most shipped records [`Session::unwritten`] tracks. A peer that works never comes
+/// near it (what it received and has not written is bounded by its memory budget); one
+/// that never acknowledges a write cannot grow our memory: past the bound newer records
+/// are not tracked, so the lag in bytes is then an underestimate (the age stays right).
+pub const MAX_UNWRITTEN: usize = 1 << 20;
+
 impl Session {
     pub fn new(id: SessionId, decision: Decision, peer_state: PeerState, now: Time) -> Session {
         Session {
@@ -161,6 +172,8 @@ impl Session {
             next_durable_report: now,
             lag: VecDeque::new(),
             lag_bytes: 0,
+            unwritten: VecDeque::new(),
+            unwritten_bytes: 0,
             flushes: BTreeMap::new(),
             next_flush_id: 1,
             last_record_seq: 0,
@@ -173,6 +186,35 @@ impl Session {
             served: 0,
             peer_promoting: false,
         }
+    }
+
+    /// A record of `bytes` (its whole encoded size) was shipped at `now`.
+    pub fn note_shipped(&mut self, seq: u64, bytes: u64, now: Time) {
+        if self.unwritten.len() < MAX_UNWRITTEN {
+            self.unwritten.push_back((seq, bytes, now));
+            self.unwritten_bytes += bytes;
+        }
+    }
+
+    /// The peer acknowledged every record up to `seq` as written.
+    pub fn note_written(&mut self, seq: u64) {
+        while let Some(&(oldest, bytes, _)) = self.unwritten.front() {
+            if oldest > seq {
+                break;
+            }
+            self.unwritten.pop_front();
+            self.unwritten_bytes = self.unwritten_bytes.saturating_sub(bytes);
+        }
+    }
+
+    /// The replication lag at `now`: bytes shipped and not yet acknowledged as written
+    /// by the peer, and how long ago the oldest of them was shipped (zero when none).
+    pub fn written_lag(&self, now: Time) -> (u64, Duration) {
+        let age = self
+            .unwritten
+            .front()
+            .map_or(Duration::ZERO, |&(_, _, shipped)| now.since(shipped));
+        (self.unwritten_bytes, age)
     }
 
     /// Whether the driver may hand us the next data-channel frame.
@@ -283,4 +325,75 @@ pub enum TargetPhase {
     Receiving,
     /// RESYNC_DONE arrived: making everything durable, then the new generation.
     Finishing,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gen::GenerationIds;
+    use crate::repl::{DiskState, Role};
+
+    fn session() -> Session {
+        let peer = PeerState {
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            generations: GenerationIds::default(),
+            crashed_primary: false,
+            discard_my_data: false,
+            dirty_blocks: 0,
+            next_seq: 0,
+            size_bytes: 0,
+        };
+        Session::new(SessionId(1), Decision::InSync, peer, Time::ZERO)
+    }
+
+    fn at(millis: u64) -> Time {
+        Time::from_nanos(millis * 1_000_000)
+    }
+
+    #[test]
+    fn written_lag_counts_what_the_peer_has_not_written_and_ages_the_oldest() {
+        let mut session = session();
+        assert_eq!(session.written_lag(at(5)), (0, Duration::ZERO));
+        session.note_shipped(7, 4160, at(1000));
+        session.note_shipped(8, 8256, at(1200));
+        session.note_shipped(9, 64, at(1500));
+        assert_eq!(
+            session.written_lag(at(1750)),
+            (4160 + 8256 + 64, Duration::from_millis(750))
+        );
+        // Received is not written: only ACK_WRITTEN shortens the lag.
+        session.note_written(7);
+        assert_eq!(
+            session.written_lag(at(1750)),
+            (8256 + 64, Duration::from_millis(550))
+        );
+        // A cumulative acknowledgement covers every record up to it.
+        session.note_written(9);
+        assert_eq!(session.written_lag(at(2000)), (0, Duration::ZERO));
+        assert!(session.unwritten.is_empty());
+        // A stale (lower) acknowledgement changes nothing.
+        session.note_shipped(10, 100, at(2100));
+        session.note_written(8);
+        assert_eq!(
+            session.written_lag(at(2200)),
+            (100, Duration::from_millis(100))
+        );
+        // A clock that went backwards gives zero, not a panic.
+        assert_eq!(session.written_lag(at(2000)), (100, Duration::ZERO));
+    }
+
+    #[test]
+    fn written_lag_tracking_is_bounded() {
+        let mut session = session();
+        for seq in 1..=(MAX_UNWRITTEN as u64 + 10) {
+            session.note_shipped(seq, 1, at(seq));
+        }
+        assert_eq!(session.unwritten.len(), MAX_UNWRITTEN);
+        assert_eq!(session.unwritten_bytes, MAX_UNWRITTEN as u64);
+        // The age stays that of the oldest record.
+        assert_eq!(session.written_lag(at(5000)).1, Duration::from_millis(4999));
+        session.note_written(MAX_UNWRITTEN as u64 + 10);
+        assert_eq!(session.written_lag(at(5000)), (0, Duration::ZERO));
+    }
 }

@@ -140,6 +140,8 @@ pub struct ClusterOptions {
     pub unix_nbd: bool,
     /// Route replication through a [`FaultProxy`] in front of the second node.
     pub proxy: bool,
+    /// Serve Prometheus metrics on each node's `metrics_port`.
+    pub metrics: bool,
 }
 
 impl Default for ClusterOptions {
@@ -154,6 +156,7 @@ impl Default for ClusterOptions {
             extra: String::new(),
             unix_nbd: false,
             proxy: false,
+            metrics: false,
         }
     }
 }
@@ -167,6 +170,8 @@ pub struct Node {
     /// Where this node listens for replication.
     pub listen_port: u16,
     pub nbd_port: u16,
+    /// Where the daemon serves `/metrics` when [`ClusterOptions::metrics`] is set.
+    pub metrics_port: u16,
     pub nbd_socket: PathBuf,
     pub control: PathBuf,
     pub log: PathBuf,
@@ -212,6 +217,7 @@ impl Cluster {
                 replication_port: port,
                 listen_port: port,
                 nbd_port: free_port(),
+                metrics_port: free_port(),
                 nbd_socket: cluster.dir.join(format!("{name}.nbd")),
                 control: cluster.dir.join(format!("{name}.ctl")),
                 log: cluster.dir.join(format!("{name}.log")),
@@ -261,6 +267,9 @@ impl Cluster {
                 node.image.display(),
                 node.control.display()
             ));
+            if o.metrics {
+                text.push_str(&format!("metrics = \"127.0.0.1:{}\"\n", node.metrics_port));
+            }
         }
         std::fs::write(&self.config, text).expect("write config");
     }
@@ -1412,5 +1421,118 @@ impl VolatileStore {
 impl Drop for VolatileStore {
     fn drop(&mut self) {
         self.power_cut();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Prometheus metrics.
+// ---------------------------------------------------------------------------------
+
+/// `GET path` over HTTP/1.0 to `address` (`IP:PORT`), bounded: (status code, body).
+pub fn http_get(address: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let socket = address
+        .parse()
+        .map_err(|e| format!("bad address {address}: {e}"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&socket, Duration::from_secs(5))
+        .map_err(|e| format!("connect {address}: {e}"))?;
+    let timeout = Some(Duration::from_secs(10));
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")
+        .map_err(|e| format!("send to {address}: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read from {address}: {e}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no end of headers in {response:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("no status code in {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) in an exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// `promtool check metrics` on an exposition: fails the test on any problem it reports.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    require_tool("promtool", "prometheus");
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait for promtool").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("promtool check metrics did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("promtool output");
+    assert!(
+        output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
+        "promtool check metrics is not clean ({}):\n{}{}\n--- exposition ---\n{text}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Cluster {
+    /// The address `name` serves metrics on.
+    pub fn metrics_address(&self, name: &str) -> String {
+        format!("127.0.0.1:{}", self.node(name).metrics_port)
+    }
+
+    /// Scrapes `name`'s `/metrics` (must answer 200).
+    pub fn scrape(&self, name: &str) -> String {
+        let (code, body) = http_get(&self.metrics_address(name), "/metrics")
+            .unwrap_or_else(|e| panic!("scrape of {name}: {e}\n{}", self.log_tail(name)));
+        assert_eq!(code, 200, "scrape of {name}: {body}");
+        body
+    }
+
+    /// Scrapes `name` until `check` accepts the exposition; returns it.
+    pub fn wait_metrics(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.scrape(name);
+            if check(&last) {
+                return last;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {name}'s metrics to show {what}; last scrape:\n{last}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
