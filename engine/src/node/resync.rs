@@ -302,7 +302,12 @@ impl<S: Storage> Node<S> {
         // A group of runs (at most one frame's worth of blocks) read together.
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut group_blocks = 0u64;
-        while runs.len() < MAX_RUNS_PER_GROUP && group_blocks < u64::from(MAX_FRAME_BLOCKS) {
+        // The target serves at most MAX_SERVED requests at once (RESYNC_CHECKs count)
+        // and ends a session that sends more: never have more in flight than that.
+        let room_in_flight = super::peer::MAX_SERVED.saturating_sub(source.in_flight.len());
+        while runs.len() < MAX_RUNS_PER_GROUP.min(room_in_flight)
+            && group_blocks < u64::from(MAX_FRAME_BLOCKS)
+        {
             let room = u64::from(MAX_FRAME_BLOCKS) - group_blocks;
             let Some((first_block, blocks)) = storage.next_out_of_sync_run(source.cursor, room)
             else {
