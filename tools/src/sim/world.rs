@@ -1833,14 +1833,16 @@ impl World {
                 break;
             }
         }
+        self.promote_by_operator(0, false);
+    }
+
+    /// The operator promotes `index` (the promotion is awaited before the next one).
+    fn promote_by_operator(&mut self, index: usize, force: bool) {
         self.promoting = true;
         self.admin(
-            0,
-            Pending::Promote {
-                node: 0,
-                force: false,
-            },
-            |node, now, id| node.promote(now, id, false),
+            index,
+            Pending::Promote { node: index, force },
+            move |node, now, id| node.promote(now, id, force),
         );
     }
 
@@ -2198,29 +2200,13 @@ impl World {
                     self.floor_durable[index].iter_mut().for_each(|f| *f = 0);
                     self.feeds[index] = None;
                 }
-                self.promoting = true;
-                self.admin(
-                    0,
-                    Pending::Promote {
-                        node: 0,
-                        force: true,
-                    },
-                    |node, now, id| node.promote(now, id, true),
-                );
+                self.promote_by_operator(0, true);
                 return;
             }
             if let Some(index) = candidate {
                 let name = self.nodes[index].name.clone();
                 self.log(format!("operator (healing): promote {name}"));
-                self.promoting = true;
-                self.admin(
-                    index,
-                    Pending::Promote {
-                        node: index,
-                        force: false,
-                    },
-                    |node, now, id| node.promote(now, id, false),
-                );
+                self.promote_by_operator(index, false);
             }
         }
     }
