@@ -401,24 +401,7 @@ impl<S: Storage> Node<S> {
                 if self.barrier.is_some() || self.pending_requests() > 0 {
                     return;
                 }
-                let mut peers = Vec::new();
-                if self.config.mode != repl::Mode::Async {
-                    for index in 0..self.peers.len() {
-                        let peer = super::PeerId(index);
-                        let Some(session) = self.peers[index].session_mut() else {
-                            continue;
-                        };
-                        if !session.shipping {
-                            continue;
-                        }
-                        let flush_id = session.next_flush_id;
-                        session.next_flush_id += 1;
-                        session.flushes.insert(flush_id, session.shipped_seq);
-                        let session_id = session.id;
-                        peers.push((peer, session_id, flush_id));
-                        self.send(peer, session_id, Frame::Flush(flush_id));
-                    }
-                }
+                let peers = self.flush_peers();
                 self.demoting = Some(Demoting {
                     admin,
                     phase: DemotePhase::Flushing {

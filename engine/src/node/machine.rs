@@ -736,25 +736,33 @@ impl<S: Storage> Node<S> {
         }
     }
 
+    /// Sends FLUSH to every shipping peer (not in `async` mode, where a FLUSH is
+    /// local): what the caller waits for, per peer session.
+    pub(super) fn flush_peers(&mut self) -> Vec<(PeerId, SessionId, u64)> {
+        let mut waits = Vec::new();
+        if self.config.mode == Mode::Async {
+            return waits;
+        }
+        for index in 0..self.peers.len() {
+            let Some(session) = self.peers[index].session_mut() else {
+                continue;
+            };
+            if !session.shipping {
+                continue;
+            }
+            let flush_id = session.next_flush_id;
+            session.next_flush_id += 1;
+            session.flushes.insert(flush_id, session.shipped_seq);
+            let session_id = session.id;
+            waits.push((PeerId(index), session_id, flush_id));
+            self.send(PeerId(index), session_id, Frame::Flush(flush_id));
+        }
+        waits
+    }
+
     fn start_flush(&mut self, id: RequestId) {
         let token = self.token(Purpose::Flush);
-        let mut waits = Vec::new();
-        if self.config.mode != Mode::Async {
-            for index in 0..self.peers.len() {
-                let Some(session) = self.peers[index].session_mut() else {
-                    continue;
-                };
-                if !session.shipping {
-                    continue;
-                }
-                let flush_id = session.next_flush_id;
-                session.next_flush_id += 1;
-                session.flushes.insert(flush_id, session.shipped_seq);
-                let session_id = session.id;
-                waits.push((PeerId(index), session_id, flush_id));
-                self.send(PeerId(index), session_id, Frame::Flush(flush_id));
-            }
-        }
+        let waits = self.flush_peers();
         self.flushes.insert(
             token,
             PendingFlush {
