@@ -115,6 +115,19 @@ pub(crate) fn open_file(path: &Path, direct: bool) -> io::Result<(File, bool)> {
     Ok((options.open(path)?, false))
 }
 
+/// Whether `[offset, offset+len)` of an image file is one hole (no data in it, as
+/// `lseek(SEEK_DATA)` tells; false when the file system cannot say).
+fn is_hole(file: &File, offset: libc::off_t, len: libc::off_t) -> bool {
+    // SAFETY: lseek takes a valid descriptor and plain integers. SEEK_DATA moves the
+    // file offset, which pread/pwrite never use.
+    let data = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data at or after `offset`.
+        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    data >= offset.saturating_add(len)
+}
+
 /// Asks the file system to zero `[offset, offset+len)` of an image file
 /// (`fallocate(FALLOC_FL_ZERO_RANGE)`). Returns false where it cannot (file systems
 /// without the mode, unaligned ranges): the caller then writes zeroes.
@@ -122,6 +135,11 @@ fn zero_file_range(file: &File, offset: u64, len: u64) -> bool {
     let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return false;
     };
+    if is_hole(file, offset, len) {
+        // Already reads as zeroes, and stays unallocated (ZERO_RANGE would allocate
+        // unwritten extents: gigabytes of them for the metadata of a huge volume).
+        return true;
+    }
     // SAFETY: fallocate takes a valid descriptor and plain integers.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, offset, len) };
     rc == 0
