@@ -1,48 +1,137 @@
 //! The out-of-sync bitmap: one bit per 4 KiB block, set while a block may differ
 //! from the peer's copy. Persisted page by page at checkpoints; drives resync.
+//!
+//! Two levels, so memory follows what is out of sync and not the volume's size: pages
+//! of 32 768 bits (one on-disk page, 128 MiB of volume) are held only while they have
+//! a bit set, in an ordered map that doubles as the summary of which extents have any
+//! bit set; a page whose every bit is set is held without its words. A running count
+//! answers "how many" at once, and a scan for the next set bit skips every empty page
+//! in one map lookup. An empty bitmap of any size costs a few dozen bytes, a full one
+//! (a full sync) a few dozen bytes per 128 MiB: only pages partly set cost 4 KiB.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::layout::{BITS_PER_PAGE, PAGE_BYTES};
 
-/// See the module documentation.
-#[derive(Debug, Clone)]
-pub struct Bitmap {
-    words: Vec<u64>,
-    bits: u64,
-    ones: u64,
-    dirty_pages: Vec<bool>,
+const WORDS_PER_PAGE: usize = (BITS_PER_PAGE / 64) as usize;
+
+/// One page of bits: `words` is `None` when every bit of the page (within the
+/// bitmap) is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Page {
+    words: Option<Box<[u64]>>,
+    ones: u32,
 }
 
-const WORDS_PER_PAGE: u64 = BITS_PER_PAGE / 64;
+/// Word `word` of a page of `valid` bits whose every bit is set.
+fn full_word(word: usize, valid: u64) -> u64 {
+    let base = word as u64 * 64;
+    if base >= valid {
+        0
+    } else if valid - base >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << (valid - base)) - 1
+    }
+}
+
+impl Page {
+    fn empty() -> Page {
+        Page {
+            words: Some(vec![0; WORDS_PER_PAGE].into_boxed_slice()),
+            ones: 0,
+        }
+    }
+
+    fn full(valid: u64) -> Page {
+        Page {
+            words: None,
+            ones: valid as u32,
+        }
+    }
+
+    fn word(&self, word: usize, valid: u64) -> u64 {
+        match &self.words {
+            Some(words) => words[word],
+            None => full_word(word, valid),
+        }
+    }
+
+    /// The words, spelled out if the page was held as full.
+    fn words_mut(&mut self, valid: u64) -> &mut [u64] {
+        self.words.get_or_insert_with(|| {
+            (0..WORDS_PER_PAGE)
+                .map(|word| full_word(word, valid))
+                .collect()
+        })
+    }
+
+    /// Drops the words of a page that became full.
+    fn compact(&mut self, valid: u64) {
+        if u64::from(self.ones) == valid {
+            self.words = None;
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone, Default)]
+pub struct Bitmap {
+    bits: u64,
+    ones: u64,
+    /// Pages with at least one bit set.
+    pages: BTreeMap<u64, Page>,
+    /// Pages changed since the last [`Bitmap::take_dirty_pages`].
+    dirty: BTreeSet<u64>,
+}
 
 impl Bitmap {
     pub fn new(bits: u64) -> Bitmap {
         Bitmap {
-            words: vec![0; bits.div_ceil(64) as usize],
             bits,
-            ones: 0,
-            dirty_pages: vec![false; bits.div_ceil(BITS_PER_PAGE) as usize],
+            ..Bitmap::default()
         }
+    }
+
+    /// Bits of page `page` that lie within the bitmap.
+    fn valid_bits(&self, page: u64) -> u64 {
+        self.bits
+            .saturating_sub(page * BITS_PER_PAGE)
+            .min(BITS_PER_PAGE)
     }
 
     /// Loads from on-disk bytes (little-endian u64 words); bits past the end are ignored.
     pub fn from_bytes(bits: u64, bytes: &[u8]) -> Bitmap {
         let mut bitmap = Bitmap::new(bits);
-        for (word, chunk) in bitmap.words.iter_mut().zip(bytes.chunks_exact(8)) {
-            let mut raw = [0u8; 8];
-            raw.copy_from_slice(chunk);
-            *word = u64::from_le_bytes(raw);
+        for (page, chunk) in bytes.chunks(PAGE_BYTES as usize).enumerate() {
+            bitmap.load_page(page as u64, chunk);
         }
-        bitmap.mask_tail();
-        bitmap.ones = bitmap.words.iter().map(|w| u64::from(w.count_ones())).sum();
+        bitmap.dirty.clear();
         bitmap
     }
 
-    fn mask_tail(&mut self) {
-        let tail_bits = self.bits % 64;
-        if tail_bits != 0 {
-            if let Some(last) = self.words.last_mut() {
-                *last &= (1u64 << tail_bits) - 1;
-            }
+    /// Loads page `page` from its on-disk bytes (at most one page; bits past the end of
+    /// the bitmap are ignored), replacing what memory held for it. Not marked dirty.
+    pub fn load_page(&mut self, page: u64, bytes: &[u8]) {
+        if let Some(old) = self.pages.remove(&page) {
+            self.ones -= u64::from(old.ones);
+        }
+        let valid = self.valid_bits(page);
+        if valid == 0 {
+            return;
+        }
+        let mut loaded = Page::empty();
+        let words = loaded.words_mut(valid);
+        for (index, (word, chunk)) in words.iter_mut().zip(bytes.chunks_exact(8)).enumerate() {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(chunk);
+            *word = u64::from_le_bytes(raw) & full_word(index, valid);
+        }
+        loaded.ones = words.iter().map(|w| w.count_ones()).sum();
+        if loaded.ones > 0 {
+            loaded.compact(valid);
+            self.ones += u64::from(loaded.ones);
+            self.pages.insert(page, loaded);
         }
     }
 
@@ -59,12 +148,31 @@ impl Bitmap {
         self.ones == 0
     }
 
-    pub fn test(&self, bit: u64) -> bool {
-        bit < self.bits && self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    /// Pages with any bit set, in order (the summary).
+    pub fn nonzero_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pages.keys().copied()
     }
 
-    fn touch(&mut self, word: usize) {
-        self.dirty_pages[word / WORDS_PER_PAGE as usize] = true;
+    /// Bytes of memory the pages take (the summary aside).
+    pub fn memory_bytes(&self) -> u64 {
+        self.pages
+            .values()
+            .map(|page| {
+                if page.words.is_some() {
+                    PAGE_BYTES + 64
+                } else {
+                    64
+                }
+            })
+            .sum()
+    }
+
+    pub fn test(&self, bit: u64) -> bool {
+        bit < self.bits
+            && self.pages.get(&(bit / BITS_PER_PAGE)).is_some_and(|page| {
+                let at = bit % BITS_PER_PAGE;
+                page.word((at / 64) as usize, BITS_PER_PAGE) & (1 << (at % 64)) != 0
+            })
     }
 
     /// Sets `[start, start+count)` (clamped to the bitmap); returns how many bits changed.
@@ -82,23 +190,59 @@ impl Bitmap {
         let mut bit = start;
         let mut changed = 0;
         while bit < end {
-            let word = (bit / 64) as usize;
-            let low = bit % 64;
-            let span = (64 - low).min(end - bit);
-            let mask = if span == 64 {
-                u64::MAX
+            let page_index = bit / BITS_PER_PAGE;
+            let page_start = page_index * BITS_PER_PAGE;
+            let valid = self.valid_bits(page_index);
+            let page_end = (page_start + valid).min(end);
+            let whole = bit == page_start && page_end == page_start + valid;
+            let before = self.pages.get(&page_index).map_or(0, |page| page.ones);
+            let page_changed = if whole {
+                // The whole page: no words needed either way.
+                if set {
+                    self.pages.insert(page_index, Page::full(valid));
+                    valid as u32 - before
+                } else {
+                    self.pages.remove(&page_index);
+                    before
+                }
+            } else if !set && before == 0 {
+                0
             } else {
-                ((1u64 << span) - 1) << low
+                let page = self.pages.entry(page_index).or_insert_with(Page::empty);
+                let words = page.words_mut(valid);
+                let mut page_changed = 0u32;
+                while bit < page_end {
+                    let at = bit - page_start;
+                    let word = (at / 64) as usize;
+                    let low = at % 64;
+                    let span = (64 - low).min(page_end - bit);
+                    let mask = if span == 64 {
+                        u64::MAX
+                    } else {
+                        ((1u64 << span) - 1) << low
+                    };
+                    let old = words[word];
+                    let new = if set { old | mask } else { old & !mask };
+                    words[word] = new;
+                    page_changed += (old ^ new).count_ones();
+                    bit += span;
+                }
+                if set {
+                    page.ones += page_changed;
+                } else {
+                    page.ones -= page_changed;
+                }
+                page.compact(valid);
+                if page.ones == 0 {
+                    self.pages.remove(&page_index);
+                }
+                page_changed
             };
-            let before = self.words[word];
-            let after = if set { before | mask } else { before & !mask };
-            if after != before {
-                self.words[word] = after;
-                let delta = u64::from((before ^ after).count_ones());
-                changed += delta;
-                self.touch(word);
+            bit = page_end;
+            if page_changed > 0 {
+                self.dirty.insert(page_index);
             }
-            bit += span;
+            changed += u64::from(page_changed);
         }
         if set {
             self.ones += changed;
@@ -112,43 +256,66 @@ impl Bitmap {
         self.set_range(0, self.bits);
     }
 
-    /// First set bit at or after `from`.
+    /// First set bit at or after `from`. Skips empty pages in one lookup.
     pub fn next_set(&self, from: u64) -> Option<u64> {
         if from >= self.bits {
             return None;
         }
-        let mut word = (from / 64) as usize;
-        let mut value = self.words[word] & (u64::MAX << (from % 64));
-        loop {
-            if value != 0 {
-                let bit = word as u64 * 64 + u64::from(value.trailing_zeros());
-                return (bit < self.bits).then_some(bit);
+        for (&index, page) in self.pages.range(from / BITS_PER_PAGE..) {
+            let base = index * BITS_PER_PAGE;
+            let start = from.saturating_sub(base);
+            let Some(words) = &page.words else {
+                // Full: the first bit at or after `from` in it is set.
+                return Some(base + start);
+            };
+            let mut word = (start / 64) as usize;
+            let mut value = words[word] & (u64::MAX << (start % 64));
+            loop {
+                if value != 0 {
+                    let bit = base + word as u64 * 64 + u64::from(value.trailing_zeros());
+                    return (bit < self.bits).then_some(bit);
+                }
+                word += 1;
+                if word >= WORDS_PER_PAGE {
+                    break;
+                }
+                value = words[word];
             }
-            word += 1;
-            if word >= self.words.len() {
-                return None;
-            }
-            value = self.words[word];
         }
+        None
     }
 
     /// First clear bit at or after `from` (or `bits()` if none).
     pub fn next_clear(&self, from: u64) -> u64 {
-        if from >= self.bits {
-            return self.bits;
-        }
-        let mut word = (from / 64) as usize;
-        let mut value = !self.words[word] & (u64::MAX << (from % 64));
-        loop {
-            if value != 0 {
-                return (word as u64 * 64 + u64::from(value.trailing_zeros())).min(self.bits);
+        let mut bit = from;
+        while bit < self.bits {
+            let index = bit / BITS_PER_PAGE;
+            let Some(page) = self.pages.get(&index) else {
+                return bit;
+            };
+            let Some(words) = &page.words else {
+                bit = (index + 1) * BITS_PER_PAGE;
+                continue;
+            };
+            let at = bit % BITS_PER_PAGE;
+            let mut word = (at / 64) as usize;
+            let mut value = !words[word] & (u64::MAX << (at % 64));
+            loop {
+                if value != 0 {
+                    let found = index * BITS_PER_PAGE
+                        + word as u64 * 64
+                        + u64::from(value.trailing_zeros());
+                    return found.min(self.bits);
+                }
+                word += 1;
+                if word >= WORDS_PER_PAGE {
+                    break;
+                }
+                value = !words[word];
             }
-            word += 1;
-            if word >= self.words.len() {
-                return self.bits;
-            }
-            value = !self.words[word];
+            bit = (index + 1) * BITS_PER_PAGE;
         }
+        self.bits
     }
 
     /// The run of set bits starting at the first set bit at or after `from`, at most
@@ -159,60 +326,130 @@ impl Bitmap {
         Some((start, end - start))
     }
 
-    /// Sets every bit that is set in `other` (same size).
+    /// Sets every bit that is set in `other` (bits past our end are ignored).
     pub fn union_with(&mut self, other: &Bitmap) {
-        for (index, (word, theirs)) in self.words.iter_mut().zip(&other.words).enumerate() {
-            let merged = *word | theirs;
-            if merged != *word {
-                self.ones += u64::from((merged ^ *word).count_ones());
-                *word = merged;
-                self.dirty_pages[index / WORDS_PER_PAGE as usize] = true;
+        for (&index, page) in &other.pages {
+            match &page.words {
+                None => {
+                    self.set_range(index * BITS_PER_PAGE, BITS_PER_PAGE);
+                }
+                Some(words) => {
+                    for (word_index, &word) in words.iter().enumerate() {
+                        if word != 0 {
+                            self.or_word(index * WORDS_PER_PAGE as u64 + word_index as u64, word);
+                        }
+                    }
+                }
             }
         }
     }
 
-    /// The raw words (for shipping to the peer).
-    pub fn words(&self) -> &[u64] {
-        &self.words
+    /// ORs `value` into word `word` (bits past the end are ignored); returns how many
+    /// bits changed.
+    pub fn or_word(&mut self, word: u64, value: u64) -> u64 {
+        let Some(base) = word.checked_mul(64).filter(|&base| base < self.bits) else {
+            return 0;
+        };
+        let mut value = value;
+        if self.bits - base < 64 {
+            value &= (1u64 << (self.bits - base)) - 1;
+        }
+        if value == 0 {
+            return 0;
+        }
+        let index = base / BITS_PER_PAGE;
+        let valid = self.valid_bits(index);
+        let word_in_page = (word % WORDS_PER_PAGE as u64) as usize;
+        if self
+            .pages
+            .get(&index)
+            .is_some_and(|page| page.word(word_in_page, valid) & value == value)
+        {
+            return 0;
+        }
+        let page = self.pages.entry(index).or_insert_with(Page::empty);
+        let slot = &mut page.words_mut(valid)[word_in_page];
+        let changed = (value & !*slot).count_ones();
+        *slot |= value;
+        page.ones += changed;
+        page.compact(valid);
+        self.ones += u64::from(changed);
+        self.dirty.insert(index);
+        u64::from(changed)
     }
 
-    /// Pages changed since the last call.
+    /// Number of words (`ceil(bits / 64)`).
+    pub fn word_count(&self) -> u64 {
+        self.bits.div_ceil(64)
+    }
+
+    /// `count` words from word `first` (clamped to the bitmap); zero words cost no
+    /// lookups beyond one per page.
+    pub fn words_at(&self, first: u64, count: u64) -> Vec<u64> {
+        let end = first.saturating_add(count).min(self.word_count());
+        if first >= end {
+            return Vec::new();
+        }
+        let mut out = vec![0u64; (end - first) as usize];
+        let per_page = WORDS_PER_PAGE as u64;
+        for (&index, page) in self.pages.range(first / per_page..=(end - 1) / per_page) {
+            let page_first = index * per_page;
+            let from = first.max(page_first);
+            let to = end.min(page_first + per_page);
+            let valid = self.valid_bits(index);
+            for (slot, word) in out[(from - first) as usize..(to - first) as usize]
+                .iter_mut()
+                .zip((from - page_first) as usize..)
+            {
+                *slot = page.word(word, valid);
+            }
+        }
+        out
+    }
+
+    /// Every word (for shipping to the peer): a vector of `ceil(bits / 64)` words.
+    /// Allocated zeroed and filled only where pages have bits, so the untouched parts
+    /// of a large, mostly empty copy cost no resident memory. Prefer
+    /// [`Bitmap::words_at`] or [`Bitmap::nonzero_pages`] to stream instead.
+    pub fn words(&self) -> Vec<u64> {
+        self.words_at(0, self.word_count())
+    }
+
+    /// Pages changed since the last call (and clears their marks), in order.
     pub fn take_dirty_pages(&mut self) -> Vec<usize> {
-        let pages = self
-            .dirty_pages
-            .iter()
-            .enumerate()
-            .filter(|(_, &d)| d)
-            .map(|(p, _)| p)
-            .collect();
-        self.dirty_pages.iter_mut().for_each(|d| *d = false);
-        pages
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|page| page as usize)
+            .collect()
     }
 
     /// Whether any page changed since the last [`Bitmap::take_dirty_pages`].
     pub fn has_dirty(&self) -> bool {
-        self.dirty_pages.iter().any(|&dirty| dirty)
+        !self.dirty.is_empty()
     }
 
     pub fn mark_page_dirty(&mut self, page: usize) {
-        self.dirty_pages[page] = true;
+        self.dirty.insert(page as u64);
     }
 
+    /// Number of on-disk pages.
     pub fn pages(&self) -> usize {
-        self.dirty_pages.len()
+        self.bits.div_ceil(BITS_PER_PAGE) as usize
     }
 
     /// Encodes page `page` (4 KiB).
     pub fn encode_page(&self, page: usize) -> Vec<u8> {
         let mut buf = vec![0u8; PAGE_BYTES as usize];
-        let first = page * WORDS_PER_PAGE as usize;
-        let last = (first + WORDS_PER_PAGE as usize).min(self.words.len());
-        for (slot, word) in buf.chunks_exact_mut(8).zip(&self.words[first..last]) {
-            slot.copy_from_slice(&word.to_le_bytes());
+        if let Some(held) = self.pages.get(&(page as u64)) {
+            let valid = self.valid_bits(page as u64);
+            for (index, slot) in buf.chunks_exact_mut(8).enumerate() {
+                slot.copy_from_slice(&held.word(index, valid).to_le_bytes());
+            }
         }
         buf
     }
 
+    /// Encodes every page (small bitmaps: tests and tools).
     pub fn encode_all(&self) -> Vec<u8> {
         (0..self.pages())
             .flat_map(|page| self.encode_page(page))
@@ -252,23 +489,55 @@ mod tests {
         assert_eq!(loaded.next_clear(0), 70);
     }
 
+    #[test]
+    fn a_huge_bitmap_costs_only_its_set_pages() {
+        let bits = (15u64 << 40) / 4096;
+        let mut bitmap = Bitmap::new(bits);
+        assert_eq!(bitmap.memory_bytes(), 0);
+        bitmap.set_range(bits - 1, 1);
+        bitmap.set_range(5, 3);
+        assert_eq!(bitmap.count_ones(), 4);
+        assert_eq!(bitmap.nonzero_pages().count(), 2);
+        assert_eq!(bitmap.next_run(8, 100), Some((bits - 1, 1)));
+        assert_eq!(bitmap.next_clear(5), 8);
+        assert_eq!(bitmap.words_at(0, 1), vec![0b1110_0000]);
+        assert_eq!(bitmap.words_at(bitmap.word_count() - 1, 5).len(), 1);
+        // A full sync of 15 TiB: a few dozen bytes per 128 MiB.
+        bitmap.set_all();
+        assert_eq!(bitmap.count_ones(), bits);
+        assert!(bitmap.memory_bytes() < 64 * bitmap.pages() as u64 + 1);
+        assert_eq!(bitmap.next_clear(0), bits);
+        bitmap.clear_range(0, 10);
+        assert_eq!(bitmap.next_run(0, 100), Some((10, 100)));
+        assert_eq!(bitmap.count_ones(), bits - 10);
+    }
+
     proptest! {
         #[test]
-        fn matches_a_vec_of_bools(ops in proptest::collection::vec((any::<bool>(), 0u64..300, 0u64..200), 1..50)) {
-            let mut bitmap = Bitmap::new(300);
-            let mut model = vec![false; 300];
+        fn matches_a_vec_of_bools(ops in proptest::collection::vec((any::<bool>(), 0u64..70_000, 0u64..40_000), 1..50)) {
+            let size = 70_000u64;
+            let mut bitmap = Bitmap::new(size);
+            let mut model = vec![false; size as usize];
             for (set, start, count) in ops {
                 if set { bitmap.set_range(start, count); } else { bitmap.clear_range(start, count); }
-                for bit in start..(start + count).min(300) { model[bit as usize] = set; }
+                for bit in start..(start + count).min(size) { model[bit as usize] = set; }
             }
             prop_assert_eq!(bitmap.count_ones(), model.iter().filter(|&&b| b).count() as u64);
-            for bit in 0..300u64 {
+            for bit in (0..size).step_by(97).chain(size - 3..size) {
                 prop_assert_eq!(bitmap.test(bit), model[bit as usize]);
-                let expected_next = (bit..300).find(|&b| model[b as usize]);
+                let expected_next = (bit..size).find(|&b| model[b as usize]);
                 prop_assert_eq!(bitmap.next_set(bit), expected_next);
+                let expected_clear = (bit..size).find(|&b| !model[b as usize]).unwrap_or(size);
+                prop_assert_eq!(bitmap.next_clear(bit), expected_clear);
             }
-            let round_trip = Bitmap::from_bytes(300, &bitmap.encode_all());
+            let round_trip = Bitmap::from_bytes(size, &bitmap.encode_all());
             prop_assert_eq!(round_trip.words(), bitmap.words());
+            let mut merged = Bitmap::new(size);
+            for (index, word) in bitmap.words().into_iter().enumerate() {
+                merged.or_word(index as u64, word);
+            }
+            prop_assert_eq!(merged.words(), bitmap.words());
+            prop_assert_eq!(merged.count_ones(), bitmap.count_ones());
         }
     }
 }
