@@ -10,7 +10,7 @@ use crate::gen::GenerationIds;
 use crate::layout::{Geometry, SUPERBLOCK_BYTES};
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"RPLCD-SB";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes of the encoded header; the rest of the 4 KiB copy is zero.
 pub const SUPERBLOCK_HEADER_BYTES: usize = 256;
 const CRC_OFFSET: usize = SUPERBLOCK_HEADER_BYTES - 4;
@@ -82,7 +82,9 @@ pub enum SuperblockError {
     #[error("no replicad metadata (bad magic)")]
     BadMagic,
     #[error(
-        "metadata format version {0} is not supported (this build reads version {FORMAT_VERSION})"
+        "metadata format version {0} is not supported (this build reads version {FORMAT_VERSION}; \
+         a store of another version must be recreated with `replctl create-md --force`, \
+         and resynced from its peer)"
     )]
     BadVersion(u32),
     #[error("superblock checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]

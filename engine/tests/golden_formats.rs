@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use engine::checksum::{block_crc, zero_block_crc};
+use engine::checksum::{self, block_crc, zero_block_crc};
 use engine::gen::{GenerationIds, JUST_CREATED};
 use engine::layout::{meta_bytes_for, Geometry, MIN_JOURNAL_BYTES};
 use engine::record::{self, Record, RecordHeader};
@@ -337,7 +337,7 @@ fn superblock_copy() {
     let fixture = golden("superblock.bin", &superblock.encode());
     let mut table = ByteTable::new("superblock.bin", &fixture);
     table.bytes(0, "magic", b"RPLCD-SB");
-    table.uint(8, 4, "format version", 1);
+    table.uint(8, 4, "format version", 2);
     table.uint(12, 4, "header bytes", 256);
     table.uint(16, 8, "sequence", 7);
     table.bytes(24, "resource UUID", &RESOURCE_UUID);
@@ -375,6 +375,39 @@ fn superblock_copy() {
     assert_eq!(decoded, expected);
     // Copies alternate by sequence parity: odd sequences live in copy A.
     assert_eq!(superblock.next_copy(), 0);
+}
+
+/// A checksum-table page for blocks 0 (0x11…), 1 (0x22…) and 2 (zeroes) of a volume
+/// of three blocks: each entry is the block's CRC32 XOR the zero block's, so zero
+/// blocks, and the entries past the volume's end, are zero bytes.
+#[test]
+fn checksum_table_page() {
+    let crcs = [BLOCK_0_CRC, BLOCK_1_CRC, ZERO_BLOCK_CRC];
+    let fixture = golden("checksum-page.bin", &checksum::encode_page(&crcs));
+    let mut table = ByteTable::new("checksum-page.bin", &fixture);
+    table.uint(
+        0,
+        4,
+        "block 0: CRC ^ zero-block CRC",
+        u64::from(BLOCK_0_CRC ^ ZERO_BLOCK_CRC),
+    );
+    table.uint(
+        4,
+        4,
+        "block 1: CRC ^ zero-block CRC",
+        u64::from(BLOCK_1_CRC ^ ZERO_BLOCK_CRC),
+    );
+    table.uint(8, 4, "block 2 (a zero block)", 0);
+    table.zeros(12, 4096 - 12, "entries past the volume's end");
+    table.finish();
+
+    let decoded = checksum::decode_page(&fixture);
+    assert_eq!(&decoded[..3], &crcs);
+    assert!(decoded[3..].iter().all(|&crc| crc == zero_block_crc()));
+    // A page never written (zero bytes) describes zero blocks.
+    assert!(checksum::decode_page(&[0u8; 4096])
+        .iter()
+        .all(|&crc| crc == ZERO_BLOCK_CRC));
 }
 
 #[test]

@@ -274,6 +274,10 @@ pub struct ResourceConfig {
     /// Journal ring size written by `create-md` (default 128M).
     #[serde(default, deserialize_with = "size")]
     pub journal_size: Option<u64>,
+    /// Memory for the checksum table's cache (default 64M, which holds the table of
+    /// 64 GiB of volume); the daemon's memory does not grow with the volume's size.
+    #[serde(default, deserialize_with = "size")]
+    pub checksum_cache: Option<u64>,
     /// The peer is declared dead after this long without a sign of life (default 2s).
     #[serde(default, deserialize_with = "duration")]
     pub timeout: Option<Duration>,
@@ -331,6 +335,12 @@ impl ResourceConfig {
         self.journal_size.unwrap_or_else(|| {
             (store_bytes / 8).clamp(1 << 20, engine::layout::DEFAULT_JOURNAL_BYTES) & !4095
         })
+    }
+
+    /// Bytes of the checksum table's cache.
+    pub fn checksum_cache_bytes(&self) -> u64 {
+        self.checksum_cache
+            .unwrap_or(engine::checksum::DEFAULT_CACHE_BYTES)
     }
 
     /// Journal size when the store size is not at hand (in-flight limits).
@@ -423,6 +433,14 @@ impl Config {
                     return Err(invalid(format!(
                         "resource.{name}.journal-size: {journal} must be a multiple of 4K and at least {}M",
                         engine::layout::MIN_DAEMON_JOURNAL_BYTES >> 20
+                    )));
+                }
+            }
+            if let Some(cache) = resource.checksum_cache {
+                if cache < engine::checksum::MIN_CACHE_BYTES {
+                    return Err(invalid(format!(
+                        "resource.{name}.checksum-cache: {cache} is below the minimum of {}K",
+                        engine::checksum::MIN_CACHE_BYTES >> 10
                     )));
                 }
             }

@@ -674,6 +674,7 @@ impl Resource {
             // No runtime thread waits for the store: with a hung disk this node must
             // still answer pings and report what it can.
             commit_inline: false,
+            checksum_cache_bytes: self.config.checksum_cache_bytes(),
             ..VolumeOptions::default()
         };
         let opened = tokio::task::spawn_blocking(move || {

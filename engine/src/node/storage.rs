@@ -362,7 +362,7 @@ impl Storage for VolumeStorage {
     }
 
     fn bitmap_words(&self) -> Vec<u64> {
-        self.volume.bitmap().words().to_vec()
+        self.volume.bitmap_words()
     }
 
     fn merge_bitmap_at(&mut self, first_word: u64, words: &[u64]) {

@@ -27,7 +27,6 @@ use super::{journal, ApplyItem, Shared, State};
 use crate::backend::{BackendError, WriteOp};
 use crate::checksum::zero_block_crc;
 use crate::error::EngineError;
-use crate::layout::PAGE_BYTES;
 use crate::BLOCK_BYTES;
 
 /// Most items applied in one batch.
@@ -58,6 +57,9 @@ fn checkpoint_due(shared: &Shared, state: &State) -> bool {
         .front()
         .is_some_and(|(seq, _)| *seq <= limit);
     if can_advance && state.ring_used > shared.geometry.journal_bytes / 2 {
+        return true;
+    }
+    if shared.checksums.wants_writeback() {
         return true;
     }
     let meta_dirty = can_advance || state.bitmap_dirty() || shared.checksums_dirty();
@@ -295,6 +297,17 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
         }
     }
 
+    // Bring the table pages in before taking the apply lock, so readers do not wait
+    // for those reads too.
+    for write in &writes {
+        let blocks = write.buf.len() as u64 / BLOCK_BYTES;
+        shared
+            .checksums
+            .preload(write.offset / BLOCK_BYTES, blocks)?;
+    }
+    for &(first, count) in &zero_runs {
+        shared.checksums.preload(first, count)?;
+    }
     {
         let _apply = shared.apply_lock.write().unwrap_or_else(|p| p.into_inner());
         shared.data.write_many(&writes)?;
@@ -309,7 +322,7 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
                 Source::Data { crc, .. } => *crc,
                 Source::Zero => zero_crc,
             };
-            shared.checksums.set(block, crc);
+            shared.checksums.set(block, crc)?;
         }
     }
 
@@ -394,20 +407,12 @@ fn checkpoint(shared: &Shared) -> Result<(), EngineError> {
     // data and checksum are), each made durable before the next.
     shared.data.flush()?;
     let geometry = &shared.geometry;
-    let table_pages = shared.checksums.take_dirty_pages();
-    for (position, &page) in table_pages.iter().enumerate() {
-        let bytes = shared.checksums.encode_page(page);
-        if let Err(error) = shared
-            .meta
-            .write_at(geometry.checksum_offset + page as u64 * PAGE_BYTES, &bytes)
-        {
-            table_pages[position..]
-                .iter()
-                .for_each(|&page| shared.checksums.mark_page_dirty(page));
-            return Err(error.into());
-        }
+    let table_pages = shared.checksums.write_dirty()?;
+    if let Err(error) = shared.meta.flush() {
+        shared.checksums.write_failed(&table_pages);
+        return Err(error.into());
     }
-    shared.meta.flush()?;
+    shared.checksums.written_durable(&table_pages);
     shared.write_bitmap_pages()?;
     shared.meta.flush()?;
     {

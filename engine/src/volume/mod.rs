@@ -96,6 +96,9 @@ pub struct VolumeOptions {
     /// where the caller's thread must never wait for the store (the daemon's
     /// runtime: a hung disk would stall its heartbeats too).
     pub commit_inline: bool,
+    /// Bytes of memory for the checksum table cache (pages changed since the last
+    /// checkpoint come on top, bounded by the journal: see `docs/FORMAT.md` §4).
+    pub checksum_cache_bytes: u64,
 }
 
 impl Default for VolumeOptions {
@@ -106,6 +109,7 @@ impl Default for VolumeOptions {
             mark_replayed_out_of_sync: true,
             background: Background::Threads,
             commit_inline: true,
+            checksum_cache_bytes: crate::checksum::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -840,7 +844,7 @@ impl Volume {
     }
 
     fn check_block(&self, block: u64, data: &[u8]) -> Result<(), IoError> {
-        let stored = self.shared.checksums.get(block);
+        let stored = self.shared.checksums.get(block)?;
         let computed = block_crc(data);
         if stored != computed {
             self.shared
@@ -1320,9 +1324,20 @@ impl Volume {
         self.shared.lock().bitmap.count_ones()
     }
 
-    /// A copy of the out-of-sync bitmap.
+    /// A copy of the out-of-sync bitmap (its memory follows the pages with bits set).
     pub fn bitmap(&self) -> Bitmap {
         self.shared.lock().bitmap.clone()
+    }
+
+    /// Every word of the out-of-sync bitmap, for shipping to the peer: see
+    /// [`Bitmap::words`] (the untouched, zero parts of the vector cost no memory).
+    pub fn bitmap_words(&self) -> Vec<u64> {
+        self.shared.lock().bitmap.words()
+    }
+
+    /// Counters of the checksum table's cache.
+    pub fn checksum_cache_stats(&self) -> crate::checksum::CacheStats {
+        self.shared.checksums.stats()
     }
 
     /// Adds the peer's out-of-sync blocks (bitmap words starting at word
@@ -1388,8 +1403,8 @@ impl Volume {
     }
 
     /// The stored checksum of `block` (for verify and checksum-based resync).
-    pub fn block_checksum(&self, block: u64) -> u32 {
-        self.shared.checksums.get(block)
+    pub fn block_checksum(&self, block: u64) -> Result<u32, IoError> {
+        Ok(self.shared.checksums.get(block)?)
     }
 
     /// Counters and gauges.

@@ -20,10 +20,10 @@ use bytes::Bytes;
 use super::{Background, Shared, State, Volume, VolumeOptions};
 use crate::backend::{Backend, BackendError};
 use crate::bitmap::Bitmap;
-use crate::checksum::{block_crc, zero_block_crc, ChecksumTable};
+use crate::checksum::{block_crc, encode_page, zero_block_crc, ChecksumTable};
 use crate::error::EngineError;
 use crate::gen::GenerationIds;
-use crate::layout::{Geometry, PAGE_BYTES};
+use crate::layout::{Geometry, CRCS_PER_PAGE, PAGE_BYTES};
 use crate::record::{RecordError, RecordHeader, RECORD_FIXED_BYTES};
 use crate::superblock::{self, LoadedSuperblock, StoredDiskState, Superblock};
 use crate::BLOCK_BYTES;
@@ -167,30 +167,36 @@ impl Volume {
             geometry.journal_offset,
             geometry.journal_bytes,
         )?;
-        let blocks = geometry.data_blocks();
-        let table = if options.assume_zeroed {
-            ChecksumTable::new(blocks, zero_block_crc())
-        } else {
-            let table = ChecksumTable::new(blocks, 0);
-            const CHUNK: u64 = 4 << 20;
+        // The table and the bitmap start as zero bytes: a zero table page describes
+        // zero blocks (`checksum::encode_entry`), a zero bitmap page is in sync. A
+        // file gets them as one ZERO_RANGE each, whatever the volume's size.
+        meta_backend.write_zeroes(geometry.checksum_offset, geometry.checksum_bytes)?;
+        meta_backend.write_zeroes(geometry.bitmap_offset, geometry.bitmap_bytes)?;
+        if !options.assume_zeroed {
+            // One table page per 4 MiB of data: read, checksum, write, page by page.
+            const CHUNK: u64 = CRCS_PER_PAGE * BLOCK_BYTES;
             let mut buf = vec![0u8; CHUNK as usize];
+            let mut crcs = Vec::with_capacity(CRCS_PER_PAGE as usize);
             let mut offset = 0;
             while offset < geometry.data_bytes {
                 let length = CHUNK.min(geometry.data_bytes - offset);
                 data.read_at(offset, &mut buf[..length as usize])?;
-                for (index, block) in buf[..length as usize]
-                    .chunks(BLOCK_BYTES as usize)
-                    .enumerate()
-                {
-                    table.set(offset / BLOCK_BYTES + index as u64, block_crc(block));
+                crcs.clear();
+                crcs.extend(
+                    buf[..length as usize]
+                        .chunks(BLOCK_BYTES as usize)
+                        .map(block_crc),
+                );
+                if crcs.iter().any(|&crc| crc != zero_block_crc()) {
+                    meta_backend.write_at(
+                        geometry.checksum_offset + offset / CHUNK * PAGE_BYTES,
+                        &encode_page(&crcs),
+                    )?;
                 }
                 offset += length;
                 progress(offset, geometry.data_bytes);
             }
-            table
-        };
-        meta_backend.write_at(geometry.checksum_offset, &table.encode_all())?;
-        meta_backend.write_at(geometry.bitmap_offset, &Bitmap::new(blocks).encode_all())?;
+        }
         let created_unix_secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -272,14 +278,13 @@ impl Volume {
         }
         superblock.geometry = geometry;
         let blocks = geometry.data_blocks();
-        let mut table_bytes = vec![0u8; geometry.checksum_bytes as usize];
-        meta_backend.read_at(geometry.checksum_offset, &mut table_bytes)?;
-        let checksums = ChecksumTable::from_bytes(blocks, &table_bytes);
-        drop(table_bytes);
-        let mut bitmap_bytes = vec![0u8; geometry.bitmap_bytes as usize];
-        meta_backend.read_at(geometry.bitmap_offset, &mut bitmap_bytes)?;
-        let mut bitmap = Bitmap::from_bytes(blocks, &bitmap_bytes);
-        drop(bitmap_bytes);
+        let checksums = ChecksumTable::new(
+            meta_backend.clone(),
+            geometry.checksum_offset,
+            blocks,
+            options.checksum_cache_bytes,
+        );
+        let mut bitmap = load_bitmap(meta_backend.as_ref(), &geometry)?;
 
         let mut report = OpenReport {
             was_clean: superblock.flags & superblock::flags::CLEAN != 0,
@@ -312,12 +317,7 @@ impl Volume {
 
         // Make the recovered state durable, then mark the store open (not clean).
         data.flush()?;
-        for page in checksums.take_dirty_pages() {
-            meta_backend.write_at(
-                geometry.checksum_offset + page as u64 * PAGE_BYTES,
-                &checksums.encode_page(page),
-            )?;
-        }
+        let table_pages = checksums.write_dirty()?;
         for page in bitmap.take_dirty_pages() {
             meta_backend.write_at(
                 geometry.bitmap_offset + page as u64 * PAGE_BYTES,
@@ -337,6 +337,7 @@ impl Volume {
         // comes next, so recovery can always tell stale records by their sequence.
         let highest_in_ring = highest_seq_in_ring(meta_backend.as_ref(), &geometry)?;
         meta_backend.flush()?;
+        checksums.written_durable(&table_pages);
         superblock.checkpoint_seq = scan.last_seq;
         superblock.checkpoint_pos = scan.end_pos;
         superblock.flags &= !superblock::flags::CLEAN;
@@ -440,6 +441,27 @@ impl Volume {
             report,
         ))
     }
+}
+
+/// Reads the out-of-sync bitmap a few MiB at a time, keeping only pages with bits set
+/// (memory follows what is out of sync, not the volume's size).
+fn load_bitmap(meta: &dyn Backend, geometry: &Geometry) -> Result<Bitmap, BackendError> {
+    const CHUNK: u64 = 4 << 20;
+    let mut bitmap = Bitmap::new(geometry.data_blocks());
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut done = 0;
+    while done < geometry.bitmap_bytes {
+        let length = CHUNK.min(geometry.bitmap_bytes - done);
+        let chunk = &mut buf[..length as usize];
+        meta.read_at(geometry.bitmap_offset + done, chunk)?;
+        for (index, page) in chunk.chunks(PAGE_BYTES as usize).enumerate() {
+            if page.iter().any(|&byte| byte != 0) {
+                bitmap.load_page(done / PAGE_BYTES + index as u64, page);
+            }
+        }
+        done += length;
+    }
+    Ok(bitmap)
 }
 
 /// What the journal scan found.
@@ -592,15 +614,13 @@ fn apply_replayed(
     match payload {
         Some(payload) => {
             data.write_at(header.offset_bytes, payload)?;
-            for (index, crc) in header.block_crcs.iter().enumerate() {
-                checksums.set(first + index as u64, *crc);
-            }
+            checksums.set_run(first, header.block_crcs.len() as u64, |index| {
+                header.block_crcs[index as usize]
+            })?;
         }
         None => {
             data.write_zeroes(header.offset_bytes, header.length_bytes)?;
-            for block in first..first + header.block_count() {
-                checksums.set(block, zero_block_crc());
-            }
+            checksums.set_run(first, header.block_count(), |_| zero_block_crc())?;
         }
     }
     Ok(())

@@ -120,7 +120,7 @@ impl PreparedRead {
             let block = self.first_block + index as u64;
             let at = index * BLOCK_BYTES as usize;
             let computed = block_crc(&self.buf[at..at + BLOCK_BYTES as usize]);
-            let stored = shared.checksums.get(block);
+            let stored = shared.checksums.get(block)?;
             if computed != stored {
                 if final_attempt {
                     shared.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
@@ -243,7 +243,7 @@ pub(super) fn verify_checksums(
             None => {
                 checks
                     .stored
-                    .push(shared.checksums.get(first_block + index as u64));
+                    .push(shared.checksums.get(first_block + index as u64)?);
                 checks.actual.push(block_crc(block));
                 checks.digests.push(crate::checksum::block_digest(block));
             }
