@@ -647,6 +647,30 @@ fn write_zeroes_reads_back_zeroes(_: &Fixture, backend: Arc<dyn Backend>) {
     assert_store_matches(&*backend, &model);
 }
 
+/// `is_hole` may say "not known" anywhere, but never calls written data a hole, and
+/// what it calls a hole reads as zeroes.
+fn holes_read_as_zeroes(_: &Fixture, backend: Arc<dyn Backend>) {
+    let data = vec![0x5Au8; BLOCK_BYTES as usize];
+    backend.write_at(1 << 20, &data).unwrap();
+    backend.flush().unwrap();
+    assert!(!backend.is_hole(1 << 20, BLOCK_BYTES));
+    assert!(!backend.is_hole(0, STORE_BYTES));
+    for (offset, len) in [
+        (0, 1 << 20),
+        (2 << 20, 1 << 20),
+        (STORE_BYTES - BLOCK_BYTES, BLOCK_BYTES),
+    ] {
+        if backend.is_hole(offset, len) {
+            let mut buf = vec![0xFFu8; len as usize];
+            backend.read_at(offset, &mut buf).unwrap();
+            assert!(
+                buf.iter().all(|&b| b == 0),
+                "a hole at {offset}+{len} is not zero"
+            );
+        }
+    }
+}
+
 fn flush_succeeds(_: &Fixture, backend: Arc<dyn Backend>) {
     backend.flush().unwrap();
     let data = vec![0xC3u8; BLOCK_BYTES as usize];
@@ -750,6 +774,7 @@ macro_rules! subjects {
                     rejects_bad_ranges_and_writes_nothing,
                     zero_length_io_succeeds,
                     write_zeroes_reads_back_zeroes,
+                    holes_read_as_zeroes,
                     flush_succeeds,
                     data_survives_reopen,
                     concurrent_callers_see_their_own_data,

@@ -155,6 +155,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
         }
         self.write_at(offset, &joined)
     }
+    /// Whether `[offset, offset+len)` is known to read as zeroes without reading it
+    /// (a hole of an image file). `false` means "not known", never "not zero".
+    fn is_hole(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// Make `[offset, offset+len)` read back as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         write_zeroes_by_writing(self, offset, len)

@@ -92,6 +92,17 @@ impl Store {
     }
 }
 
+impl Store {
+    /// See [`Backend::is_hole`]: image files only (a block device has no holes).
+    pub(crate) fn is_hole(&self, offset: u64, len: u64) -> bool {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return false;
+        };
+        !self.is_block_device && len > 0 && is_hole(&self.file, offset, len)
+    }
+}
+
 pub(crate) fn open_error(path: &Path, source: io::Error) -> BackendError {
     BackendError::Open {
         path: path.display().to_string(),

@@ -193,6 +193,10 @@ impl Backend for UringBackend {
         self.store.write_zeroes(self, offset, len)
     }
 
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        self.store.is_hole(offset, len)
+    }
+
     fn flush(&self) -> Result<(), BackendError> {
         self.store.flush_with(|| self.run(&[Request::fsync()]))
     }

@@ -444,7 +444,8 @@ impl Volume {
 }
 
 /// Reads the out-of-sync bitmap a few MiB at a time, keeping only pages with bits set
-/// (memory follows what is out of sync, not the volume's size).
+/// (memory follows what is out of sync, not the volume's size). Chunks that are holes
+/// of an image file (never written since `create-md`) are not read at all.
 fn load_bitmap(meta: &dyn Backend, geometry: &Geometry) -> Result<Bitmap, BackendError> {
     const CHUNK: u64 = 4 << 20;
     let mut bitmap = Bitmap::new(geometry.data_blocks());
@@ -452,6 +453,10 @@ fn load_bitmap(meta: &dyn Backend, geometry: &Geometry) -> Result<Bitmap, Backen
     let mut done = 0;
     while done < geometry.bitmap_bytes {
         let length = CHUNK.min(geometry.bitmap_bytes - done);
+        if meta.is_hole(geometry.bitmap_offset + done, length) {
+            done += length;
+            continue;
+        }
         let chunk = &mut buf[..length as usize];
         meta.read_at(geometry.bitmap_offset + done, chunk)?;
         for (index, page) in chunk.chunks(PAGE_BYTES as usize).enumerate() {
