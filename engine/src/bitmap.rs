@@ -4,10 +4,12 @@
 //! Two levels, so memory follows what is out of sync and not the volume's size: pages
 //! of 32 768 bits (one on-disk page, 128 MiB of volume) are held only while they have
 //! a bit set, in an ordered map that doubles as the summary of which extents have any
-//! bit set; a page whose every bit is set is held without its words. A running count
-//! answers "how many" at once, and a scan for the next set bit skips every empty page
-//! in one map lookup. An empty bitmap of any size costs a few dozen bytes, a full one
-//! (a full sync) a few dozen bytes per 128 MiB: only pages partly set cost 4 KiB.
+//! bit set. A page is held in the smallest of three forms: full (every bit set: no
+//! words), sparse (its few non-zero words, as after random writes while the peer is
+//! away) or dense (4 KiB). A running count answers "how many" at once, and a scan for
+//! the next set bit skips every empty page in one map lookup. An empty or a full
+//! bitmap of any size costs a few dozen bytes per 128 MiB at most; only pages with
+//! many scattered bits cost 4 KiB.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,11 +17,25 @@ use crate::layout::{BITS_PER_PAGE, PAGE_BYTES};
 
 const WORDS_PER_PAGE: usize = (BITS_PER_PAGE / 64) as usize;
 
-/// One page of bits: `words` is `None` when every bit of the page (within the
-/// bitmap) is set.
+/// The bits of one page, in the smallest of three forms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Words {
+    /// Every bit of the page (within the bitmap) is set.
+    Full,
+    /// The non-zero words, sorted by index: a page with few bits set (random writes
+    /// while the peer is away) costs bytes, not 4 KiB.
+    Sparse(Vec<(u16, u64)>),
+    /// Every word.
+    Dense(Box<[u64]>),
+}
+
+/// Non-zero words a sparse page holds at most before it becomes dense.
+const SPARSE_MAX: usize = 64;
+
+/// One page of bits and how many are set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Page {
-    words: Option<Box<[u64]>>,
+    words: Words,
     ones: u32,
 }
 
@@ -38,38 +54,107 @@ fn full_word(word: usize, valid: u64) -> u64 {
 impl Page {
     fn empty() -> Page {
         Page {
-            words: Some(vec![0; WORDS_PER_PAGE].into_boxed_slice()),
+            words: Words::Sparse(Vec::new()),
             ones: 0,
         }
     }
 
     fn full(valid: u64) -> Page {
         Page {
-            words: None,
+            words: Words::Full,
             ones: valid as u32,
         }
     }
 
+    /// A page from all its words, in the smallest form.
+    fn from_words(words: &[u64], valid: u64) -> Page {
+        let ones = words.iter().map(|w| w.count_ones()).sum::<u32>();
+        let nonzero = words.iter().filter(|&&w| w != 0).count();
+        let words = if u64::from(ones) == valid {
+            Words::Full
+        } else if nonzero <= SPARSE_MAX {
+            Words::Sparse(
+                words
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &w)| w != 0)
+                    .map(|(i, &w)| (i as u16, w))
+                    .collect(),
+            )
+        } else {
+            Words::Dense(words.into())
+        };
+        Page { words, ones }
+    }
+
     fn word(&self, word: usize, valid: u64) -> u64 {
         match &self.words {
-            Some(words) => words[word],
-            None => full_word(word, valid),
+            Words::Full => full_word(word, valid),
+            Words::Sparse(entries) => entries
+                .binary_search_by_key(&(word as u16), |&(index, _)| index)
+                .map_or(0, |at| entries[at].1),
+            Words::Dense(words) => words[word],
         }
     }
 
-    /// The words, spelled out if the page was held as full.
-    fn words_mut(&mut self, valid: u64) -> &mut [u64] {
-        self.words.get_or_insert_with(|| {
-            (0..WORDS_PER_PAGE)
-                .map(|word| full_word(word, valid))
-                .collect()
-        })
+    /// Sets word `word` to `value` (the caller keeps `ones`).
+    fn set_word(&mut self, word: usize, value: u64, valid: u64) {
+        if let Words::Full = self.words {
+            let dense = (0..WORDS_PER_PAGE).map(|w| full_word(w, valid)).collect();
+            self.words = Words::Dense(dense);
+        }
+        match &mut self.words {
+            Words::Full => unreachable!("made dense above"),
+            Words::Dense(words) => words[word] = value,
+            Words::Sparse(entries) => {
+                match entries.binary_search_by_key(&(word as u16), |&(index, _)| index) {
+                    Ok(at) if value == 0 => {
+                        entries.remove(at);
+                    }
+                    Ok(at) => entries[at].1 = value,
+                    Err(_) if value == 0 => {}
+                    Err(at) => {
+                        entries.insert(at, (word as u16, value));
+                        if entries.len() > SPARSE_MAX {
+                            let mut dense = vec![0u64; WORDS_PER_PAGE].into_boxed_slice();
+                            for &(index, value) in entries.iter() {
+                                dense[usize::from(index)] = value;
+                            }
+                            self.words = Words::Dense(dense);
+                        }
+                    }
+                }
+            }
+        }
     }
 
-    /// Drops the words of a page that became full.
+    /// The first set bit at or after bit `start` of the page, if any.
+    fn next_set(&self, start: u64) -> Option<u64> {
+        let first = (start / 64) as usize;
+        let masked = |index: usize, value: u64| {
+            let value = if index == first {
+                value & (u64::MAX << (start % 64))
+            } else {
+                value
+            };
+            (value != 0).then(|| index as u64 * 64 + u64::from(value.trailing_zeros()))
+        };
+        match &self.words {
+            Words::Full => Some(start),
+            Words::Sparse(entries) => {
+                let from = entries.partition_point(|&(index, _)| usize::from(index) < first);
+                entries[from..]
+                    .iter()
+                    .find_map(|&(index, value)| masked(usize::from(index), value))
+            }
+            Words::Dense(words) => (first..WORDS_PER_PAGE).find_map(|i| masked(i, words[i])),
+        }
+    }
+
+    /// After a change: a page whose every bit is set drops its words.
     fn compact(&mut self, valid: u64) {
         if u64::from(self.ones) == valid {
-            self.words = None;
+            self.words = Words::Full;
         }
     }
 }
@@ -120,16 +205,14 @@ impl Bitmap {
         if valid == 0 {
             return;
         }
-        let mut loaded = Page::empty();
-        let words = loaded.words_mut(valid);
+        let mut words = vec![0u64; WORDS_PER_PAGE];
         for (index, (word, chunk)) in words.iter_mut().zip(bytes.chunks_exact(8)).enumerate() {
             let mut raw = [0u8; 8];
             raw.copy_from_slice(chunk);
             *word = u64::from_le_bytes(raw) & full_word(index, valid);
         }
-        loaded.ones = words.iter().map(|w| w.count_ones()).sum();
+        let loaded = Page::from_words(&words, valid);
         if loaded.ones > 0 {
-            loaded.compact(valid);
             self.ones += u64::from(loaded.ones);
             self.pages.insert(page, loaded);
         }
@@ -157,12 +240,10 @@ impl Bitmap {
     pub fn memory_bytes(&self) -> u64 {
         self.pages
             .values()
-            .map(|page| {
-                if page.words.is_some() {
-                    PAGE_BYTES + 64
-                } else {
-                    64
-                }
+            .map(|page| match &page.words {
+                Words::Full => 64,
+                Words::Sparse(entries) => 64 + 16 * entries.capacity() as u64,
+                Words::Dense(_) => 64 + PAGE_BYTES,
             })
             .sum()
     }
@@ -209,7 +290,6 @@ impl Bitmap {
                 0
             } else {
                 let page = self.pages.entry(page_index).or_insert_with(Page::empty);
-                let words = page.words_mut(valid);
                 let mut page_changed = 0u32;
                 while bit < page_end {
                     let at = bit - page_start;
@@ -221,10 +301,12 @@ impl Bitmap {
                     } else {
                         ((1u64 << span) - 1) << low
                     };
-                    let old = words[word];
+                    let old = page.word(word, valid);
                     let new = if set { old | mask } else { old & !mask };
-                    words[word] = new;
-                    page_changed += (old ^ new).count_ones();
+                    if new != old {
+                        page.set_word(word, new, valid);
+                        page_changed += (old ^ new).count_ones();
+                    }
                     bit += span;
                 }
                 if set {
@@ -261,28 +343,13 @@ impl Bitmap {
         if from >= self.bits {
             return None;
         }
-        for (&index, page) in self.pages.range(from / BITS_PER_PAGE..) {
-            let base = index * BITS_PER_PAGE;
-            let start = from.saturating_sub(base);
-            let Some(words) = &page.words else {
-                // Full: the first bit at or after `from` in it is set.
-                return Some(base + start);
-            };
-            let mut word = (start / 64) as usize;
-            let mut value = words[word] & (u64::MAX << (start % 64));
-            loop {
-                if value != 0 {
-                    let bit = base + word as u64 * 64 + u64::from(value.trailing_zeros());
-                    return (bit < self.bits).then_some(bit);
-                }
-                word += 1;
-                if word >= WORDS_PER_PAGE {
-                    break;
-                }
-                value = words[word];
-            }
-        }
-        None
+        self.pages
+            .range(from / BITS_PER_PAGE..)
+            .find_map(|(&index, page)| {
+                let base = index * BITS_PER_PAGE;
+                page.next_set(from.saturating_sub(base)).map(|at| base + at)
+            })
+            .filter(|&bit| bit < self.bits)
     }
 
     /// First clear bit at or after `from` (or `bits()` if none).
@@ -293,25 +360,22 @@ impl Bitmap {
             let Some(page) = self.pages.get(&index) else {
                 return bit;
             };
-            let Some(words) = &page.words else {
-                bit = (index + 1) * BITS_PER_PAGE;
-                continue;
-            };
-            let at = bit % BITS_PER_PAGE;
-            let mut word = (at / 64) as usize;
-            let mut value = !words[word] & (u64::MAX << (at % 64));
-            loop {
-                if value != 0 {
-                    let found = index * BITS_PER_PAGE
-                        + word as u64 * 64
-                        + u64::from(value.trailing_zeros());
-                    return found.min(self.bits);
+            if !matches!(page.words, Words::Full) {
+                let valid = self.valid_bits(index);
+                let at = bit % BITS_PER_PAGE;
+                let first = (at / 64) as usize;
+                for word in first..WORDS_PER_PAGE {
+                    let mut value = !page.word(word, valid);
+                    if word == first {
+                        value &= u64::MAX << (at % 64);
+                    }
+                    if value != 0 {
+                        let found = index * BITS_PER_PAGE
+                            + word as u64 * 64
+                            + u64::from(value.trailing_zeros());
+                        return found.min(self.bits);
+                    }
                 }
-                word += 1;
-                if word >= WORDS_PER_PAGE {
-                    break;
-                }
-                value = !words[word];
             }
             bit = (index + 1) * BITS_PER_PAGE;
         }
@@ -329,16 +393,15 @@ impl Bitmap {
     /// Sets every bit that is set in `other` (bits past our end are ignored).
     pub fn union_with(&mut self, other: &Bitmap) {
         for (&index, page) in &other.pages {
-            match &page.words {
-                None => {
-                    self.set_range(index * BITS_PER_PAGE, BITS_PER_PAGE);
-                }
-                Some(words) => {
-                    for (word_index, &word) in words.iter().enumerate() {
-                        if word != 0 {
-                            self.or_word(index * WORDS_PER_PAGE as u64 + word_index as u64, word);
-                        }
-                    }
+            if let Words::Full = page.words {
+                self.set_range(index * BITS_PER_PAGE, BITS_PER_PAGE);
+                continue;
+            }
+            let valid = other.valid_bits(index);
+            for word_index in 0..WORDS_PER_PAGE {
+                let word = page.word(word_index, valid);
+                if word != 0 {
+                    self.or_word(index * WORDS_PER_PAGE as u64 + word_index as u64, word);
                 }
             }
         }
@@ -368,9 +431,9 @@ impl Bitmap {
             return 0;
         }
         let page = self.pages.entry(index).or_insert_with(Page::empty);
-        let slot = &mut page.words_mut(valid)[word_in_page];
-        let changed = (value & !*slot).count_ones();
-        *slot |= value;
+        let old = page.word(word_in_page, valid);
+        let changed = (value & !old).count_ones();
+        page.set_word(word_in_page, old | value, valid);
         page.ones += changed;
         page.compact(valid);
         self.ones += u64::from(changed);
@@ -502,6 +565,13 @@ mod tests {
         assert_eq!(bitmap.next_clear(5), 8);
         assert_eq!(bitmap.words_at(0, 1), vec![0b1110_0000]);
         assert_eq!(bitmap.words_at(bitmap.word_count() - 1, 5).len(), 1);
+        // Random single blocks: a few dozen bytes per page touched, not 4 KiB.
+        for block in (0..10_000u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % bits) {
+            bitmap.set_range(block, 1);
+        }
+        assert!(bitmap.memory_bytes() < 10_000 * 200);
+        bitmap.clear_range(0, bits);
+        assert!(bitmap.is_empty() && bitmap.memory_bytes() == 0);
         // A full sync of 15 TiB: a few dozen bytes per 128 MiB.
         bitmap.set_all();
         assert_eq!(bitmap.count_ones(), bits);
@@ -512,26 +582,53 @@ mod tests {
         assert_eq!(bitmap.count_ones(), bits - 10);
     }
 
+    /// Applies `ops` (set or clear, start, count) to a bitmap and to a vector of bools,
+    /// and compares them every `step` bits (and the last three) and after a round trip.
+    fn check_against_model(
+        ops: &[(bool, u64, u64)],
+        step: usize,
+    ) -> Result<(u64, Bitmap), TestCaseError> {
+        let size = 70_000u64;
+        let mut bitmap = Bitmap::new(size);
+        let mut model = vec![false; size as usize];
+        for &(set, start, count) in ops {
+            if set {
+                bitmap.set_range(start, count);
+            } else {
+                bitmap.clear_range(start, count);
+            }
+            for bit in start..(start + count).min(size) {
+                model[bit as usize] = set;
+            }
+        }
+        prop_assert_eq!(
+            bitmap.count_ones(),
+            model.iter().filter(|&&b| b).count() as u64
+        );
+        for bit in (0..size).step_by(step).chain(size - 3..size) {
+            prop_assert_eq!(bitmap.test(bit), model[bit as usize]);
+            prop_assert_eq!(
+                bitmap.next_set(bit),
+                (bit..size).find(|&b| model[b as usize])
+            );
+            let expected_clear = (bit..size).find(|&b| !model[b as usize]).unwrap_or(size);
+            prop_assert_eq!(bitmap.next_clear(bit), expected_clear);
+        }
+        let round_trip = Bitmap::from_bytes(size, &bitmap.encode_all());
+        prop_assert_eq!(round_trip.words(), bitmap.words());
+        prop_assert_eq!(round_trip.count_ones(), bitmap.count_ones());
+        Ok((size, bitmap))
+    }
+
     proptest! {
         #[test]
+        fn short_runs_match_a_vec_of_bools(ops in proptest::collection::vec((any::<bool>(), 0u64..70_000, 0u64..300), 1..400)) {
+            check_against_model(&ops, 61)?;
+        }
+
+        #[test]
         fn matches_a_vec_of_bools(ops in proptest::collection::vec((any::<bool>(), 0u64..70_000, 0u64..40_000), 1..50)) {
-            let size = 70_000u64;
-            let mut bitmap = Bitmap::new(size);
-            let mut model = vec![false; size as usize];
-            for (set, start, count) in ops {
-                if set { bitmap.set_range(start, count); } else { bitmap.clear_range(start, count); }
-                for bit in start..(start + count).min(size) { model[bit as usize] = set; }
-            }
-            prop_assert_eq!(bitmap.count_ones(), model.iter().filter(|&&b| b).count() as u64);
-            for bit in (0..size).step_by(97).chain(size - 3..size) {
-                prop_assert_eq!(bitmap.test(bit), model[bit as usize]);
-                let expected_next = (bit..size).find(|&b| model[b as usize]);
-                prop_assert_eq!(bitmap.next_set(bit), expected_next);
-                let expected_clear = (bit..size).find(|&b| !model[b as usize]).unwrap_or(size);
-                prop_assert_eq!(bitmap.next_clear(bit), expected_clear);
-            }
-            let round_trip = Bitmap::from_bytes(size, &bitmap.encode_all());
-            prop_assert_eq!(round_trip.words(), bitmap.words());
+            let (size, bitmap) = check_against_model(&ops, 97)?;
             let mut merged = Bitmap::new(size);
             for (index, word) in bitmap.words().into_iter().enumerate() {
                 merged.or_word(index as u64, word);
