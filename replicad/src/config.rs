@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use engine::node::OnIoError;
 use serde::{Deserialize, Deserializer};
 
 /// Default config path.
@@ -59,6 +60,15 @@ fn mode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Mode, D::Error> {
     let text = String::deserialize(deserializer)?;
     Mode::parse(&text).ok_or_else(|| {
         serde::de::Error::custom(format!("{text:?} is not a mode (sync, semi-sync or async)"))
+    })
+}
+
+fn on_io_error<'de, D: Deserializer<'de>>(deserializer: D) -> Result<OnIoError, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    OnIoError::parse(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an on-io-error policy (detach or pass-on)"
+        ))
     })
 }
 
@@ -285,6 +295,11 @@ pub struct ResourceConfig {
     /// timeout × ko-count). A sick spare then never hangs the Primary.
     #[serde(default, deserialize_with = "duration")]
     pub ko_timeout: Option<Duration>,
+    /// What the node does when its disk fails (DRBD's `on-io-error`): `detach`
+    /// (default: go Diskless; a Primary serves through its UpToDate peer) or
+    /// `pass-on` (return EIO to the client, stay attached).
+    #[serde(default, deserialize_with = "on_io_error")]
+    pub on_io_error: OnIoError,
     /// Resync bandwidth cap in bytes per second; 0 or absent: unlimited.
     #[serde(default, deserialize_with = "size")]
     pub resync_rate: Option<u64>,

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use engine::backend::{self, BackendKind, OpenOptions};
 use engine::node::storage::{CompletionQueue, VolumeStorage};
 use engine::node::{
-    self, Action, AdminError, AdminId, AdminOutput, AttachFacts, HookKind, Node, PeerId,
+    self, Action, AdminError, AdminId, AdminOutput, AttachFacts, HookKind, Node, OnIoError, PeerId,
     RequestError, RequestId, SessionEnd, SessionId, Time,
 };
 use engine::repl::{ConnectionState, DiskState, Role};
@@ -207,6 +207,8 @@ struct Local {
 #[derive(Default)]
 struct Waiters {
     requests: HashMap<u64, oneshot::Sender<Result<(), RequestError>>>,
+    /// Reads served by a peer.
+    reads: HashMap<u64, oneshot::Sender<Result<Bytes, RequestError>>>,
     admins: HashMap<u64, oneshot::Sender<Result<AdminOutput, AdminError>>>,
 }
 
@@ -298,6 +300,7 @@ impl Resource {
                 checksum_first: config.checksum_resync,
                 yield_to_clients: config.resync_yield,
             },
+            on_io_error: config.on_io_error,
             mutation: None,
         };
         let completion_wake = Arc::new(Notify::new());
@@ -421,6 +424,9 @@ impl Resource {
                 break;
             }
         }
+        if let Some(failed) = core.node.take_failed_storage() {
+            self.close_failed_store(failed, core.node.detached_reason());
+        }
         for (index, gated) in self.gated.iter().enumerate() {
             gated.store(
                 !core.node.wants_frames(PeerId(index), Channel::Data),
@@ -430,7 +436,8 @@ impl Resource {
         let node = &core.node;
         self.writable.store(node.is_writable(), Ordering::Relaxed);
         let exportable = matches!(node.disk(), DiskState::UpToDate | DiskState::Outdated)
-            || (node.role() == Role::Primary && node.storage().is_some());
+            || (node.role() == Role::Primary
+                && (node.storage().is_some() || node.is_diskless_primary()));
         self.exportable.store(exportable, Ordering::Relaxed);
     }
 
@@ -439,6 +446,11 @@ impl Resource {
             match action {
                 Action::Complete { id, result } => {
                     if let Some(sender) = self.lock_waiters().requests.remove(&id.0) {
+                        let _ = sender.send(result);
+                    }
+                }
+                Action::ReadDone { id, result } => {
+                    if let Some(sender) = self.lock_waiters().reads.remove(&id.0) {
                         let _ = sender.send(result);
                     }
                 }
@@ -452,6 +464,35 @@ impl Resource {
                 Action::Dial { peer } => self.dial(peer),
                 Action::Send { .. } | Action::Close { .. } => {}
             }
+        }
+    }
+
+    /// The node detached its failed store (`on-io-error = detach`): the NBD server
+    /// stops reading through it, and it is closed without a checkpoint on a thread of
+    /// its own (a dying disk may take long to fail every call).
+    fn close_failed_store(&self, failed: VolumeStorage, why: Option<&str>) {
+        let volume = self
+            .volume
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let lock = {
+            let mut local = self.lock_local();
+            local.disk_error = why.map(str::to_string);
+            local.lock.take()
+        };
+        let name = self.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-detach"))
+            .spawn(move || {
+                if let Some(volume) = volume {
+                    volume.abandon();
+                }
+                drop(failed);
+                drop(lock);
+            });
+        if let Err(error) = spawned {
+            tracing::error!("{name}: cannot start the thread closing the failed disk: {error}");
         }
     }
 
@@ -910,7 +951,10 @@ impl Resource {
     /// Reads through the volume; a block whose checksum fails is repaired from an
     /// UpToDate peer (on a Primary) and read again.
     pub async fn read_at(&self, offset: u64, length: u64) -> Result<Bytes, Errno> {
-        let volume = self.volume().ok_or(Errno::EIO)?;
+        let Some(volume) = self.volume() else {
+            // A diskless Primary reads through its UpToDate peer.
+            return self.read_from_peer(offset, length, false).await;
+        };
         let read = |volume: &Volume| {
             let (sender, receiver) = oneshot::channel();
             volume.read(
@@ -936,8 +980,51 @@ impl Resource {
                     Err(_) => Err(Errno::EIO),
                 }
             }
+            Err(IoError::Backend(error))
+                if self.node_config_policy() == OnIoError::Detach
+                    && self.role() == Role::Primary =>
+            {
+                // The disk failed the read: the peer serves it, and the blocks are
+                // rewritten here (a failing write then detaches the disk).
+                tracing::warn!("{}: read error, served by the peer: {error}", self.name);
+                self.read_from_peer(offset, length, true).await
+            }
             other => other.map_err(|error| Errno(error.errno())),
         }
+    }
+
+    fn node_config_policy(&self) -> OnIoError {
+        self.config.on_io_error
+    }
+
+    /// A read served by an UpToDate peer (see `Node::read_from_peer`).
+    async fn read_from_peer(
+        &self,
+        offset: u64,
+        length: u64,
+        rewrite: bool,
+    ) -> Result<Bytes, Errno> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.lock_waiters().reads.insert(id, sender);
+        self.step(|core, now| {
+            core.node
+                .read_from_peer(now, RequestId(id), offset, length, rewrite)
+        });
+        let blocks = match receiver.await {
+            Ok(Ok(blocks)) => blocks,
+            Ok(Err(error)) => {
+                tracing::warn!("{}: {error}", self.name);
+                return Err(errno(&error));
+            }
+            Err(_) => return Err(Errno::EIO),
+        };
+        let skip = (offset % engine::BLOCK_BYTES) as usize;
+        let end = usize::try_from(length).map_or(usize::MAX, |length| skip.saturating_add(length));
+        if end > blocks.len() {
+            return Err(Errno::EIO);
+        }
+        Ok(blocks.slice(skip..end))
     }
 
     // ----- status -----
@@ -1090,7 +1177,11 @@ impl Resource {
 
 impl Export for Resource {
     fn size_bytes(&self) -> u64 {
-        self.volume().map_or(0, |volume| volume.size_bytes())
+        match self.volume() {
+            Some(volume) => volume.size_bytes(),
+            // A diskless Primary still serves the volume (through its peer).
+            None => self.lock_core().node.size_bytes(),
+        }
     }
 
     fn is_writable(&self) -> bool {
