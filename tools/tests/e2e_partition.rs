@@ -279,3 +279,95 @@ fn data_only_partition_drops_the_peer_after_ko_timeout_then_resyncs_and_fails_ov
     cluster.assert_no_panic_logged("alpha");
     cluster.assert_no_panic_logged("beta");
 }
+
+/// The data link black-holes for good while small packets pass: every packet
+/// between the nodes longer than 1000 bytes is dropped (a path MTU black hole: a
+/// tunnel or jumbo-frame mismatch that drops big frames without an ICMP error).
+/// HELLOs, pings and acknowledgements pass; records and resync data never arrive,
+/// on every new connection too. Under writes the primary drops the peer every
+/// `ko-timeout` and the writes go on (none hangs). Once the writes stop, what is left
+/// is the resync of the marked blocks, which cannot progress either: that must end
+/// in a defined state too — the stalled session dropped with an error (and retried),
+/// not a pair that shows `Connected`/`SyncSource` forever with nothing moving.
+/// Healed, the pair resyncs and the spare holds every acknowledged write.
+#[test]
+fn bulk_black_hole_a_stalled_resync_is_noticed_not_shown_connected_forever() {
+    require_tool("qemu-io", "qemu-utils");
+    let (net, mut cluster) = namespaced_pair("part-bulk", partition_options("ko-timeout = \"3s\""));
+    let events = EventLog::start(&cluster, "alpha");
+    let before = cluster.status("alpha");
+
+    let writer = start_checker(&cluster, "8");
+    cluster.wait_writes_beyond("alpha", before.io.writes + 1000, Duration::from_secs(30));
+    let beta_ip = &net.ips[1];
+    net.drop_traffic(
+        0,
+        &[format!("ip saddr {beta_ip} meta length > 1000")],
+        &[format!("ip daddr {beta_ip} meta length > 1000")],
+    );
+    events.wait_for("(ko-timeout)", Duration::from_secs(30));
+    let (log, output) = writer.join().expect("checker thread");
+    assert_checker_ran_out_its_time(&cluster, &output, "while big packets were black-holed");
+
+    // No more writes: once the pair has reconnected, only the resync is left, and it
+    // cannot move. Within a few ko-timeouts the stalled session must end (an event),
+    // not sit there.
+    cluster.wait_status(
+        "alpha",
+        "reconnected as resync source",
+        Duration::from_secs(30),
+        |s| {
+            s.peer
+                .as_ref()
+                .is_some_and(|p| p.connection == "Connected" && p.replication == "SyncSource")
+        },
+    );
+    let seen = events.text().lines().count();
+    let idle = Instant::now();
+    let mut samples = Vec::new();
+    let noticed = loop {
+        let text = events.text();
+        if let Some(line) = text
+            .lines()
+            .skip(seen)
+            .find(|line| line.contains("connection:Connecting"))
+        {
+            break Some(line.to_string());
+        }
+        if idle.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        let status = cluster.status("alpha");
+        if let Some(peer) = &status.peer {
+            samples.push(format!(
+                "{:>4.1}s {} {} peer-disk {:?} remaining {} B resynced {} B",
+                idle.elapsed().as_secs_f64(),
+                peer.connection,
+                peer.replication,
+                peer.peer_disk,
+                peer.resync_remaining_bytes,
+                peer.resync_bytes
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+    };
+    assert!(
+        noticed.is_some(),
+        "the resync stalled behind the black hole for 20 s and nothing noticed: the pair \
+         still shows it as running, with no error; alpha's peer once a second:\n{}\nevents:\n{}\n{}",
+        samples.join("\n"),
+        events.text(),
+        cluster.log_tail("alpha")
+    );
+    eprintln!(
+        "the stalled session ended after {:?}: {}\nevents:\n{}",
+        idle.elapsed(),
+        noticed.unwrap_or_default(),
+        events.text()
+    );
+
+    net.heal(0);
+    fail_over_and_verify(&mut cluster, &log, "after a bulk black hole");
+    cluster.assert_no_panic_logged("alpha");
+    cluster.assert_no_panic_logged("beta");
+}
