@@ -114,8 +114,11 @@ fn peer_error_kind_in_cli_status(cluster: &Cluster, name: &str) -> String {
         .unwrap_or_else(|| panic!("{name}'s status --json has no last_error_kind: {status:#}"))
         .to_string();
     eprintln!(
-        "{name} during the partition: connection {} replication {} last_error_kind {kind} ({})",
-        peer["connection"], peer["replication"], peer["last_error"]
+        "{name} during the partition: connection {} replication {} last_error_kind {kind} ({})\n{}",
+        peer["connection"],
+        peer["replication"],
+        peer["last_error"],
+        cluster.replctl_ok(name, &["status", RESOURCE])
     );
     kind
 }
@@ -154,16 +157,20 @@ fn full_partition_primary_goes_on_alone_then_resyncs_and_fails_over() {
     assert_eq!(alone.role, "Primary");
     assert_eq!(alone.disk, "UpToDate");
 
-    // What the operator sees on both sides while the partition holds.
+    // What the operator sees on both sides while the partition holds: the peer lost
+    // for silence (alpha, the dialer, then shows its failing dials instead).
     cluster.wait_peer_lost("beta", Duration::from_secs(20));
-    peer_error_kind_in_cli_status(&cluster, "alpha");
-    peer_error_kind_in_cli_status(&cluster, "beta");
+    let dialer_kinds = ["timeout", "connection-lost"];
+    let kind = peer_error_kind_in_cli_status(&cluster, "alpha");
+    assert!(dialer_kinds.contains(&kind.as_str()), "alpha: {kind}");
+    assert_eq!(peer_error_kind_in_cli_status(&cluster, "beta"), "timeout");
 
     let (log, output) = writer.join().expect("checker thread");
     assert_checker_ran_out_its_time(&cluster, &output, "across the partition");
     // The partition still holds: nobody reconnected through it.
-    peer_error_kind_in_cli_status(&cluster, "alpha");
-    peer_error_kind_in_cli_status(&cluster, "beta");
+    let kind = peer_error_kind_in_cli_status(&cluster, "alpha");
+    assert!(dialer_kinds.contains(&kind.as_str()), "alpha: {kind}");
+    assert_eq!(peer_error_kind_in_cli_status(&cluster, "beta"), "timeout");
 
     net.heal(0);
     fail_over_and_verify(&mut cluster, &log, "after a full partition");
