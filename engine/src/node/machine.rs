@@ -2269,7 +2269,12 @@ impl<S: Storage> Node<S> {
                 .map(|flush| flush.started)
                 .min();
             let stalled_resync = match &session.repl {
-                Repl::Source(source) if !source.in_flight.is_empty() => Some(source.progress_at),
+                Repl::Source(source)
+                    if !source.in_flight.is_empty()
+                        || matches!(source.phase, SourcePhase::WaitPeerBitmap { .. }) =>
+                {
+                    Some(source.progress_at)
+                }
                 _ => None,
             };
             let oldest = [oldest_write, oldest_flush, stalled_resync]

@@ -297,9 +297,9 @@ pub struct Source {
     /// Nothing to do before this (rate limit, yielding to clients, bits behind the
     /// cursor that are not yet readable).
     pub wait_until: Time,
-    /// When the target last acknowledged something, or something was sent with
-    /// nothing in flight: a target that leaves data unacknowledged longer than
-    /// `ko_timeout` is dropped (a link that black-holes bulk data stalls a resync
+    /// When the target last sent a bitmap part or acknowledged something, or
+    /// something was sent with nothing in flight: a target that leaves data
+    /// unacknowledged, or its bitmap unsent, longer than `ko_timeout` is dropped (a link that black-holes bulk data stalls a resync
     /// while its pings still flow).
     pub progress_at: Time,
 }

@@ -102,6 +102,9 @@ impl<S: Storage> Node<S> {
             SourceReady,
             EnterTarget,
         }
+        if let Repl::Source(source) = &mut state.repl {
+            source.progress_at = now;
+        }
         let next = match &mut state.repl {
             Repl::Source(source) => match source.phase {
                 SourcePhase::WaitPeerBitmap { .. } if last => {
