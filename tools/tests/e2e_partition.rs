@@ -80,26 +80,6 @@ fn assert_checker_ran_out_its_time(cluster: &Cluster, output: &Output, what: &st
     eprintln!("{}", stdout.trim());
 }
 
-/// Once the pair is in sync again: the client flushes, the primary dies, the spare
-/// is promoted and must hold every write the checker's `log` says was acknowledged.
-fn fail_over_and_verify(cluster: &mut Cluster, log: &std::path::Path, after: &str) {
-    cluster.wait_in_sync(Duration::from_secs(60));
-    qemu_io_ok(&cluster.uri("alpha"), false, "flush");
-    cluster.kill9("alpha");
-    cluster.wait_peer_lost("beta", Duration::from_secs(30));
-    cluster.replctl_ok("beta", &["promote", RESOURCE, "--force"]);
-    let (passed, report) = checker_verify(&cluster.uri("beta"), log, "acked");
-    assert!(
-        passed,
-        "the promoted spare lost acknowledged writes {after}:\n{report}\n{}",
-        cluster.log_tail("beta")
-    );
-    eprintln!(
-        "{}",
-        report.lines().find(|l| l.contains("lost")).unwrap_or("")
-    );
-}
-
 /// `replctl status --json` of `name`: the peer is not Connected and carries a last
 /// error kind; returns that kind.
 fn peer_error_kind_in_cli_status(cluster: &Cluster, name: &str) -> String {

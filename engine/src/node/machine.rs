@@ -1026,12 +1026,22 @@ impl<S: Storage> Node<S> {
                     .map(|session| session.peer_durable.min(session.shipped_seq))
                     .min()
             }
+            // A diskless Primary holds nothing durably, ever: once we marked every
+            // block for its lost disk (the data gate kept its records out until then),
+            // nothing of what it sent needs holding.
             Role::Secondary => self
                 .peers
                 .iter()
                 .filter_map(Peer::session)
                 .find(|session| session.peer_state.role == Role::Primary)
-                .map(|session| session.peer_durable),
+                .map(|session| {
+                    if session.peer_state.disk == DiskState::Diskless && session.data_gate.is_none()
+                    {
+                        session.last_record_seq.max(session.peer_durable)
+                    } else {
+                        session.peer_durable
+                    }
+                }),
         };
         if let (Some(seq), Some(storage)) = (held_by_all, self.storage.as_mut()) {
             storage.peer_acked(seq);
@@ -2223,6 +2233,9 @@ impl<S: Storage> Node<S> {
     pub fn on_tick(&mut self, now: Time) {
         self.now = now;
         self.check_disk();
+        if self.role == Role::Secondary {
+            self.release_held();
+        }
         self.promotion_deadline();
         for index in 0..self.peers.len() {
             let peer = PeerId(index);

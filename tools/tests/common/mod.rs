@@ -1331,6 +1331,27 @@ pub fn teardown_dead_stack(mount: Mount, loop_device: LoopDevice, fuse: NbdFuse)
     drop(fuse);
 }
 
+/// Once the pair is in sync again: the client flushes (every acknowledged write is
+/// durable on both nodes), the primary dies, the spare is promoted and must hold
+/// every write the checker's `log` says was acknowledged.
+pub fn fail_over_and_verify(cluster: &mut Cluster, log: &Path, after: &str) {
+    cluster.wait_in_sync(Duration::from_secs(120));
+    qemu_io_ok(&cluster.uri("alpha"), false, "flush");
+    cluster.kill9("alpha");
+    cluster.wait_peer_lost("beta", Duration::from_secs(30));
+    cluster.replctl_ok("beta", &["promote", RESOURCE, "--force"]);
+    let (passed, report) = checker_verify(&cluster.uri("beta"), log, "acked");
+    assert!(
+        passed,
+        "the promoted spare lost acknowledged writes {after}:\n{report}\n{}",
+        cluster.log_tail("beta")
+    );
+    eprintln!(
+        "{}",
+        report.lines().find(|l| l.contains("lost")).unwrap_or("")
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // A store that can lose power: only what was flushed survives.
 // ---------------------------------------------------------------------------------
@@ -1343,12 +1364,15 @@ pub fn teardown_dead_stack(mount: Mount, loop_device: LoopDevice, fuse: NbdFuse)
 /// kills nbdkit and nbdfuse with SIGKILL and unmounts lazily, so the image file keeps
 /// exactly what the daemon's fdatasyncs made durable. [`VolatileStore::hang`] makes
 /// every request wait (nbdkit's `pause` filter, above the cache) until
-/// [`VolatileStore::wake`]: a disk that hangs without failing.
+/// [`VolatileStore::wake`]: a disk that hangs without failing. [`VolatileStore::fail`]
+/// makes every request fail with EIO (nbdkit's `error` filter, outermost) until
+/// [`VolatileStore::repair`]: a disk that dies.
 pub struct VolatileStore {
     pub image: PathBuf,
     mount: PathBuf,
     socket: PathBuf,
     pause: PathBuf,
+    error_file: PathBuf,
     nbdkit: Option<Child>,
     fuse: Option<NbdFuse>,
 }
@@ -1363,6 +1387,7 @@ impl VolatileStore {
             mount: dir.join("mount"),
             socket: dir.join("nbdkit.sock"),
             pause: dir.join("pause.sock"),
+            error_file: dir.join("fail-now"),
             nbdkit: None,
             fuse: None,
         };
@@ -1386,12 +1411,16 @@ impl VolatileStore {
             .arg("--exit-with-parent")
             .arg("--unix")
             .arg(&self.socket)
+            .arg("--filter=error")
             .arg("--filter=pause")
             .arg("--filter=cache")
             .arg("file")
             .arg(&self.image)
             .arg("cache=writeback")
             .arg(format!("pause-control={}", self.pause.display()))
+            .arg("error=EIO")
+            .arg("error-rate=100%")
+            .arg(format!("error-file={}", self.error_file.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         self.nbdkit = Some(nbdkit.spawn().expect("start nbdkit"));
@@ -1413,6 +1442,16 @@ impl VolatileStore {
     /// The hung disk answers again.
     pub fn wake(&self) {
         self.pause_control(b'r');
+    }
+
+    /// The disk dies: every request from now on fails with EIO.
+    pub fn fail(&self) {
+        std::fs::write(&self.error_file, b"").expect("create the error file");
+    }
+
+    /// The dead disk was replaced by a working one (with the same contents).
+    pub fn repair(&self) {
+        std::fs::remove_file(&self.error_file).expect("remove the error file");
     }
 
     /// Sends a command to the pause filter; it echoes it in upper case once done.
