@@ -234,6 +234,9 @@ pub struct Resource {
     /// Mirrors of the node for the NBD server, read without the lock.
     writable: AtomicBool,
     exportable: AtomicBool,
+    /// How often `exportable` went from true to false, watched by connected NBD
+    /// clients (each is disconnected at the first change after it connected).
+    unservable: watch::Sender<u64>,
     waiters: Mutex<Waiters>,
     next_id: AtomicU64,
     /// In-flight client write payload, in KiB (async back-pressure).
@@ -335,6 +338,7 @@ impl Resource {
             gated,
             writable: AtomicBool::new(false),
             exportable: AtomicBool::new(false),
+            unservable: watch::Sender::new(0),
             waiters: Mutex::new(Waiters::default()),
             next_id: AtomicU64::new(1),
             inflight: Semaphore::new(0),
@@ -438,7 +442,9 @@ impl Resource {
         let exportable = matches!(node.disk(), DiskState::UpToDate | DiskState::Outdated)
             || (node.role() == Role::Primary
                 && (node.storage().is_some() || node.is_diskless_primary()));
-        self.exportable.store(exportable, Ordering::Relaxed);
+        if self.exportable.swap(exportable, Ordering::Relaxed) && !exportable {
+            self.unservable.send_modify(|count| *count += 1);
+        }
     }
 
     fn carry_out(&self, actions: Vec<Action>) {
@@ -1186,6 +1192,14 @@ impl Export for Resource {
 
     fn is_writable(&self) -> bool {
         self.writable.load(Ordering::Relaxed)
+    }
+
+    fn unservable(&self) -> impl std::future::Future<Output = ()> + Send {
+        let mut changes = self.unservable.subscribe();
+        let start = *changes.borrow_and_update();
+        async move {
+            let _ = changes.wait_for(|count| *count != start).await;
+        }
     }
 
     fn can_multi_conn(&self) -> bool {
