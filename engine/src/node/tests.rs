@@ -95,6 +95,8 @@ struct Cluster {
     now: Time,
     /// ACK_WRITTEN frames on their way to the first node are held here.
     hold_written: bool,
+    /// ACK_RECEIVED frames too (a peer that receives and never answers).
+    hold_received: bool,
     held: Vec<Frame>,
 }
 
@@ -104,6 +106,7 @@ impl Cluster {
             members: vec![member("alpha", 1, &[])],
             now: Time::ZERO,
             hold_written: false,
+            hold_received: false,
             held: Vec::new(),
         }
     }
@@ -116,6 +119,7 @@ impl Cluster {
             ],
             now: Time::ZERO,
             hold_written: false,
+            hold_received: false,
             held: Vec::new(),
         }
     }
@@ -153,7 +157,12 @@ impl Cluster {
                 member.node.invariants();
             }
             for (to, frame) in frames {
-                if to == 0 && self.hold_written && matches!(frame, Frame::AckWritten(_)) {
+                let held = match frame {
+                    Frame::AckWritten(_) => self.hold_written,
+                    Frame::AckReceived(_) => self.hold_received,
+                    _ => false,
+                };
+                if to == 0 && held {
                     self.held.push(frame);
                     continue;
                 }
@@ -659,5 +668,48 @@ fn item10_no_write_lands_after_a_demotions_final_flush() {
     assert_eq!(
         cluster.node(0).storage().expect("alpha").next_seq(),
         next_seq
+    );
+}
+
+/// In `async` mode the lag a peer may build up is bounded by the store's real journal
+/// size: past half of it the peer is dropped and resynced from the bitmap (its
+/// blocks marked), instead of pinning the journal until writes stall.
+#[test]
+fn item10_the_async_lag_bound_is_half_the_real_journal() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.members[0].node.config.mode = Mode::Async;
+    cluster.hold_written = true;
+    cluster.hold_received = true;
+    let journal = cluster.node(0).storage().expect("alpha").journal_bytes();
+    assert_eq!(journal, MIN_JOURNAL_BYTES, "the store's own journal");
+    let mut id = 1;
+    // Writes of 16 KiB: each completes locally (async) while the peer answers nothing.
+    while cluster.node(0).peers()[0].session().is_some() {
+        assert!(
+            id * 16 * 1024 < journal,
+            "the peer was never dropped: the lag is not bounded by the journal"
+        );
+        cluster.write(0, id, (id % 32) * 4 * BLOCK_BYTES, 4 * BLOCK_BYTES);
+        assert_eq!(cluster.outcome(0, id), Some(Ok(())));
+        id += 1;
+    }
+    let lagged = (id - 1) * (4 * BLOCK_BYTES + 64);
+    assert!(
+        lagged > journal / 2,
+        "dropped at {lagged} bytes of lag, not past half the journal ({journal})"
+    );
+    let error = cluster.node(0).peers()[0]
+        .last_error
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(error.contains("half the journal"), "{error}");
+    assert!(
+        cluster
+            .node(0)
+            .storage()
+            .expect("alpha")
+            .out_of_sync_blocks()
+            > 0
     );
 }
