@@ -713,3 +713,73 @@ fn item10_the_async_lag_bound_is_half_the_real_journal() {
             > 0
     );
 }
+
+/// A forced promotion of a connected sync target stops the resync in both directions
+/// before its first client write: the session ends, the old source is never
+/// overwritten (the next handshake refuses the diverged pair), and it keeps its data.
+#[test]
+fn item5_a_forced_promotion_of_a_sync_target_never_overwrites_the_source() {
+    let mut cluster = Cluster::primary_pair();
+    // beta misses a write (the link dropped), then alpha demotes.
+    let now = cluster.now;
+    for member in &mut cluster.members {
+        let session = member.session.take().expect("session");
+        member
+            .node
+            .on_closed(now, PeerId(0), session, "link down".into());
+    }
+    cluster.settle();
+    cluster.write_pattern(0, 1, 5, 0x55);
+    assert_eq!(cluster.outcome(0, 1), Some(Ok(())));
+    cluster.admin(0, |n, now, id| n.demote(now, id), now);
+    // They reconnect with the resync paused: beta is alpha's sync target.
+    cluster.members[0]
+        .node
+        .pause_sync(now, true)
+        .expect("pause the resync");
+    cluster.connect();
+    assert!(matches!(
+        cluster.node(1).peers()[0]
+            .session()
+            .expect("beta's session")
+            .repl,
+        super::peer::Repl::Target(_)
+    ));
+    assert_eq!(cluster.node(1).disk(), DiskState::Inconsistent);
+
+    cluster.admin(1, |n, now, id| n.promote(now, id, true), now);
+    assert_eq!(cluster.node(1).role(), Role::Primary);
+    assert!(
+        cluster.node(1).peers()[0].session().is_none(),
+        "the resync session ended before the promotion"
+    );
+    // alpha's transport sees the close; the resync resumes on alpha's side in vain.
+    if let Some(session) = cluster.members[0].session.take() {
+        cluster.members[0]
+            .node
+            .on_closed(now, PeerId(0), session, "closed by the peer".into());
+    }
+    cluster.members[0]
+        .node
+        .pause_sync(now, false)
+        .expect("resume");
+    cluster.settle();
+    // The new primary writes the block; a new handshake refuses the diverged pair.
+    cluster.write_pattern(1, 2, 5, 0x66);
+    assert_eq!(cluster.outcome(1, 2), Some(Ok(())));
+    for member in &mut cluster.members {
+        member.session = member.node.on_connected(now, PeerId(0));
+    }
+    cluster.settle();
+    assert!(cluster.node(0).peers()[0].session().is_none());
+    assert!(cluster.node(1).peers()[0].session().is_none());
+    let block = cluster.members[0]
+        .volume
+        .read_blocking(5 * BLOCK_BYTES, BLOCK_BYTES)
+        .expect("read alpha");
+    assert!(
+        block.iter().all(|&b| b == 0x55),
+        "the old source was overwritten"
+    );
+    assert_eq!(cluster.node(0).disk(), DiskState::UpToDate);
+}
