@@ -783,3 +783,37 @@ fn item5_a_forced_promotion_of_a_sync_target_never_overwrites_the_source() {
     );
     assert_eq!(cluster.node(0).disk(), DiskState::UpToDate);
 }
+
+/// Two connected nodes promoted at the same moment cannot both become Primary: each
+/// asks the other (PROMOTE_REQUEST), and a node that is being promoted itself
+/// refuses the other's request.
+#[test]
+fn item8_two_concurrent_promotions_of_connected_nodes_never_both_succeed() {
+    let mut cluster = Cluster::pair();
+    cluster.connect();
+    cluster.admin(0, |n, now, id| n.new_current_uuid(now, id, true), ms(100));
+    let now = cluster.now;
+    cluster.members[0].node.promote(now, AdminId(1), false);
+    cluster.members[1].node.promote(now, AdminId(1), false);
+    cluster.now = ms(10_000);
+    let later = cluster.now;
+    for member in &mut cluster.members {
+        member.node.on_tick(later);
+    }
+    cluster.settle();
+    let primaries = cluster
+        .members
+        .iter()
+        .filter(|member| member.node.role() == Role::Primary)
+        .count();
+    assert!(primaries <= 1, "two primaries");
+    for member in &cluster.members {
+        assert!(
+            member
+                .done
+                .iter()
+                .any(|action| matches!(action, Action::AdminDone { id: AdminId(1), .. })),
+            "each promotion answered"
+        );
+    }
+}
