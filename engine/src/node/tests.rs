@@ -817,3 +817,49 @@ fn item8_two_concurrent_promotions_of_connected_nodes_never_both_succeed() {
         );
     }
 }
+
+/// In `semi-sync` a write completes on ACK_RECEIVED; if the session then ends before
+/// the peer reports it durable, its blocks are marked and the generation rotates, so
+/// the next handshake makes this node the source — never a tie that could let the
+/// peer (which may have lost the write) overwrite it.
+#[test]
+fn item2_a_session_end_that_marks_blocks_rotates_the_generation() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.members[0].node.config.mode = Mode::SemiSync;
+    cluster.hold_written = true;
+    let generation = |cluster: &Cluster| {
+        cluster
+            .node(0)
+            .storage()
+            .expect("alpha")
+            .superblock()
+            .generations
+            .current
+    };
+    let before = generation(&cluster);
+    cluster.write_pattern(0, 1, 9, 0x99);
+    assert_eq!(
+        cluster.outcome(0, 1),
+        Some(Ok(())),
+        "completed on ACK_RECEIVED"
+    );
+    let now = cluster.now;
+    let session = cluster.members[0].session.take().expect("session");
+    cluster.members[0]
+        .node
+        .on_closed(now, PeerId(0), session, "link down".into());
+    cluster.settle();
+    assert!(
+        cluster
+            .node(0)
+            .storage()
+            .expect("alpha")
+            .out_of_sync_blocks()
+            > 0
+    );
+    assert_ne!(
+        generation(&cluster),
+        before,
+        "marked blocks without a new generation"
+    );
+}
