@@ -1003,13 +1003,54 @@ impl Resource {
         self.config.on_io_error
     }
 
-    /// A read served by an UpToDate peer (see `Node::read_from_peer`).
+    /// A read served by an UpToDate peer (see `Node::read_from_peer`), in pieces of
+    /// at most one READ_REPLY each, all asked for at once.
     async fn read_from_peer(
         &self,
         offset: u64,
         length: u64,
         rewrite: bool,
     ) -> Result<Bytes, Errno> {
+        const PIECE: u64 = engine::wire::MAX_FRAME_BLOCKS as u64 * engine::BLOCK_BYTES;
+        let end = offset.checked_add(length).ok_or(Errno::EINVAL)?;
+        let mut pieces = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let piece_end = (at / PIECE + 1).saturating_mul(PIECE).min(end);
+            pieces.push(self.ask_peer_read(at, piece_end - at, rewrite));
+            at = piece_end;
+        }
+        let mut data = bytes::BytesMut::with_capacity(usize::try_from(length).unwrap_or(0));
+        for (at, piece_length, receiver) in pieces {
+            let blocks = match receiver.await {
+                Ok(Ok(blocks)) => blocks,
+                Ok(Err(error)) => {
+                    tracing::warn!("{}: {error}", self.name);
+                    return Err(errno(&error));
+                }
+                Err(_) => return Err(Errno::EIO),
+            };
+            let skip = (at % engine::BLOCK_BYTES) as usize;
+            let piece_end = usize::try_from(piece_length)
+                .map_or(usize::MAX, |length| skip.saturating_add(length));
+            if piece_end > blocks.len() {
+                return Err(Errno::EIO);
+            }
+            if data.is_empty() && at + piece_length == end {
+                return Ok(blocks.slice(skip..piece_end));
+            }
+            data.extend_from_slice(&blocks[skip..piece_end]);
+        }
+        Ok(data.freeze())
+    }
+
+    /// Asks the node for one piece of a read from the peer: (offset, length, answer).
+    fn ask_peer_read(
+        &self,
+        offset: u64,
+        length: u64,
+        rewrite: bool,
+    ) -> (u64, u64, oneshot::Receiver<Result<Bytes, RequestError>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         self.lock_waiters().reads.insert(id, sender);
@@ -1017,20 +1058,7 @@ impl Resource {
             core.node
                 .read_from_peer(now, RequestId(id), offset, length, rewrite)
         });
-        let blocks = match receiver.await {
-            Ok(Ok(blocks)) => blocks,
-            Ok(Err(error)) => {
-                tracing::warn!("{}: {error}", self.name);
-                return Err(errno(&error));
-            }
-            Err(_) => return Err(Errno::EIO),
-        };
-        let skip = (offset % engine::BLOCK_BYTES) as usize;
-        let end = usize::try_from(length).map_or(usize::MAX, |length| skip.saturating_add(length));
-        if end > blocks.len() {
-            return Err(Errno::EIO);
-        }
-        Ok(blocks.slice(skip..end))
+        (offset, length, receiver)
     }
 
     // ----- status -----

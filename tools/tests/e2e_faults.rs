@@ -232,6 +232,10 @@ fn item4_a_primary_disk_that_dies_under_load_is_detached_and_the_primary_goes_on
         "reads through the diskless primary:\n{report}\n{}",
         cluster.log_tail("alpha")
     );
+    // Whole-volume reads (nbdcopy) and one 8 MiB request (split into READ_REPLY-sized
+    // pieces) through the diskless Primary match the spare's export byte for byte.
+    qemu_io_ok(&cluster.uri("alpha"), true, "read 0 8M");
+    cluster.assert_exports_identical("alpha", "beta");
     let (flushed, text) = qemu_io(&cluster.uri("alpha"), false, "flush");
     assert!(
         flushed,

@@ -1247,7 +1247,9 @@ impl<S: Storage> Node<S> {
     /// A client read served by an UpToDate peer: on a diskless Primary, or (with
     /// `rewrite`) after the local store failed the read — then the blocks are written
     /// back here unless a client write raced the request. Completes with
-    /// [`Action::ReadDone`]: whole blocks from `offset`'s block.
+    /// [`Action::ReadDone`]: whole blocks from `offset`'s block. At most
+    /// [`crate::wire::MAX_FRAME_BLOCKS`] blocks (one READ_REPLY): larger reads are split
+    /// by the caller.
     pub fn read_from_peer(
         &mut self,
         now: super::Time,
@@ -1273,6 +1275,18 @@ impl<S: Storage> Node<S> {
         let first_block = offset / BLOCK_BYTES;
         let end_block = (offset + length).div_ceil(BLOCK_BYTES);
         let blocks = u32::try_from(end_block - first_block).unwrap_or(u32::MAX);
+        if blocks > crate::wire::MAX_FRAME_BLOCKS {
+            // One READ_REPLY carries at most this much: the driver splits reads.
+            self.read_done(
+                id,
+                Err(RequestError::Io(crate::IoError::TooLarge {
+                    op: "read from the peer",
+                    length,
+                    limit: u64::from(crate::wire::MAX_FRAME_BLOCKS) * BLOCK_BYTES,
+                })),
+            );
+            return;
+        }
         let target = if self.role == Role::Primary {
             self.diskless_peers().first().copied()
         } else {
