@@ -293,3 +293,37 @@ fn item4_a_secondary_disk_that_dies_under_load_is_detached_and_rebuilt_after_att
     fail_over_and_verify(&mut cluster, &log, "after its disk was replaced");
     cluster.assert_no_panic_logged("beta");
 }
+
+/// A read that fails with EIO on the Primary's disk (its reads fail, its writes
+/// work: bad sectors) is served from the UpToDate spare and the blocks are rewritten
+/// here: the client reads the right data, `repaired_blocks` counts them, the disk
+/// stays attached, and once its reads work again the rewritten blocks read back
+/// locally.
+#[test]
+fn item4_a_read_error_on_the_primary_is_served_by_the_peer_and_rewritten() {
+    require_tool("qemu-io", "qemu-utils");
+    let (cluster, store) =
+        pair_over_a_volatile_store("eio-read", ClusterOptions::default(), "alpha");
+    let uri = cluster.uri("alpha");
+    let checkpoints = cluster.status("alpha").io.checkpoints;
+    qemu_io_ok(&uri, false, "write -P 0x6b 1M 256k");
+    qemu_io_ok(&uri, false, "flush");
+    // Once a checkpoint followed the write (it was applied in place), the blocks are
+    // read from the disk, not from the engine's overlay of recent writes.
+    cluster.wait_status("alpha", "checkpointed", Duration::from_secs(60), |s| {
+        s.io.checkpoints > checkpoints
+    });
+    store.fail_reads();
+    qemu_io_ok(&uri, true, "read -P 0x6b 1M 256k");
+    let status = cluster.status("alpha");
+    assert_eq!(status.disk, "UpToDate", "{status:#?}");
+    assert!(
+        status.io.repaired_blocks >= 64,
+        "the blocks read from the peer were not rewritten: {status:#?}"
+    );
+    store.repair();
+    qemu_io_ok(&uri, true, "read -P 0x6b 1M 256k");
+    cluster.wait_in_sync(Duration::from_secs(60));
+    cluster.assert_exports_identical("alpha", "beta");
+    cluster.assert_no_panic_logged("alpha");
+}

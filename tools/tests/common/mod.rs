@@ -1373,6 +1373,7 @@ pub struct VolatileStore {
     socket: PathBuf,
     pause: PathBuf,
     error_file: PathBuf,
+    read_error_file: PathBuf,
     nbdkit: Option<Child>,
     fuse: Option<NbdFuse>,
 }
@@ -1388,6 +1389,7 @@ impl VolatileStore {
             socket: dir.join("nbdkit.sock"),
             pause: dir.join("pause.sock"),
             error_file: dir.join("fail-now"),
+            read_error_file: dir.join("fail-reads-now"),
             nbdkit: None,
             fuse: None,
         };
@@ -1421,6 +1423,12 @@ impl VolatileStore {
             .arg("error=EIO")
             .arg("error-rate=100%")
             .arg(format!("error-file={}", self.error_file.display()))
+            .arg("error-pread=EIO")
+            .arg("error-pread-rate=100%")
+            .arg(format!(
+                "error-pread-file={}",
+                self.read_error_file.display()
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         self.nbdkit = Some(nbdkit.spawn().expect("start nbdkit"));
@@ -1447,11 +1455,19 @@ impl VolatileStore {
     /// The disk dies: every request from now on fails with EIO.
     pub fn fail(&self) {
         std::fs::write(&self.error_file, b"").expect("create the error file");
+        self.fail_reads();
+    }
+
+    /// Reads fail with EIO from now on (bad sectors); writes still work.
+    pub fn fail_reads(&self) {
+        std::fs::write(&self.read_error_file, b"").expect("create the read error file");
     }
 
     /// The dead disk was replaced by a working one (with the same contents).
     pub fn repair(&self) {
-        std::fs::remove_file(&self.error_file).expect("remove the error file");
+        for file in [&self.error_file, &self.read_error_file] {
+            let _ = std::fs::remove_file(file);
+        }
     }
 
     /// Sends a command to the pause filter; it echoes it in upper case once done.
