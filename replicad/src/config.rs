@@ -647,6 +647,12 @@ nbd = "unix:/run/replicad/r0.nbd"
         let config = parse(GOOD).unwrap();
         let r0 = config.resource("r0").unwrap();
         assert_eq!(r0.mode, Mode::Sync);
+        assert_eq!(r0.on_io_error, OnIoError::Detach, "the default policy");
+        let pass_on = GOOD.replace("mode = \"sync\"", "on-io-error = \"pass-on\"");
+        assert_eq!(
+            parse(&pass_on).unwrap().resource("r0").unwrap().on_io_error,
+            OnIoError::PassOn
+        );
         assert_eq!(r0.node_id("alpha"), Some(0));
         assert_eq!(r0.node_id("beta"), Some(1));
         assert_eq!(
@@ -700,6 +706,10 @@ nbd = "unix:/run/replicad/r0.nbd"
                 "speed",
             ),
             (GOOD.replace("mode = \"sync\"", "mode = \"fast\""), "mode"),
+            (
+                GOOD.replace("mode = \"sync\"", "on-io-error = \"panic\""),
+                "detach or pass-on",
+            ),
             (GOOD.replace("10.0.0.1:7788", "not-an-address"), "address"),
             (GOOD.replace("127.0.0.1:10809", "localhost"), "nbd"),
             (
