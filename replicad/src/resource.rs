@@ -155,6 +155,8 @@ pub enum ResourceError {
     Close(String),
     #[error("refusing to detach the only copy while Primary: demote first")]
     OnlyCopy,
+    #[error("this node is a diskless Primary serving through its peer: demote it (or fail over) before attaching a disk")]
+    DisklessPrimary,
     #[error("the daemon is shutting down")]
     ShuttingDown,
 }
@@ -167,7 +169,7 @@ impl ResourceError {
             ResourceError::Lock(_) => "store-locked",
             ResourceError::Open(_) => "store-open",
             ResourceError::Close(_) => "store-close",
-            ResourceError::OnlyCopy => "refused",
+            ResourceError::OnlyCopy | ResourceError::DisklessPrimary => "refused",
             ResourceError::ShuttingDown => "shutting-down",
         }
     }
@@ -710,6 +712,11 @@ impl Resource {
         let _admin = self.admin.lock().await;
         if self.volume().is_some() {
             return Err(ResourceError::AlreadyAttached);
+        }
+        if self.lock_core().node.is_diskless_primary() {
+            // Its peer holds newer data than the detached store: that store can only
+            // come back as a resync target, which a Primary cannot be.
+            return Err(ResourceError::DisklessPrimary);
         }
         self.step(|core, _| core.node.set_attaching(true));
         let disk = self.node_config.disk.clone();

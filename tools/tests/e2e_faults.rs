@@ -236,6 +236,10 @@ fn item4_a_primary_disk_that_dies_under_load_is_detached_and_the_primary_goes_on
     // pieces) through the diskless Primary match the spare's export byte for byte.
     qemu_io_ok(&cluster.uri("alpha"), true, "read 0 8M");
     cluster.assert_exports_identical("alpha", "beta");
+    // Its store cannot come back under a Primary: refused, with the reason.
+    store.repair();
+    let refusal = cluster.replctl_refused("alpha", &["attach", RESOURCE]);
+    assert!(refusal.contains("diskless Primary"), "{refusal}");
     let (flushed, text) = qemu_io(&cluster.uri("alpha"), false, "flush");
     assert!(
         flushed,
@@ -251,6 +255,11 @@ fn item4_a_primary_disk_that_dies_under_load_is_detached_and_the_primary_goes_on
         "the new primary:\n{report}\n{}",
         cluster.log_tail("beta")
     );
+    // The old disk works again: attached to the Secondary it is a resync target of
+    // every block (its peer marked them all), never a source, and ends identical.
+    cluster.replctl_ok("alpha", &["attach", RESOURCE]);
+    cluster.wait_in_sync(Duration::from_secs(120));
+    cluster.assert_exports_identical("alpha", "beta");
     cluster.assert_no_panic_logged("alpha");
 }
 
