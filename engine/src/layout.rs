@@ -22,6 +22,11 @@ pub const BITS_PER_PAGE: u64 = PAGE_BYTES * 8;
 pub const MIN_JOURNAL_BYTES: u64 = 256 << 10;
 /// Largest data payload of one journal record (see `Geometry::max_record_data_bytes`).
 pub const MAX_RECORD_DATA_BYTES: u64 = 1 << 20;
+/// Largest data payload of one record in a journal of `journal_bytes` (see
+/// [`Geometry::max_record_data_bytes`]).
+pub fn max_record_data_bytes(journal_bytes: u64) -> u64 {
+    (journal_bytes / 4).min(MAX_RECORD_DATA_BYTES) & !(BLOCK_BYTES - 1)
+}
 /// Smallest journal the daemon accepts: records of [`MAX_RECORD_DATA_BYTES`] always fit.
 pub const MIN_DAEMON_JOURNAL_BYTES: u64 = 4 * MAX_RECORD_DATA_BYTES;
 /// Default journal ring size.
@@ -165,7 +170,7 @@ impl Geometry {
     /// With journals of at least 4 MiB (what the daemon requires) this is the same
     /// on every node, so a peer can always place the records it receives.
     pub fn max_record_data_bytes(&self) -> u64 {
-        (self.journal_bytes / 4).min(MAX_RECORD_DATA_BYTES) & !(BLOCK_BYTES - 1)
+        max_record_data_bytes(self.journal_bytes)
     }
 
     pub fn data_blocks(&self) -> u64 {

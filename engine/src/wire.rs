@@ -320,7 +320,6 @@ impl Frame {
             | Frame::ResyncAck { .. }
             | Frame::Ping(_)
             | Frame::Pong(_)
-            | Frame::ReadRequest { .. }
             | Frame::ResyncCheckReply { .. }
             | Frame::PromoteReply { .. }
             | Frame::Durable(_) => Channel::Meta,
@@ -334,6 +333,7 @@ impl Frame {
             | Frame::ResyncData(_)
             | Frame::ResyncDone { .. }
             | Frame::ResyncDoneAck
+            | Frame::ReadRequest { .. }
             | Frame::ReadReply { .. }
             | Frame::VerifyRequest { .. }
             | Frame::VerifyReply { .. }

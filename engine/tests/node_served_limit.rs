@@ -66,6 +66,7 @@ impl Harness {
             }],
             timing: Timing::default(),
             resync: ResyncConfig::default(),
+            on_io_error: Default::default(),
             mutation: None,
         };
         let mut node = Node::new(config, Time::ZERO, 7);

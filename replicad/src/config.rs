@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use engine::node::OnIoError;
 use serde::{Deserialize, Deserializer};
 
 /// Default config path.
@@ -59,6 +60,15 @@ fn mode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Mode, D::Error> {
     let text = String::deserialize(deserializer)?;
     Mode::parse(&text).ok_or_else(|| {
         serde::de::Error::custom(format!("{text:?} is not a mode (sync, semi-sync or async)"))
+    })
+}
+
+fn on_io_error<'de, D: Deserializer<'de>>(deserializer: D) -> Result<OnIoError, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    OnIoError::parse(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an on-io-error policy (detach or pass-on)"
+        ))
     })
 }
 
@@ -289,6 +299,11 @@ pub struct ResourceConfig {
     /// timeout × ko-count). A sick spare then never hangs the Primary.
     #[serde(default, deserialize_with = "duration")]
     pub ko_timeout: Option<Duration>,
+    /// What the node does when its disk fails (DRBD's `on-io-error`): `detach`
+    /// (default: go Diskless; a Primary serves through its UpToDate peer) or
+    /// `pass-on` (return EIO to the client, stay attached).
+    #[serde(default, deserialize_with = "on_io_error")]
+    pub on_io_error: OnIoError,
     /// Resync bandwidth cap in bytes per second; 0 or absent: unlimited.
     #[serde(default, deserialize_with = "size")]
     pub resync_rate: Option<u64>,
@@ -650,6 +665,12 @@ nbd = "unix:/run/replicad/r0.nbd"
         let config = parse(GOOD).unwrap();
         let r0 = config.resource("r0").unwrap();
         assert_eq!(r0.mode, Mode::Sync);
+        assert_eq!(r0.on_io_error, OnIoError::Detach, "the default policy");
+        let pass_on = GOOD.replace("mode = \"sync\"", "on-io-error = \"pass-on\"");
+        assert_eq!(
+            parse(&pass_on).unwrap().resource("r0").unwrap().on_io_error,
+            OnIoError::PassOn
+        );
         assert_eq!(r0.node_id("alpha"), Some(0));
         assert_eq!(r0.node_id("beta"), Some(1));
         assert_eq!(
@@ -703,6 +724,10 @@ nbd = "unix:/run/replicad/r0.nbd"
                 "speed",
             ),
             (GOOD.replace("mode = \"sync\"", "mode = \"fast\""), "mode"),
+            (
+                GOOD.replace("mode = \"sync\"", "on-io-error = \"panic\""),
+                "detach or pass-on",
+            ),
             (GOOD.replace("10.0.0.1:7788", "not-an-address"), "address"),
             (GOOD.replace("127.0.0.1:10809", "localhost"), "nbd"),
             (

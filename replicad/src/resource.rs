@@ -30,7 +30,7 @@ use bytes::Bytes;
 use engine::backend::{self, BackendKind, OpenOptions};
 use engine::node::storage::{CompletionQueue, VolumeStorage};
 use engine::node::{
-    self, Action, AdminError, AdminId, AdminOutput, AttachFacts, HookKind, Node, PeerId,
+    self, Action, AdminError, AdminId, AdminOutput, AttachFacts, HookKind, Node, OnIoError, PeerId,
     RequestError, RequestId, SessionEnd, SessionId, Time,
 };
 use engine::repl::{ConnectionState, DiskState, Role};
@@ -155,6 +155,8 @@ pub enum ResourceError {
     Close(String),
     #[error("refusing to detach the only copy while Primary: demote first")]
     OnlyCopy,
+    #[error("this node is a diskless Primary serving through its peer: demote it (or fail over) before attaching a disk")]
+    DisklessPrimary,
     #[error("the daemon is shutting down")]
     ShuttingDown,
 }
@@ -167,7 +169,7 @@ impl ResourceError {
             ResourceError::Lock(_) => "store-locked",
             ResourceError::Open(_) => "store-open",
             ResourceError::Close(_) => "store-close",
-            ResourceError::OnlyCopy => "refused",
+            ResourceError::OnlyCopy | ResourceError::DisklessPrimary => "refused",
             ResourceError::ShuttingDown => "shutting-down",
         }
     }
@@ -207,6 +209,8 @@ struct Local {
 #[derive(Default)]
 struct Waiters {
     requests: HashMap<u64, oneshot::Sender<Result<(), RequestError>>>,
+    /// Reads served by a peer.
+    reads: HashMap<u64, oneshot::Sender<Result<Bytes, RequestError>>>,
     admins: HashMap<u64, oneshot::Sender<Result<AdminOutput, AdminError>>>,
 }
 
@@ -232,6 +236,9 @@ pub struct Resource {
     /// Mirrors of the node for the NBD server, read without the lock.
     writable: AtomicBool,
     exportable: AtomicBool,
+    /// How often `exportable` went from true to false, watched by connected NBD
+    /// clients (each is disconnected at the first change after it connected).
+    unservable: watch::Sender<u64>,
     waiters: Mutex<Waiters>,
     next_id: AtomicU64,
     /// In-flight client write payload, in KiB (async back-pressure).
@@ -298,6 +305,7 @@ impl Resource {
                 checksum_first: config.checksum_resync,
                 yield_to_clients: config.resync_yield,
             },
+            on_io_error: config.on_io_error,
             mutation: None,
         };
         let completion_wake = Arc::new(Notify::new());
@@ -332,6 +340,7 @@ impl Resource {
             gated,
             writable: AtomicBool::new(false),
             exportable: AtomicBool::new(false),
+            unservable: watch::Sender::new(0),
             waiters: Mutex::new(Waiters::default()),
             next_id: AtomicU64::new(1),
             inflight: Semaphore::new(0),
@@ -421,6 +430,9 @@ impl Resource {
                 break;
             }
         }
+        if let Some(failed) = core.node.take_failed_storage() {
+            self.close_failed_store(failed, core.node.detached_reason());
+        }
         for (index, gated) in self.gated.iter().enumerate() {
             gated.store(
                 !core.node.wants_frames(PeerId(index), Channel::Data),
@@ -430,8 +442,11 @@ impl Resource {
         let node = &core.node;
         self.writable.store(node.is_writable(), Ordering::Relaxed);
         let exportable = matches!(node.disk(), DiskState::UpToDate | DiskState::Outdated)
-            || (node.role() == Role::Primary && node.storage().is_some());
-        self.exportable.store(exportable, Ordering::Relaxed);
+            || (node.role() == Role::Primary
+                && (node.storage().is_some() || node.is_diskless_primary()));
+        if self.exportable.swap(exportable, Ordering::Relaxed) && !exportable {
+            self.unservable.send_modify(|count| *count += 1);
+        }
     }
 
     fn carry_out(&self, actions: Vec<Action>) {
@@ -439,6 +454,11 @@ impl Resource {
             match action {
                 Action::Complete { id, result } => {
                     if let Some(sender) = self.lock_waiters().requests.remove(&id.0) {
+                        let _ = sender.send(result);
+                    }
+                }
+                Action::ReadDone { id, result } => {
+                    if let Some(sender) = self.lock_waiters().reads.remove(&id.0) {
                         let _ = sender.send(result);
                     }
                 }
@@ -452,6 +472,35 @@ impl Resource {
                 Action::Dial { peer } => self.dial(peer),
                 Action::Send { .. } | Action::Close { .. } => {}
             }
+        }
+    }
+
+    /// The node detached its failed store (`on-io-error = detach`): the NBD server
+    /// stops reading through it, and it is closed without a checkpoint on a thread of
+    /// its own (a dying disk may take long to fail every call).
+    fn close_failed_store(&self, failed: VolumeStorage, why: Option<&str>) {
+        let volume = self
+            .volume
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let lock = {
+            let mut local = self.lock_local();
+            local.disk_error = why.map(str::to_string);
+            local.lock.take()
+        };
+        let name = self.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-detach"))
+            .spawn(move || {
+                if let Some(volume) = volume {
+                    volume.abandon();
+                }
+                drop(failed);
+                drop(lock);
+            });
+        if let Err(error) = spawned {
+            tracing::error!("{name}: cannot start the thread closing the failed disk: {error}");
         }
     }
 
@@ -663,6 +712,11 @@ impl Resource {
         let _admin = self.admin.lock().await;
         if self.volume().is_some() {
             return Err(ResourceError::AlreadyAttached);
+        }
+        if self.lock_core().node.is_diskless_primary() {
+            // Its peer holds newer data than the detached store: that store can only
+            // come back as a resync target, which a Primary cannot be.
+            return Err(ResourceError::DisklessPrimary);
         }
         self.step(|core, _| core.node.set_attaching(true));
         let disk = self.node_config.disk.clone();
@@ -911,7 +965,10 @@ impl Resource {
     /// Reads through the volume; a block whose checksum fails is repaired from an
     /// UpToDate peer (on a Primary) and read again.
     pub async fn read_at(&self, offset: u64, length: u64) -> Result<Bytes, Errno> {
-        let volume = self.volume().ok_or(Errno::EIO)?;
+        let Some(volume) = self.volume() else {
+            // A diskless Primary reads through its UpToDate peer.
+            return self.read_from_peer(offset, length, false).await;
+        };
         let read = |volume: &Volume| {
             let (sender, receiver) = oneshot::channel();
             volume.read(
@@ -937,8 +994,79 @@ impl Resource {
                     Err(_) => Err(Errno::EIO),
                 }
             }
+            Err(IoError::Backend(error))
+                if self.node_config_policy() == OnIoError::Detach
+                    && self.role() == Role::Primary =>
+            {
+                // The disk failed the read: the peer serves it, and the blocks are
+                // rewritten here (a failing write then detaches the disk).
+                tracing::warn!("{}: read error, served by the peer: {error}", self.name);
+                self.read_from_peer(offset, length, true).await
+            }
             other => other.map_err(|error| Errno(error.errno())),
         }
+    }
+
+    fn node_config_policy(&self) -> OnIoError {
+        self.config.on_io_error
+    }
+
+    /// A read served by an UpToDate peer (see `Node::read_from_peer`), in pieces of
+    /// at most one READ_REPLY each, all asked for at once.
+    async fn read_from_peer(
+        &self,
+        offset: u64,
+        length: u64,
+        rewrite: bool,
+    ) -> Result<Bytes, Errno> {
+        const PIECE: u64 = engine::wire::MAX_FRAME_BLOCKS as u64 * engine::BLOCK_BYTES;
+        let end = offset.checked_add(length).ok_or(Errno::EINVAL)?;
+        let mut pieces = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let piece_end = (at / PIECE + 1).saturating_mul(PIECE).min(end);
+            pieces.push(self.ask_peer_read(at, piece_end - at, rewrite));
+            at = piece_end;
+        }
+        let mut data = bytes::BytesMut::with_capacity(usize::try_from(length).unwrap_or(0));
+        for (at, piece_length, receiver) in pieces {
+            let blocks = match receiver.await {
+                Ok(Ok(blocks)) => blocks,
+                Ok(Err(error)) => {
+                    tracing::warn!("{}: {error}", self.name);
+                    return Err(errno(&error));
+                }
+                Err(_) => return Err(Errno::EIO),
+            };
+            let skip = (at % engine::BLOCK_BYTES) as usize;
+            let piece_end = usize::try_from(piece_length)
+                .map_or(usize::MAX, |length| skip.saturating_add(length));
+            if piece_end > blocks.len() {
+                return Err(Errno::EIO);
+            }
+            if data.is_empty() && at + piece_length == end {
+                return Ok(blocks.slice(skip..piece_end));
+            }
+            data.extend_from_slice(&blocks[skip..piece_end]);
+        }
+        Ok(data.freeze())
+    }
+
+    /// Asks the node for one piece of a read from the peer: (offset, length, answer).
+    fn ask_peer_read(
+        &self,
+        offset: u64,
+        length: u64,
+        rewrite: bool,
+    ) -> (u64, u64, oneshot::Receiver<Result<Bytes, RequestError>>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.lock_waiters().reads.insert(id, sender);
+        self.step(|core, now| {
+            core.node
+                .read_from_peer(now, RequestId(id), offset, length, rewrite)
+        });
+        (offset, length, receiver)
     }
 
     // ----- status -----
@@ -1091,11 +1219,23 @@ impl Resource {
 
 impl Export for Resource {
     fn size_bytes(&self) -> u64 {
-        self.volume().map_or(0, |volume| volume.size_bytes())
+        match self.volume() {
+            Some(volume) => volume.size_bytes(),
+            // A diskless Primary still serves the volume (through its peer).
+            None => self.lock_core().node.size_bytes(),
+        }
     }
 
     fn is_writable(&self) -> bool {
         self.writable.load(Ordering::Relaxed)
+    }
+
+    fn unservable(&self) -> impl std::future::Future<Output = ()> + Send {
+        let mut changes = self.unservable.subscribe();
+        let start = *changes.borrow_and_update();
+        async move {
+            let _ = changes.wait_for(|count| *count != start).await;
+        }
     }
 
     fn can_multi_conn(&self) -> bool {

@@ -990,3 +990,37 @@ fn p1_a_crashed_primary_returning_before_a_failover_resyncs_its_peer() {
         "no block was skipped by digest in four crash resyncs"
     );
 }
+
+/// A client of a Secondary's read-only export is disconnected as soon as that disk
+/// stops being UpToDate/Outdated (here `invalidate` makes it a resync target,
+/// Inconsistent): it is never shown a half-synced image. New clients are refused
+/// until the resync ends.
+///
+/// Seen failing first: the connected client went on reading the Inconsistent disk.
+#[test]
+fn item10_a_secondary_export_client_is_disconnected_when_its_disk_goes_inconsistent() {
+    let cluster = Cluster::small_pair("item10-unservable", false);
+    fill(&cluster.uri("alpha"), (0, 16), 0x5a);
+    let beta = cluster.uri("beta");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = tools::nbd_client::NbdClient::connect(&beta)
+            .await
+            .expect("connect to the secondary");
+        let block = client.read(0, 4096).await.expect("read while UpToDate");
+        assert!(block.iter().all(|&b| b == 0x5a));
+        cluster.replctl_ok("beta", &["invalidate", RESOURCE]);
+        let after = tokio::time::timeout(Duration::from_secs(30), client.read(0, 4096))
+            .await
+            .expect("the read after the invalidate answered or failed in time");
+        assert!(
+            after.is_err(),
+            "the client still reads the Secondary after its disk went Inconsistent"
+        );
+    });
+    cluster.wait_in_sync(Duration::from_secs(60));
+    expect(&beta, (0, 16), 0x5a, "a new client after the resync");
+}

@@ -29,7 +29,8 @@ impl<S: Storage> Node<S> {
             self.admin_done(id, Err(AdminError::Busy(running)));
             return false;
         }
-        if self.storage.is_none() {
+        // A diskless Primary can still demote (through its peers' FLUSH).
+        if self.storage.is_none() && !(what == "demote" && self.is_diskless_primary()) {
             self.admin_done(id, Err(AdminError::NoDisk));
             return false;
         }
@@ -402,13 +403,18 @@ impl<S: Storage> Node<S> {
                     return;
                 }
                 let peers = self.flush_peers();
+                // A diskless Primary has nothing to flush here: its peers' FLUSH is all.
+                let diskless = self.storage.is_none();
                 self.demoting = Some(Demoting {
                     admin,
                     phase: DemotePhase::Flushing {
-                        local: false,
+                        local: diskless,
                         peers,
                     },
                 });
+                if diskless {
+                    return self.continue_demotion();
+                }
                 let token = self.token(Purpose::Admin(admin, AdminStep::DemoteFlush));
                 if let Some(storage) = self.storage.as_mut() {
                     storage.flush(token);
@@ -425,7 +431,14 @@ impl<S: Storage> Node<S> {
                         admin,
                         phase: DemotePhase::Clearing,
                     });
-                    self.persist(admin, AdminStep::DemoteClear, SuperblockChange::Demote);
+                    if self.storage.is_none() {
+                        // No PRIMARY flag to clear: the detached store keeps its own,
+                        // and comes back (if ever) as a crashed Primary's full target.
+                        self.diskless = None;
+                        self.admin_step_done(admin, AdminStep::DemoteClear, Ok(()));
+                    } else {
+                        self.persist(admin, AdminStep::DemoteClear, SuperblockChange::Demote);
+                    }
                 }
             }
             DemotePhase::Clearing => {}

@@ -20,8 +20,8 @@ use std::time::Duration;
 use super::peer::{Conn, Peer, Repl, RequestKind, Session, SourcePhase, TargetPhase, MAX_SERVED};
 use super::storage::{Completion, Storage, SuperblockChange, Token};
 use super::{
-    Action, AdminId, HookKind, Mutation, NodeConfig, PeerId, RequestError, RequestId, SessionEnd,
-    SessionId, Time,
+    Action, AdminId, HookKind, Mutation, NodeConfig, OnIoError, PeerId, RequestError, RequestId,
+    SessionEnd, SessionId, Time,
 };
 use crate::gen::{decide, Decision, SideState, SyncScope};
 use crate::repl::{self, AckNeeds, DiskState, Mode, Role};
@@ -116,6 +116,13 @@ pub(super) enum Purpose {
     },
     /// Verify: our side of a chunk.
     VerifyLocal { first_block: u64 },
+    /// As secondary of a Primary whose disk was detached: the whole volume marked
+    /// out of sync is durable, then our own new generation.
+    CoverDiskless {
+        peer: PeerId,
+        session: SessionId,
+        rotated: bool,
+    },
     /// Operator commands that persist something.
     Admin(AdminId, AdminStep),
 }
@@ -222,6 +229,23 @@ pub(super) enum DemotePhase {
     Clearing,
 }
 
+/// A Primary whose store failed and was detached (`on-io-error = detach`): it goes
+/// on through its UpToDate peers. Their copy is the only one, so every write waits
+/// until they hold it (whatever the mode), reads are served by them, and nothing
+/// completes before a peer confirmed it tracks every block for the lost disk (it
+/// started a generation of its own and marked the whole volume: the lost disk, if
+/// it comes back, is a full resync target, never a source).
+#[derive(Debug)]
+pub(super) struct DisklessPrimary {
+    /// The next record's sequence number (the store's, when it was detached).
+    pub next_seq: u64,
+    /// The store's current generation when it was detached.
+    pub generation: u64,
+    pub size_bytes: u64,
+    pub max_record: u64,
+    pub generations: crate::gen::GenerationIds,
+}
+
 /// See the module documentation of [`super`].
 pub struct Node<S: Storage> {
     pub(super) config: NodeConfig,
@@ -269,6 +293,14 @@ pub struct Node<S: Storage> {
     /// When a session with a Primary peer last ended, until a Primary is seen again
     /// (a peer's STATE says so, or this node is promoted).
     pub(super) primary_lost: Option<Time>,
+    /// The store failed and was detached while Primary (see [`DisklessPrimary`]).
+    pub(super) diskless: Option<DisklessPrimary>,
+    /// A failed store taken away, for the driver to close.
+    failed_storage: Option<S>,
+    /// Why the store was detached after an error (status shows it).
+    pub(super) detached_reason: Option<String>,
+    /// Internal request ids (see [`RequestId::INTERNAL`]).
+    next_internal: u64,
     pub(super) now: Time,
 }
 
@@ -337,6 +369,10 @@ impl<S: Storage> Node<S> {
             last_failover: None,
             promote_asked: None,
             primary_lost: None,
+            diskless: None,
+            failed_storage: None,
+            detached_reason: None,
+            next_internal: RequestId::INTERNAL,
             now,
         }
     }
@@ -422,10 +458,49 @@ impl<S: Storage> Node<S> {
     pub fn is_writable(&self) -> bool {
         self.role == Role::Primary
             && self.demoting.is_none()
-            && matches!(
+            && (matches!(
                 self.disk(),
                 DiskState::UpToDate | DiskState::Inconsistent | DiskState::Outdated
-            )
+            ) || (self.diskless.is_some() && !self.diskless_peers().is_empty()))
+    }
+
+    /// A Primary serving through its peers after its store was detached.
+    pub fn is_diskless_primary(&self) -> bool {
+        self.role == Role::Primary && self.diskless.is_some()
+    }
+
+    /// Why the store was detached after an I/O error, if it was.
+    pub fn detached_reason(&self) -> Option<&str> {
+        self.detached_reason.as_deref()
+    }
+
+    /// The volume's size: the store's, or the detached store's for a diskless Primary.
+    pub fn size_bytes(&self) -> u64 {
+        match (&self.storage, &self.diskless) {
+            (Some(storage), _) => storage.size_bytes(),
+            (None, Some(diskless)) => diskless.size_bytes,
+            (None, None) => 0,
+        }
+    }
+
+    /// A store detached after an I/O error, once, for the driver to close.
+    pub fn take_failed_storage(&mut self) -> Option<S> {
+        self.failed_storage.take()
+    }
+
+    /// The sessions a diskless Primary serves through: records go there, and the
+    /// peer is UpToDate with no resync running.
+    pub(super) fn diskless_peers(&self) -> Vec<(PeerId, SessionId)> {
+        self.peers
+            .iter()
+            .filter_map(|peer| {
+                let session = peer.session()?;
+                (session.shipping
+                    && session.peer_state.disk == DiskState::UpToDate
+                    && matches!(session.repl, Repl::Established | Repl::Verify))
+                .then_some((peer.id, session.id))
+            })
+            .collect()
     }
 
     /// Whether the driver may hand over the next frame of `channel` from `peer` (data
@@ -475,8 +550,21 @@ impl<S: Storage> Node<S> {
         });
     }
 
-    fn complete(&mut self, id: RequestId, result: Result<(), RequestError>) {
+    pub(super) fn complete(&mut self, id: RequestId, result: Result<(), RequestError>) {
+        if id.is_internal() {
+            if let Err(error) = result {
+                self.event(format!(
+                    "rewriting a block read from the peer failed: {error}"
+                ));
+            }
+            return;
+        }
         self.actions.push_back(Action::Complete { id, result });
+    }
+
+    pub(super) fn internal_request(&mut self) -> RequestId {
+        self.next_internal += 1;
+        RequestId(self.next_internal)
     }
 
     pub(super) fn random_generation(&mut self) -> u64 {
@@ -497,6 +585,7 @@ impl<S: Storage> Node<S> {
         self.attaching = false;
         self.crashed_primary = facts.crashed_primary;
         self.storage = Some(storage);
+        self.detached_reason = None;
         self.engine_attached = false;
         self.rotated = false;
     }
@@ -505,6 +594,7 @@ impl<S: Storage> Node<S> {
     /// for the driver to close.
     pub fn take_storage(&mut self, now: Time, why: &str) -> Option<S> {
         self.now = now;
+        self.diskless = None;
         for index in 0..self.peers.len() {
             self.end_session(PeerId(index), SessionEnd::Local(why.to_string()), false);
         }
@@ -538,8 +628,10 @@ impl<S: Storage> Node<S> {
     pub fn on_write(&mut self, now: Time, id: RequestId, request: WriteRequest) {
         self.now = now;
         self.last_client_io = Some(now);
+        self.check_disk();
         if !self.is_writable() {
-            self.complete(id, Err(RequestError::NotWritable));
+            let error = self.not_writable_error();
+            self.complete(id, Err(error));
             return;
         }
         if self.barrier.is_some() || !self.queued.is_empty() {
@@ -554,11 +646,29 @@ impl<S: Storage> Node<S> {
         self.sequence_write(id, request);
     }
 
+    /// Why a write is refused: EIO where a Primary's disk failed (or a diskless
+    /// Primary lost its last UpToDate peer), EPERM otherwise.
+    fn not_writable_error(&self) -> RequestError {
+        if self.role == Role::Primary && self.demoting.is_none() {
+            if let Some(why) = self.storage.as_ref().and_then(Storage::failure) {
+                return RequestError::Io(IoError::Failed(
+                    format!("the local disk failed (on-io-error=pass-on): {why}").into(),
+                ));
+            }
+            if self.diskless.is_some() {
+                return RequestError::Io(IoError::Failed(
+                    "this Primary's disk was detached and no UpToDate peer is connected".into(),
+                ));
+            }
+        }
+        RequestError::NotWritable
+    }
+
     /// A client FLUSH: durable locally and, in `sync` and `semi-sync`, on every peer
     /// that was shipped records.
     pub fn on_flush(&mut self, now: Time, id: RequestId) {
         self.now = now;
-        if self.storage.is_none() {
+        if self.storage.is_none() && !self.is_diskless_primary() {
             self.complete(id, Err(RequestError::Io(IoError::Closed)));
             return;
         }
@@ -584,7 +694,9 @@ impl<S: Storage> Node<S> {
     /// A first write without all peers attached starts a new generation (persisted
     /// before the write is sequenced), so a later handshake knows which side moved on.
     fn needs_rotation(&self) -> bool {
-        !self.single_node()
+        // A diskless Primary has no store to persist one in: its peers start their own.
+        self.diskless.is_none()
+            && !self.single_node()
             && !self.rotated
             && !self.all_peers_shipping()
             && !self.config.mutated(Mutation::SkipGenerationRotation)
@@ -663,12 +775,24 @@ impl<S: Storage> Node<S> {
             }
         }
         let token = self.token(Purpose::Write(id));
-        let Some(storage) = self.storage.as_mut() else {
-            self.tokens.remove(&token);
-            self.complete(id, Err(RequestError::Io(IoError::Closed)));
-            return;
+        let diskless_peers = self.diskless_peers();
+        let sequenced = match (self.storage.as_mut(), self.diskless.as_mut()) {
+            (Some(storage), _) => storage.sequence(request, token),
+            (None, Some(diskless)) => {
+                let records = crate::volume::aligned_records(
+                    &request,
+                    diskless.size_bytes,
+                    diskless.next_seq,
+                    diskless.max_record,
+                );
+                if let Ok(records) = &records {
+                    diskless.next_seq += records.len() as u64;
+                }
+                records
+            }
+            (None, None) => Err(IoError::Closed),
         };
-        let records = match storage.sequence(request, token) {
+        let records = match sequenced {
             Ok(records) => records,
             Err(error) => {
                 self.tokens.remove(&token);
@@ -676,7 +800,15 @@ impl<S: Storage> Node<S> {
                 return;
             }
         };
-        self.uncommitted = true;
+        let diskless = self.diskless.is_some();
+        let mut local = None;
+        if diskless {
+            // No store: the write is the peers' to hold, nothing to journal here.
+            self.tokens.remove(&token);
+            local = Some(Ok(()));
+        } else {
+            self.uncommitted = true;
+        }
         let last_seq = records.last().map_or(0, |record| record.header.seq);
         let needs = repl::ack_needs(self.config.mode, fua);
         let journal_bytes = self.storage.as_ref().map_or(0, |s| s.journal_bytes());
@@ -707,7 +839,11 @@ impl<S: Storage> Node<S> {
                     frame: Frame::Record(RecordFrame(record.clone())),
                 });
             }
-            if needs.peer_received || needs.peer_written {
+            if diskless {
+                if diskless_peers.contains(&(PeerId(index), session_id)) {
+                    waits.push((PeerId(index), session_id, repl::ack_needs(Mode::Sync, true)));
+                }
+            } else if needs.peer_received || needs.peer_written {
                 waits.push((PeerId(index), session_id, needs));
             } else if lag_bytes > journal_bytes / 2 {
                 // Async: the lag is bounded; past half the journal the peer falls
@@ -715,11 +851,20 @@ impl<S: Storage> Node<S> {
                 fell_behind.push(PeerId(index));
             }
         }
+        if diskless && waits.is_empty() {
+            self.complete(
+                id,
+                Err(RequestError::Io(IoError::Failed(
+                    "this Primary's disk was detached and no UpToDate peer is connected".into(),
+                ))),
+            );
+            return;
+        }
         self.writes.insert(
             token,
             PendingWrite {
                 id,
-                local: None,
+                local,
                 last_seq,
                 waits,
             },
@@ -740,7 +885,7 @@ impl<S: Storage> Node<S> {
     /// local): what the caller waits for, per peer session.
     pub(super) fn flush_peers(&mut self) -> Vec<(PeerId, SessionId, u64)> {
         let mut waits = Vec::new();
-        if self.config.mode == Mode::Async {
+        if self.config.mode == Mode::Async && self.diskless.is_none() {
             return waits;
         }
         for index in 0..self.peers.len() {
@@ -776,7 +921,14 @@ impl<S: Storage> Node<S> {
             Some(storage) => storage.flush(token),
             None => {
                 self.tokens.remove(&token);
-                if let Some(flush) = self.flushes.remove(&token) {
+                let usable = self.diskless.is_some() && !self.diskless_peers().is_empty();
+                if usable {
+                    // A diskless Primary: the peers' FLUSH is the whole of it.
+                    if let Some(flush) = self.flushes.get_mut(&token) {
+                        flush.local = Some(Ok(()));
+                    }
+                    self.try_complete_all();
+                } else if let Some(flush) = self.flushes.remove(&token) {
                     self.complete(flush.id, Err(RequestError::Io(IoError::Closed)));
                 }
             }
@@ -787,7 +939,8 @@ impl<S: Storage> Node<S> {
     fn acked(&self, peer: PeerId, session: SessionId, seq: u64, needs: AckNeeds) -> bool {
         match self.peers[peer.0].session() {
             Some(current) if current.id == session => {
-                (!needs.peer_received || current.received_seq >= seq)
+                (self.diskless.is_none() || current.covers_diskless)
+                    && (!needs.peer_received || current.received_seq >= seq)
                     && (!needs.peer_written || current.written_seq >= seq)
             }
             // The session ended: its records were marked out of sync (and a new
@@ -798,7 +951,10 @@ impl<S: Storage> Node<S> {
 
     fn flush_acked(&self, peer: PeerId, session: SessionId, flush_id: u64) -> bool {
         match self.peers[peer.0].session() {
-            Some(current) if current.id == session => !current.flushes.contains_key(&flush_id),
+            Some(current) if current.id == session => {
+                (self.diskless.is_none() || current.covers_diskless)
+                    && !current.flushes.contains_key(&flush_id)
+            }
             _ => true,
         }
     }
@@ -870,12 +1026,22 @@ impl<S: Storage> Node<S> {
                     .map(|session| session.peer_durable.min(session.shipped_seq))
                     .min()
             }
+            // A diskless Primary holds nothing durably, ever: once we marked every
+            // block for its lost disk (the data gate kept its records out until then),
+            // nothing of what it sent needs holding.
             Role::Secondary => self
                 .peers
                 .iter()
                 .filter_map(Peer::session)
                 .find(|session| session.peer_state.role == Role::Primary)
-                .map(|session| session.peer_durable),
+                .map(|session| {
+                    if session.peer_state.disk == DiskState::Diskless && session.data_gate.is_none()
+                    {
+                        session.last_record_seq.max(session.peer_durable)
+                    } else {
+                        session.peer_durable
+                    }
+                }),
         };
         if let (Some(seq), Some(storage)) = (held_by_all, self.storage.as_mut()) {
             storage.peer_acked(seq);
@@ -893,7 +1059,15 @@ impl<S: Storage> Node<S> {
                 storage.next_seq(),
                 storage.size_bytes(),
             ),
-            None => (Default::default(), 0, 0, 0),
+            None => match &self.diskless {
+                Some(diskless) => (
+                    diskless.generations,
+                    0,
+                    diskless.next_seq,
+                    diskless.size_bytes,
+                ),
+                None => (Default::default(), 0, 0, 0),
+            },
         };
         PeerState {
             role: self.role,
@@ -1081,6 +1255,137 @@ impl<S: Storage> Node<S> {
         }
     }
 
+    /// A diskless Primary lost a session it served through: what only that peer was
+    /// to hold fails (EIO), for it may be nowhere now.
+    fn fail_diskless_waits(&mut self, peer: PeerId, session: SessionId) {
+        let error = || {
+            RequestError::Io(IoError::Failed(
+                "the peer holding this diskless Primary's data went away".into(),
+            ))
+        };
+        let mut failed = Vec::new();
+        self.writes.retain(|_, write| {
+            let before = write.waits.len();
+            write.waits.retain(|&(p, s, _)| (p, s) != (peer, session));
+            let keep = before == write.waits.len() || !write.waits.is_empty();
+            if !keep {
+                failed.push(write.id);
+            }
+            keep
+        });
+        self.flushes.retain(|_, flush| {
+            let before = flush.waits.len();
+            flush.waits.retain(|&(p, s, _)| (p, s) != (peer, session));
+            let keep = before == flush.waits.len() || !flush.waits.is_empty();
+            if !keep {
+                failed.push(flush.id);
+            }
+            keep
+        });
+        for id in failed {
+            self.complete(id, Err(error()));
+        }
+    }
+
+    /// The store failed: with `on-io-error = detach` it is taken away (see
+    /// [`OnIoError`]). Cheap when it did not.
+    pub(super) fn check_disk(&mut self) {
+        if self.config.on_io_error != OnIoError::Detach {
+            return;
+        }
+        if let Some(why) = self.storage.as_ref().and_then(Storage::failure) {
+            self.detach_failed(why);
+        }
+    }
+
+    /// Detaches the failed store. A Secondary ends its sessions (its Primary marks
+    /// and rotates as for any lost peer). A Primary goes on diskless through its
+    /// UpToDate peers: writes they were shipped complete once they hold them, the
+    /// rest fail (EIO); FLUSHes in flight become FLUSHes of the peers.
+    fn detach_failed(&mut self, why: String) {
+        let Some(storage) = self.storage.take() else {
+            return;
+        };
+        self.event(format!(
+            "disk:Diskless (the local disk failed: {why}; detached, on-io-error=detach)"
+        ));
+        self.detached_reason = Some(why.clone());
+        if let Some(token) = self.barrier.take() {
+            self.tokens.remove(&token);
+        }
+        self.engine_attached = false;
+        let primary = self.role == Role::Primary;
+        if primary {
+            self.diskless = Some(DisklessPrimary {
+                next_seq: storage.next_seq(),
+                generation: storage.superblock().generations.current,
+                generations: storage.superblock().generations,
+                size_bytes: storage.size_bytes(),
+                max_record: crate::layout::max_record_data_bytes(storage.journal_bytes()),
+            });
+        }
+        self.failed_storage = Some(storage);
+        if !primary {
+            for index in 0..self.peers.len() {
+                self.end_session(
+                    PeerId(index),
+                    SessionEnd::Storage(format!("the local disk failed and was detached: {why}")),
+                    false,
+                );
+            }
+            self.fail_pending(IoError::Failed(why.into()));
+            return;
+        }
+        let usable = self.diskless_peers();
+        let full = repl::ack_needs(Mode::Sync, true);
+        let mut failed = Vec::new();
+        for write in self.writes.values_mut() {
+            let shipped: Vec<_> = usable
+                .iter()
+                .filter(|&&(peer, session)| {
+                    self.peers[peer.0]
+                        .session()
+                        .is_some_and(|s| s.id == session && s.shipped_seq >= write.last_seq)
+                })
+                .map(|&(peer, session)| (peer, session, full))
+                .collect();
+            if shipped.is_empty() {
+                failed.push(write.id);
+            } else {
+                write.local = Some(Ok(()));
+                write.waits = shipped;
+            }
+        }
+        self.writes.retain(|_, write| !failed.contains(&write.id));
+        // The store's completions of client writes and flushes no longer decide them.
+        self.tokens
+            .retain(|_, purpose| !matches!(purpose, Purpose::Write(_) | Purpose::Flush));
+        let flush_waits = if self.flushes.is_empty() || usable.is_empty() {
+            Vec::new()
+        } else {
+            self.flush_peers()
+        };
+        for flush in self.flushes.values_mut() {
+            if flush_waits.is_empty() {
+                failed.push(flush.id);
+            } else {
+                flush.local = Some(Ok(()));
+                flush.waits.clone_from(&flush_waits);
+            }
+        }
+        self.flushes.retain(|_, flush| !failed.contains(&flush.id));
+        for id in failed {
+            self.complete(
+                id,
+                Err(RequestError::Io(IoError::Failed(
+                    format!("the local disk failed and no UpToDate peer holds this: {why}").into(),
+                ))),
+            );
+        }
+        self.rotation_done(Ok(()));
+        self.broadcast_state();
+    }
+
     /// Refuses the peer in the handshake: REJECT, close after it arrived, StandAlone.
     fn refuse(&mut self, peer: PeerId, session: SessionId, reason: String) {
         self.send(peer, session, Frame::Reject(reason.clone()));
@@ -1204,15 +1509,25 @@ impl<S: Storage> Node<S> {
                 }
             }
             for request in session.requests.values() {
-                if let RequestKind::Repair { id, block } = request.kind {
-                    self.complete(
+                match request.kind {
+                    RequestKind::Repair { id, block } => self.complete(
                         id,
                         Err(RequestError::Unrepairable {
                             block,
                             why: "the connection to the peer ended".into(),
                         }),
-                    );
+                    ),
+                    RequestKind::Read { id, .. } => self.read_done(
+                        id,
+                        Err(RequestError::Io(IoError::Failed(
+                            "the connection to the peer serving the read ended".into(),
+                        ))),
+                    ),
+                    RequestKind::Verify { .. } => {}
                 }
+            }
+            if self.diskless.is_some() {
+                self.fail_diskless_waits(peer, session.id);
             }
         }
         let now = self.now;
@@ -1426,13 +1741,91 @@ impl<S: Storage> Node<S> {
         if state.role == Role::Primary {
             self.primary_lost = None;
         }
+        if self.diskless.as_ref().is_some_and(|d| {
+            state.disk == DiskState::UpToDate && state.generations.current != d.generation
+        }) {
+            if let Some(current) = self.peers[peer.0].current(session) {
+                current.covers_diskless = true;
+            }
+        }
         if previous.role != state.role || previous.disk != state.disk {
             self.event(format!(
                 "peer {name} role:{} disk:{}",
                 state.role, state.disk
             ));
         }
+        if state.role == Role::Primary
+            && state.disk == DiskState::Diskless
+            && previous.disk != DiskState::Diskless
+        {
+            self.cover_diskless(peer, session);
+        }
+        self.try_complete_all();
         Ok(())
+    }
+
+    /// Our Primary peer detached its failed disk and serves through us: we hold the
+    /// only copy. Before another of its records is taken (the data gate), the whole
+    /// volume is marked out of sync for it and a generation of our own begins, both
+    /// durable: the lost disk can then only come back as a full resync target. Our
+    /// STATE with the new generation tells the Primary it may complete writes.
+    fn cover_diskless(&mut self, peer: PeerId, session: SessionId) {
+        let Some(storage) = self.storage.as_mut() else {
+            return;
+        };
+        let blocks = storage.data_blocks();
+        storage.set_out_of_sync(0, blocks);
+        let token = self.token(Purpose::CoverDiskless {
+            peer,
+            session,
+            rotated: false,
+        });
+        if let Some(state) = self.peers[peer.0].current(session) {
+            state.data_gate = Some(token);
+        }
+        if let Some(storage) = self.storage.as_mut() {
+            storage.persist_bitmap(token);
+        }
+    }
+
+    fn cover_diskless_step(
+        &mut self,
+        peer: PeerId,
+        session: SessionId,
+        rotated: bool,
+        result: Result<(), String>,
+    ) {
+        if let Err(error) = result {
+            self.end_session_if(
+                peer,
+                session,
+                SessionEnd::Storage(format!("cannot cover the Primary's lost disk: {error}")),
+            );
+            return;
+        }
+        let Some(state) = self.peers[peer.0].current(session) else {
+            return;
+        };
+        if rotated {
+            // Both steps are durable: take the Primary's records again.
+            state.data_gate = None;
+            self.event("covering the Primary's lost disk: every block marked, new generation");
+            self.send_state(peer);
+            self.release_deferred(peer, session);
+            return;
+        }
+        let new_current = self.random_generation();
+        let token = self.token(Purpose::CoverDiskless {
+            peer,
+            session,
+            rotated: true,
+        });
+        if let Some(state) = self.peers[peer.0].current(session) {
+            state.data_gate = Some(token);
+        }
+        if let Some(storage) = self.storage.as_mut() {
+            storage.update_superblock(SuperblockChange::StartDetached { new_current }, token);
+        }
     }
 
     fn on_record(
@@ -1663,15 +2056,19 @@ impl<S: Storage> Node<S> {
         let Some(purpose) = self.tokens.remove(&token) else {
             return;
         };
+        // A failed store is detached before its failed completions are taken as the
+        // requests' outcome (a diskless Primary completes them through its peers).
+        self.check_disk();
         match (purpose, completion) {
             (Purpose::Write(_), Completion::Journaled(result)) => {
-                if let Some(write) = self.writes.get_mut(&token) {
+                // (A diskless Primary decided the local part when it detached.)
+                if let Some(write) = self.writes.get_mut(&token).filter(|w| w.local.is_none()) {
                     write.local = Some(result.map(drop));
                 }
                 self.try_complete_all();
             }
             (Purpose::Flush, Completion::Flushed(result)) => {
-                if let Some(flush) = self.flushes.get_mut(&token) {
+                if let Some(flush) = self.flushes.get_mut(&token).filter(|f| f.local.is_none()) {
                     flush.local = Some(result);
                 }
                 self.try_complete_all();
@@ -1810,8 +2207,17 @@ impl<S: Storage> Node<S> {
                     }
                 }
             }
+            (
+                Purpose::CoverDiskless {
+                    peer,
+                    session,
+                    rotated,
+                },
+                Completion::Persisted(result),
+            ) => self.cover_diskless_step(peer, session, rotated, result),
             (purpose, completion) => self.on_storage_more(purpose, completion),
         }
+        self.check_disk();
         self.retry_blocked();
     }
 
@@ -1826,6 +2232,10 @@ impl<S: Storage> Node<S> {
     /// Time passed: heartbeats, timeouts, dials, DURABLE reports, resync pacing.
     pub fn on_tick(&mut self, now: Time) {
         self.now = now;
+        self.check_disk();
+        if self.role == Role::Secondary {
+            self.release_held();
+        }
         self.promotion_deadline();
         for index in 0..self.peers.len() {
             let peer = PeerId(index);
@@ -1838,8 +2248,8 @@ impl<S: Storage> Node<S> {
         self.retry_blocked();
     }
 
-    /// A peer that leaves a shipped write not durable, or a FLUSH unanswered, for
-    /// longer than `ko_timeout` is dropped (its blocks marked, the generation
+    /// A peer that leaves a shipped write not durable, a FLUSH unanswered, or resync
+    /// data unacknowledged, for longer than `ko_timeout` is dropped (its blocks marked, the generation
     /// rotated, the waiting requests completed without it): a sick spare — a hung
     /// disk, a data connection that black-holes while pings still flow — never hangs
     /// the Primary. (DRBD's `timeout` × `ko-count`.)
@@ -1871,10 +2281,19 @@ impl<S: Storage> Node<S> {
                 })
                 .map(|flush| flush.started)
                 .min();
-            let oldest = match (oldest_write, oldest_flush) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
+            let stalled_resync = match &session.repl {
+                Repl::Source(source)
+                    if !source.in_flight.is_empty()
+                        || matches!(source.phase, SourcePhase::WaitPeerBitmap { .. }) =>
+                {
+                    Some(source.progress_at)
+                }
+                _ => None,
             };
+            let oldest = [oldest_write, oldest_flush, stalled_resync]
+                .into_iter()
+                .flatten()
+                .min();
             if let Some(age) = oldest.map(|at| now.since(at)).filter(|age| *age > limit) {
                 slow.push((peer_id, age));
             }

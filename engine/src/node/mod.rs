@@ -40,6 +40,7 @@ use std::ops::Add;
 use std::time::Duration;
 
 pub use machine::{AttachFacts, Node};
+
 pub use storage::{Completion, Storage, SuperblockChange, Token};
 
 use crate::repl::Mode;
@@ -100,6 +101,17 @@ pub struct SessionId(pub u64);
 /// A client request (write, FLUSH, read repair), named by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(pub u64);
+
+impl RequestId {
+    /// Ids from here up name the node's own requests (the rewrite of a block read
+    /// from the peer after a local read error); their completions never reach the
+    /// driver. A driver numbers its requests below.
+    pub const INTERNAL: u64 = 1 << 63;
+
+    pub fn is_internal(self) -> bool {
+        self.0 >= RequestId::INTERNAL
+    }
+}
 
 /// An operator command that completes later, named by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -206,6 +218,34 @@ impl Mutation {
     }
 }
 
+/// What a node does when its local store fails (DRBD's `on-io-error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnIoError {
+    /// The failed store is detached: the node goes Diskless and says so. A Primary
+    /// with an UpToDate peer goes on serving reads and writes through it (a diskless
+    /// Primary); a read that fails with EIO is served from the peer and the block
+    /// rewritten.
+    #[default]
+    Detach,
+    /// The error goes to the client (EIO) and the store stays attached, Failed.
+    PassOn,
+}
+
+impl OnIoError {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnIoError::Detach => "detach",
+            OnIoError::PassOn => "pass-on",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<OnIoError> {
+        [OnIoError::Detach, OnIoError::PassOn]
+            .into_iter()
+            .find(|policy| policy.name() == name)
+    }
+}
+
 /// What a node knows about itself and its resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -218,6 +258,7 @@ pub struct NodeConfig {
     pub peers: Vec<PeerConfig>,
     pub timing: Timing,
     pub resync: ResyncConfig,
+    pub on_io_error: OnIoError,
     /// A bug re-introduced by the simulator; always `None` in the daemon.
     #[doc(hidden)]
     pub mutation: Option<Mutation>,
@@ -328,8 +369,8 @@ pub enum SessionEnd {
     Local(String),
     /// A storage operation failed.
     Storage(String),
-    /// The peer left a write not durable, or a FLUSH unanswered, for this long
-    /// (longer than `ko_timeout`).
+    /// The peer left a write not durable, a FLUSH unanswered, or resync data
+    /// unacknowledged, for this long (longer than `ko_timeout`).
     TooSlow(Duration),
 }
 
@@ -356,7 +397,7 @@ impl fmt::Display for SessionEnd {
             SessionEnd::Silent(silent) => write!(f, "peer silent for {} ms", silent.as_millis()),
             SessionEnd::TooSlow(age) => write!(
                 f,
-                "peer left a write or FLUSH incomplete for {} ms (ko-timeout): dropped, its blocks marked out of sync",
+                "peer left a write, FLUSH or resync data incomplete for {} ms (ko-timeout): dropped, its blocks marked out of sync",
                 age.as_millis()
             ),
             SessionEnd::Protocol(why) => write!(f, "bad frame from peer: {why}"),
@@ -411,6 +452,12 @@ pub enum Action {
     Complete {
         id: RequestId,
         result: Result<(), RequestError>,
+    },
+    /// A read served by a peer ([`Node::read_from_peer`]) is done: whole blocks,
+    /// from the first block of the range asked for.
+    ReadDone {
+        id: RequestId,
+        result: Result<bytes::Bytes, RequestError>,
     },
     /// An operator command is done.
     AdminDone {

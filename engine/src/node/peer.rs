@@ -141,6 +141,9 @@ pub struct Session {
     pub served: usize,
     /// We agreed to the peer's promotion: no promotion of ours until its next STATE.
     pub peer_promoting: bool,
+    /// As a diskless Primary: the peer confirmed (a STATE with a generation of its
+    /// own) that it tracks every block for our lost disk; nothing completes before.
+    pub covers_diskless: bool,
 }
 
 /// Most requests of a peer (READ_REQUEST, VERIFY_REQUEST, RESYNC_CHECK) served at once;
@@ -185,6 +188,7 @@ impl Session {
             next_request: 1,
             served: 0,
             peer_promoting: false,
+            covers_diskless: false,
         }
     }
 
@@ -250,6 +254,14 @@ pub enum RequestKind {
     Repair { id: super::RequestId, block: u64 },
     /// A chunk of an online verify.
     Verify { first_block: u64, blocks: u64 },
+    /// A client read served by the peer (a diskless Primary, or a local read error);
+    /// with `rewrite`, the blocks are written back locally when no write raced.
+    Read {
+        id: super::RequestId,
+        first_block: u64,
+        blocks: u32,
+        rewrite: bool,
+    },
 }
 
 /// What flows over an established session.
@@ -285,6 +297,11 @@ pub struct Source {
     /// Nothing to do before this (rate limit, yielding to clients, bits behind the
     /// cursor that are not yet readable).
     pub wait_until: Time,
+    /// When the target last sent a bitmap part or acknowledged something, or
+    /// something was sent with nothing in flight: a target that leaves data
+    /// unacknowledged, or its bitmap unsent, longer than `ko_timeout` is dropped (a link that black-holes bulk data stalls a resync
+    /// while its pings still flow).
+    pub progress_at: Time,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -102,6 +102,9 @@ impl<S: Storage> Node<S> {
             SourceReady,
             EnterTarget,
         }
+        if let Repl::Source(source) = &mut state.repl {
+            source.progress_at = now;
+        }
         let next = match &mut state.repl {
             Repl::Source(source) => match source.phase {
                 SourcePhase::WaitPeerBitmap { .. } if last => {
@@ -187,6 +190,7 @@ impl<S: Storage> Node<S> {
             started: now,
             sent_bytes: 0,
             wait_until: now,
+            progress_at: now,
         }));
         if !wait_for_peer_bitmap {
             self.begin_streaming(peer, session);
@@ -401,6 +405,9 @@ impl<S: Storage> Node<S> {
         else {
             return Ok(());
         };
+        if source.in_flight.is_empty() {
+            source.progress_at = self.now;
+        }
         source.in_flight.insert(first_block, blocks);
         source.in_flight_bytes += bytes;
         let more = source.reads_pending == 0;
@@ -418,6 +425,7 @@ impl<S: Storage> Node<S> {
         first_block: u64,
         blocks: u32,
     ) -> Result<(), SessionEnd> {
+        let now = self.now;
         let state = self.session_of(peer, session)?;
         let Repl::Source(source) = &mut state.repl else {
             return Err(protocol("RESYNC_ACK without a resync"));
@@ -431,6 +439,7 @@ impl<S: Storage> Node<S> {
         }
         source.in_flight.remove(&first_block);
         source.in_flight_bytes -= u64::from(blocks) * BLOCK_BYTES;
+        source.progress_at = now;
         if let Some(storage) = self.storage.as_mut() {
             storage.clear_out_of_sync(first_block, u64::from(blocks));
         }
@@ -445,6 +454,7 @@ impl<S: Storage> Node<S> {
         blocks: u32,
         differ: &[u64],
     ) -> Result<(), SessionEnd> {
+        let now = self.now;
         let state = self.session_of(peer, session)?;
         let Repl::Source(source) = &mut state.repl else {
             return Err(protocol("RESYNC_CHECK_REPLY without a resync"));
@@ -456,6 +466,7 @@ impl<S: Storage> Node<S> {
         };
         let checked = source.in_flight.remove(&first_block).unwrap_or(0);
         source.in_flight_bytes -= checked * BLOCK_BYTES;
+        source.progress_at = now;
         // Never trust the reply's count beyond what we asked about.
         let blocks = u64::from(blocks).min(data.len() as u64 / BLOCK_BYTES);
         let differs = |i: u64| {
@@ -1202,29 +1213,167 @@ impl<S: Storage> Node<S> {
             });
             return;
         };
-        let deadline = now + self.config.timing.request;
+        self.repairs.insert(block, (id, false));
+        self.request_read(peer, session, RequestKind::Repair { id, block }, block, 1);
+    }
+
+    /// Sends a READ_REQUEST for `blocks` from `first_block`, answered by `kind`.
+    fn request_read(
+        &mut self,
+        peer: PeerId,
+        session: SessionId,
+        kind: RequestKind,
+        first_block: u64,
+        blocks: u32,
+    ) {
+        let deadline = self.now + self.config.timing.request;
         let Some(state) = self.peers[peer.0].current(session) else {
             return;
         };
         let request = state.next_request;
         state.next_request += 1;
-        state.requests.insert(
-            request,
-            Request {
-                deadline,
-                kind: RequestKind::Repair { id, block },
-            },
-        );
-        self.repairs.insert(block, (id, false));
+        state.requests.insert(request, Request { deadline, kind });
         self.send(
             peer,
             session,
             Frame::ReadRequest {
                 id: request,
-                first_block: block,
-                blocks: 1,
+                first_block,
+                blocks,
             },
         );
+    }
+
+    /// A client read served by an UpToDate peer: on a diskless Primary, or (with
+    /// `rewrite`) after the local store failed the read — then the blocks are written
+    /// back here unless a client write raced the request. Completes with
+    /// [`Action::ReadDone`]: whole blocks from `offset`'s block. At most
+    /// [`crate::wire::MAX_FRAME_BLOCKS`] blocks (one READ_REPLY): larger reads are split
+    /// by the caller.
+    pub fn read_from_peer(
+        &mut self,
+        now: super::Time,
+        id: RequestId,
+        offset: u64,
+        length: u64,
+        rewrite: bool,
+    ) {
+        self.now = now;
+        let size = self.size_bytes();
+        if length == 0 || offset.checked_add(length).is_none_or(|end| end > size) {
+            self.read_done(
+                id,
+                Err(RequestError::Io(crate::IoError::OutOfRange {
+                    op: "read",
+                    offset,
+                    length,
+                    size_bytes: size,
+                })),
+            );
+            return;
+        }
+        let first_block = offset / BLOCK_BYTES;
+        let end_block = (offset + length).div_ceil(BLOCK_BYTES);
+        let blocks = u32::try_from(end_block - first_block).unwrap_or(u32::MAX);
+        if blocks > crate::wire::MAX_FRAME_BLOCKS {
+            // One READ_REPLY carries at most this much: the driver splits reads.
+            self.read_done(
+                id,
+                Err(RequestError::Io(crate::IoError::TooLarge {
+                    op: "read from the peer",
+                    length,
+                    limit: u64::from(crate::wire::MAX_FRAME_BLOCKS) * BLOCK_BYTES,
+                })),
+            );
+            return;
+        }
+        let target = if self.role == Role::Primary {
+            self.diskless_peers().first().copied()
+        } else {
+            None
+        };
+        let Some((peer, session)) = target else {
+            self.read_done(
+                id,
+                Err(RequestError::Io(crate::IoError::Failed(
+                    "the local disk cannot serve this read and no UpToDate peer is connected"
+                        .into(),
+                ))),
+            );
+            return;
+        };
+        if rewrite {
+            for block in first_block..end_block {
+                self.repairs.insert(block, (id, false));
+            }
+        }
+        let kind = RequestKind::Read {
+            id,
+            first_block,
+            blocks,
+            rewrite,
+        };
+        self.request_read(peer, session, kind, first_block, blocks);
+    }
+
+    pub(super) fn read_done(&mut self, id: RequestId, result: Result<bytes::Bytes, RequestError>) {
+        self.actions.push_back(Action::ReadDone { id, result });
+    }
+
+    /// The peer's answer to [`Node::read_from_peer`].
+    fn on_peer_read(
+        &mut self,
+        id: RequestId,
+        range: (u64, u32),
+        rewrite: bool,
+        data: Option<BlockData>,
+        error: Option<String>,
+    ) -> Result<(), SessionEnd> {
+        let (first_block, blocks) = range;
+        let touched = rewrite
+            && (first_block..first_block + u64::from(blocks))
+                .filter_map(|block| self.repairs.remove(&block))
+                .any(|(_, touched)| touched);
+        let data = match (data, error) {
+            (Some(data), _) => data,
+            (None, error) => {
+                let why = error.unwrap_or_else(|| "read failed".into());
+                self.read_done(
+                    id,
+                    Err(RequestError::Io(crate::IoError::Failed(
+                        format!("the peer could not serve the read: {why}").into(),
+                    ))),
+                );
+                return Ok(());
+            }
+        };
+        if data.first_block != first_block || data.blocks != blocks {
+            return Err(protocol(format!(
+                "READ_REPLY for blocks {}+{} to a request for blocks {first_block}+{blocks}",
+                data.first_block, data.blocks
+            )));
+        }
+        let bytes = data.data.unwrap_or_else(|| {
+            bytes::Bytes::from(vec![0u8; blocks as usize * BLOCK_BYTES as usize])
+        });
+        if rewrite && !touched && self.storage.is_some() {
+            self.event(format!(
+                "read error: blocks {first_block}+{blocks} served by the peer, rewritten here"
+            ));
+            self.repaired_blocks += u64::from(blocks);
+            let internal = self.internal_request();
+            self.on_write(
+                self.now,
+                internal,
+                crate::WriteRequest {
+                    offset: first_block * BLOCK_BYTES,
+                    kind: crate::WriteKind::Data(bytes.clone()),
+                    fua: false,
+                },
+            );
+        }
+        self.read_done(id, Ok(bytes));
+        Ok(())
     }
 
     pub(super) fn on_read_reply(
@@ -1241,8 +1390,17 @@ impl<S: Storage> Node<S> {
                 "READ_REPLY for unknown request {request}"
             )));
         };
-        let RequestKind::Repair { id, block } = pending.kind else {
-            return Err(protocol("READ_REPLY to a verify request"));
+        let (id, block) = match pending.kind {
+            RequestKind::Repair { id, block } => (id, block),
+            RequestKind::Read {
+                id,
+                first_block,
+                blocks,
+                rewrite,
+            } => return self.on_peer_read(id, (first_block, blocks), rewrite, data, error),
+            RequestKind::Verify { .. } => {
+                return Err(protocol("READ_REPLY to a verify request"));
+            }
         };
         let touched = self
             .repairs

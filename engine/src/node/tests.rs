@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::storage::{CompletionQueue, VolumeStorage};
+use super::storage::{CompletionQueue, Storage, VolumeStorage};
 use super::{
     Action, AdminId, AttachFacts, Node, NodeConfig, PeerConfig, PeerId, RequestId, ResyncConfig,
     SessionId, Time, Timing,
@@ -15,7 +15,7 @@ use super::{
 use crate::backend::sim::SimBackend;
 use crate::backend::Backend;
 use crate::layout::MIN_JOURNAL_BYTES;
-use crate::repl::{Mode, Role};
+use crate::repl::{DiskState, Mode, Role};
 use crate::volume::{Background, CreateOptions, MetaStore};
 use crate::wire::Frame;
 use crate::{Volume, VolumeOptions, WriteKind, WriteRequest, BLOCK_BYTES};
@@ -30,6 +30,7 @@ fn ms(millis: u64) -> Time {
 struct Member {
     node: Node<VolumeStorage>,
     volume: Volume,
+    sim: Arc<SimBackend>,
     queue: CompletionQueue,
     /// The session its peer's frames belong to (`None`: no connection, or down).
     session: Option<SessionId>,
@@ -38,7 +39,8 @@ struct Member {
 }
 
 fn member(name: &str, node_id: u32, peers: &[(&str, u32)]) -> Member {
-    let sim: Arc<dyn Backend> = Arc::new(SimBackend::new(STORE_BYTES));
+    let sim = Arc::new(SimBackend::new(STORE_BYTES));
+    let backend: Arc<dyn Backend> = sim.clone();
     let create = CreateOptions {
         resource_uuid: UUID,
         node_id,
@@ -47,12 +49,13 @@ fn member(name: &str, node_id: u32, peers: &[(&str, u32)]) -> Member {
         force: false,
         assume_zeroed: true,
     };
-    Volume::create(&sim, &MetaStore::Internal, &create, &mut |_, _| {}).expect("create-md");
+    Volume::create(&backend, &MetaStore::Internal, &create, &mut |_, _| {}).expect("create-md");
     let options = VolumeOptions {
         background: Background::Manual,
         ..VolumeOptions::default()
     };
-    let (volume, _) = Volume::open(sim, MetaStore::Internal, Some(UUID), options).expect("open");
+    let (volume, _) =
+        Volume::open(backend, MetaStore::Internal, Some(UUID), options).expect("open");
     let queue = CompletionQueue::new(Arc::new(|| {}));
     let storage = VolumeStorage::new(volume.clone(), queue.clone(), true);
     let config = NodeConfig {
@@ -70,6 +73,7 @@ fn member(name: &str, node_id: u32, peers: &[(&str, u32)]) -> Member {
             .collect(),
         timing: Timing::default(),
         resync: ResyncConfig::default(),
+        on_io_error: Default::default(),
         mutation: None,
     };
     let mut node = Node::new(config, Time::ZERO, u64::from(node_id));
@@ -77,6 +81,7 @@ fn member(name: &str, node_id: u32, peers: &[(&str, u32)]) -> Member {
     Member {
         node,
         volume,
+        sim,
         queue,
         session: None,
         up: true,
@@ -90,6 +95,8 @@ struct Cluster {
     now: Time,
     /// ACK_WRITTEN frames on their way to the first node are held here.
     hold_written: bool,
+    /// ACK_RECEIVED frames too (a peer that receives and never answers).
+    hold_received: bool,
     held: Vec<Frame>,
 }
 
@@ -99,6 +106,7 @@ impl Cluster {
             members: vec![member("alpha", 1, &[])],
             now: Time::ZERO,
             hold_written: false,
+            hold_received: false,
             held: Vec::new(),
         }
     }
@@ -111,6 +119,7 @@ impl Cluster {
             ],
             now: Time::ZERO,
             hold_written: false,
+            hold_received: false,
             held: Vec::new(),
         }
     }
@@ -148,7 +157,12 @@ impl Cluster {
                 member.node.invariants();
             }
             for (to, frame) in frames {
-                if to == 0 && self.hold_written && matches!(frame, Frame::AckWritten(_)) {
+                let held = match frame {
+                    Frame::AckWritten(_) => self.hold_written,
+                    Frame::AckReceived(_) => self.hold_received,
+                    _ => false,
+                };
+                if to == 0 && held {
                     self.held.push(frame);
                     continue;
                 }
@@ -209,9 +223,13 @@ impl Cluster {
     }
 
     fn write(&mut self, index: usize, id: u64, offset: u64, bytes: u64) {
+        self.write_data(index, id, offset, vec![0x5a; bytes as usize]);
+    }
+
+    fn write_data(&mut self, index: usize, id: u64, offset: u64, data: Vec<u8>) {
         let request = WriteRequest {
             offset,
-            kind: WriteKind::Data(Bytes::from(vec![0x5a; bytes as usize])),
+            kind: WriteKind::Data(Bytes::from(data)),
             fua: false,
         };
         let now = self.now;
@@ -374,4 +392,474 @@ fn the_lag_is_what_the_peer_has_not_acknowledged_as_written() {
     cluster.settle();
     assert_eq!(lag(&cluster, ms(2_000)), (0, Duration::ZERO));
     assert!(cluster.completed(0, 1) && cluster.completed(0, 2));
+}
+
+// ----- faults of the local disk (issue: every fault ends in a defined state) -----
+
+impl Cluster {
+    fn outcome(&self, index: usize, id: u64) -> Option<Result<(), i32>> {
+        self.members[index]
+            .done
+            .iter()
+            .find_map(|action| match action {
+                Action::Complete {
+                    id: RequestId(i),
+                    result,
+                } if *i == id => Some(result.as_ref().map(drop).map_err(|e| e.errno())),
+                _ => None,
+            })
+    }
+
+    fn read_done(&self, index: usize, id: u64) -> Option<Result<Bytes, i32>> {
+        self.members[index]
+            .done
+            .iter()
+            .find_map(|action| match action {
+                Action::ReadDone {
+                    id: RequestId(i),
+                    result,
+                } if *i == id => Some(result.clone().map_err(|e| e.errno())),
+                _ => None,
+            })
+    }
+
+    fn write_pattern(&mut self, index: usize, id: u64, block: u64, byte: u8) {
+        self.write_data(
+            index,
+            id,
+            block * BLOCK_BYTES,
+            vec![byte; BLOCK_BYTES as usize],
+        );
+    }
+
+    fn flush(&mut self, index: usize, id: u64) {
+        let now = self.now;
+        self.members[index].node.on_flush(now, RequestId(id));
+        self.settle();
+    }
+}
+
+/// `on-io-error = detach` (the default): the Primary's disk fails under a write; the
+/// node detaches it and goes on as a diskless Primary through its UpToDate peer —
+/// the write in flight, later writes and FLUSHes complete, reads come from the peer,
+/// and the peer marked every block and started a generation of its own first (the
+/// lost disk can only come back as a full resync target).
+#[test]
+fn item4_a_primary_whose_disk_fails_goes_on_diskless_through_its_peer() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.write_pattern(0, 1, 0, 0x11);
+    assert_eq!(cluster.outcome(0, 1), Some(Ok(())));
+    let shared_generation = cluster
+        .node(1)
+        .storage()
+        .expect("beta's store")
+        .superblock()
+        .generations
+        .current;
+
+    cluster.members[0].sim.fail_writes(0..u64::MAX);
+    cluster.write_pattern(0, 2, 1, 0x22);
+    let alpha = cluster.node(0);
+    assert_eq!(alpha.disk(), DiskState::Diskless);
+    assert!(alpha.is_diskless_primary() && alpha.is_writable());
+    assert!(alpha.detached_reason().is_some());
+    assert_eq!(
+        cluster.outcome(0, 2),
+        Some(Ok(())),
+        "the write in flight completes through the peer"
+    );
+    let beta = cluster.node(1).storage().expect("beta's store");
+    assert_eq!(beta.out_of_sync_blocks(), beta.data_blocks());
+    assert_ne!(beta.superblock().generations.current, shared_generation);
+
+    cluster.write_pattern(0, 3, 2, 0x33);
+    cluster.flush(0, 4);
+    assert_eq!(cluster.outcome(0, 3), Some(Ok(())));
+    assert_eq!(cluster.outcome(0, 4), Some(Ok(())));
+    let now = cluster.now;
+    cluster.members[0]
+        .node
+        .read_from_peer(now, RequestId(5), 100, 3 * BLOCK_BYTES - 200, false);
+    cluster.settle();
+    let blocks = cluster
+        .read_done(0, 5)
+        .expect("the read answered")
+        .expect("the read succeeded");
+    let mut expected = vec![0x11; BLOCK_BYTES as usize];
+    expected.extend(vec![0x22; BLOCK_BYTES as usize]);
+    expected.extend(vec![0x33; BLOCK_BYTES as usize]);
+    assert_eq!(&blocks[..], &expected[..], "whole blocks, from the peer");
+    let on_beta = cluster.members[1]
+        .volume
+        .read_blocking(0, 3 * BLOCK_BYTES)
+        .expect("read beta");
+    assert_eq!(&on_beta[..], &expected[..]);
+
+    // A write that would need a read-modify-write is refused (EIO), nothing shipped.
+    let shipped = cluster.node(0).peers()[0]
+        .session()
+        .expect("session")
+        .shipped_seq;
+    let request = WriteRequest {
+        offset: 10,
+        kind: WriteKind::Data(Bytes::from(vec![1u8; 100])),
+        fua: false,
+    };
+    let now = cluster.now;
+    cluster.members[0].node.on_write(now, RequestId(6), request);
+    cluster.settle();
+    assert_eq!(cluster.outcome(0, 6), Some(Err(libc::EIO)));
+    assert_eq!(
+        cluster.node(0).peers()[0]
+            .session()
+            .expect("session")
+            .shipped_seq,
+        shipped
+    );
+
+    // The diskless Primary demotes (its FLUSH goes to the peer) and the peer can take over.
+    cluster.admin(0, |n, now, id| n.demote(now, id), cluster.now);
+    assert_eq!(cluster.node(0).role(), Role::Secondary);
+}
+
+/// A diskless Primary whose last UpToDate peer goes away fails what only that peer
+/// was to hold, and later I/O, with EIO — it never hangs and never says OK.
+#[test]
+fn item4_a_diskless_primary_without_its_peer_fails_io_with_eio() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.members[0].sim.fail_writes(0..u64::MAX);
+    cluster.write_pattern(0, 1, 0, 0x11);
+    assert!(cluster.node(0).is_diskless_primary());
+    // beta's ACK_WRITTENs are held: write 2 waits; then beta goes away.
+    cluster.hold_written = true;
+    cluster.write_pattern(0, 2, 1, 0x22);
+    assert_eq!(cluster.outcome(0, 2), None);
+    let now = cluster.now;
+    let session = cluster.members[0].session.expect("session");
+    cluster.members[0]
+        .node
+        .on_closed(now, PeerId(0), session, "link down".into());
+    cluster.members[1].up = false;
+    cluster.settle();
+    assert_eq!(cluster.outcome(0, 2), Some(Err(libc::EIO)));
+    cluster.write_pattern(0, 3, 2, 0x33);
+    assert_eq!(cluster.outcome(0, 3), Some(Err(libc::EIO)));
+    let now = cluster.now;
+    cluster.members[0]
+        .node
+        .read_from_peer(now, RequestId(4), 0, BLOCK_BYTES, false);
+    cluster.settle();
+    assert_eq!(
+        cluster.read_done(0, 4).map(|r| r.map(drop)),
+        Some(Err(libc::EIO))
+    );
+}
+
+/// `on-io-error = pass-on`: the error goes to the client (EIO, never EPERM or a
+/// hang) and the store stays attached, Failed.
+#[test]
+fn item4_pass_on_returns_eio_and_stays_attached() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.members[0].node.config.on_io_error = super::OnIoError::PassOn;
+    cluster.members[0].sim.fail_writes(0..u64::MAX);
+    cluster.write_pattern(0, 1, 0, 0x11);
+    assert_eq!(cluster.outcome(0, 1), Some(Err(libc::EIO)));
+    assert_eq!(cluster.node(0).disk(), DiskState::Failed);
+    assert!(cluster.node(0).storage().is_some());
+    cluster.write_pattern(0, 2, 1, 0x22);
+    assert_eq!(cluster.outcome(0, 2), Some(Err(libc::EIO)));
+}
+
+/// A Secondary whose disk fails detaches it and ends its session; the Primary goes
+/// on alone (the write completes, its block marked for the peer's return).
+#[test]
+fn item4_a_secondary_whose_disk_fails_detaches_and_the_primary_goes_on() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.members[1].sim.fail_writes(0..u64::MAX);
+    cluster.write_pattern(0, 1, 5, 0x55);
+    assert_eq!(cluster.node(1).disk(), DiskState::Diskless);
+    assert!(cluster.node(1).peers()[0].session().is_none());
+    // beta closed the connection; alpha's transport reports it.
+    let now = cluster.now;
+    let session = cluster.members[0].session.expect("alpha's session");
+    cluster.members[0]
+        .node
+        .on_closed(now, PeerId(0), session, "closed by the peer".into());
+    cluster.settle();
+    assert_eq!(cluster.outcome(0, 1), Some(Ok(())));
+    let alpha = cluster.node(0).storage().expect("alpha's store");
+    assert!(alpha.out_of_sync_blocks() >= 1);
+    assert_eq!(cluster.node(0).disk(), DiskState::UpToDate);
+}
+
+/// A checksum miss on a Secondary's read-only export never sequences a repair write
+/// (it would rotate the generation and break replication): the read fails instead.
+#[test]
+fn item6_a_read_on_a_secondary_never_writes() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.write_pattern(0, 1, 3, 0x33);
+    let next_seq = cluster.node(1).storage().expect("beta").next_seq();
+    let now = cluster.now;
+    cluster.members[1].node.on_read_error(now, RequestId(2), 3);
+    cluster.settle();
+    assert_eq!(cluster.outcome(1, 2), Some(Err(libc::EIO)));
+    assert_eq!(
+        cluster.node(1).storage().expect("beta").next_seq(),
+        next_seq
+    );
+    assert_eq!(cluster.node(1).repaired_blocks(), 0);
+    assert!(
+        cluster.node(0).peers()[0].session().is_some(),
+        "still replicating"
+    );
+}
+
+/// The repair of a corrupt block never overwrites a client write that raced it: the
+/// reply from the peer is older than that write and is dropped.
+#[test]
+fn item7_read_repair_never_overwrites_a_newer_write() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.write_pattern(0, 1, 3, 0x33);
+    cluster.members[0]
+        .volume
+        .checkpoint_blocking(Duration::from_secs(5));
+    cluster.members[0].sim.corrupt(3 * BLOCK_BYTES + 7, 0xff);
+    let now = cluster.now;
+    // The read found block 3 corrupt; before the peer answers, a client rewrites it.
+    cluster.members[0].node.on_read_error(now, RequestId(2), 3);
+    cluster.write_pattern(0, 3, 3, 0x77);
+    assert_eq!(cluster.outcome(0, 2), Some(Ok(())));
+    assert_eq!(cluster.outcome(0, 3), Some(Ok(())));
+    assert_eq!(
+        cluster.node(0).repaired_blocks(),
+        0,
+        "the stale reply was dropped"
+    );
+    let block = cluster.members[0]
+        .volume
+        .read_blocking(3 * BLOCK_BYTES, BLOCK_BYTES)
+        .expect("read");
+    assert!(block.iter().all(|&b| b == 0x77), "the newer write stays");
+}
+
+/// A demotion drains the writes in flight, then flushes: a write that arrives after
+/// it began is refused and never sequenced, so nothing lands after the final flush.
+#[test]
+fn item10_no_write_lands_after_a_demotions_final_flush() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.hold_written = true;
+    cluster.write_pattern(0, 1, 0, 0x11);
+    assert_eq!(cluster.outcome(0, 1), None, "waits for beta's ACK_WRITTEN");
+    let now = cluster.now;
+    cluster.members[0].node.demote(now, AdminId(7));
+    cluster.write_pattern(0, 2, 1, 0x22);
+    assert_eq!(cluster.outcome(0, 2), Some(Err(libc::EPERM)));
+    let next_seq = cluster.node(0).storage().expect("alpha").next_seq();
+    cluster.hold_written = false;
+    let session = cluster.members[0].session.expect("session");
+    for frame in std::mem::take(&mut cluster.held) {
+        cluster.members[0]
+            .node
+            .handle_frame(now, PeerId(0), session, frame);
+    }
+    cluster.settle();
+    assert_eq!(cluster.outcome(0, 1), Some(Ok(())));
+    assert_eq!(cluster.node(0).role(), Role::Secondary);
+    assert_eq!(
+        cluster.node(0).storage().expect("alpha").next_seq(),
+        next_seq
+    );
+}
+
+/// In `async` mode the lag a peer may build up is bounded by the store's real journal
+/// size: past half of it the peer is dropped and resynced from the bitmap (its
+/// blocks marked), instead of pinning the journal until writes stall.
+#[test]
+fn item10_the_async_lag_bound_is_half_the_real_journal() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.members[0].node.config.mode = Mode::Async;
+    cluster.hold_written = true;
+    cluster.hold_received = true;
+    let journal = cluster.node(0).storage().expect("alpha").journal_bytes();
+    assert_eq!(journal, MIN_JOURNAL_BYTES, "the store's own journal");
+    let mut id = 1;
+    // Writes of 16 KiB: each completes locally (async) while the peer answers nothing.
+    while cluster.node(0).peers()[0].session().is_some() {
+        assert!(
+            id * 16 * 1024 < journal,
+            "the peer was never dropped: the lag is not bounded by the journal"
+        );
+        cluster.write(0, id, (id % 32) * 4 * BLOCK_BYTES, 4 * BLOCK_BYTES);
+        assert_eq!(cluster.outcome(0, id), Some(Ok(())));
+        id += 1;
+    }
+    let lagged = (id - 1) * (4 * BLOCK_BYTES + 64);
+    assert!(
+        lagged > journal / 2,
+        "dropped at {lagged} bytes of lag, not past half the journal ({journal})"
+    );
+    let error = cluster.node(0).peers()[0]
+        .last_error
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(error.contains("half the journal"), "{error}");
+    assert!(
+        cluster
+            .node(0)
+            .storage()
+            .expect("alpha")
+            .out_of_sync_blocks()
+            > 0
+    );
+}
+
+/// A forced promotion of a connected sync target stops the resync in both directions
+/// before its first client write: the session ends, the old source is never
+/// overwritten (the next handshake refuses the diverged pair), and it keeps its data.
+#[test]
+fn item5_a_forced_promotion_of_a_sync_target_never_overwrites_the_source() {
+    let mut cluster = Cluster::primary_pair();
+    // beta misses a write (the link dropped), then alpha demotes.
+    let now = cluster.now;
+    for member in &mut cluster.members {
+        let session = member.session.take().expect("session");
+        member
+            .node
+            .on_closed(now, PeerId(0), session, "link down".into());
+    }
+    cluster.settle();
+    cluster.write_pattern(0, 1, 5, 0x55);
+    assert_eq!(cluster.outcome(0, 1), Some(Ok(())));
+    cluster.admin(0, |n, now, id| n.demote(now, id), now);
+    // They reconnect with the resync paused: beta is alpha's sync target.
+    cluster.members[0]
+        .node
+        .pause_sync(now, true)
+        .expect("pause the resync");
+    cluster.connect();
+    assert!(matches!(
+        cluster.node(1).peers()[0]
+            .session()
+            .expect("beta's session")
+            .repl,
+        super::peer::Repl::Target(_)
+    ));
+    assert_eq!(cluster.node(1).disk(), DiskState::Inconsistent);
+
+    cluster.admin(1, |n, now, id| n.promote(now, id, true), now);
+    assert_eq!(cluster.node(1).role(), Role::Primary);
+    assert!(
+        cluster.node(1).peers()[0].session().is_none(),
+        "the resync session ended before the promotion"
+    );
+    // alpha's transport sees the close; the resync resumes on alpha's side in vain.
+    if let Some(session) = cluster.members[0].session.take() {
+        cluster.members[0]
+            .node
+            .on_closed(now, PeerId(0), session, "closed by the peer".into());
+    }
+    cluster.members[0]
+        .node
+        .pause_sync(now, false)
+        .expect("resume");
+    cluster.settle();
+    // The new primary writes the block; a new handshake refuses the diverged pair.
+    cluster.write_pattern(1, 2, 5, 0x66);
+    assert_eq!(cluster.outcome(1, 2), Some(Ok(())));
+    for member in &mut cluster.members {
+        member.session = member.node.on_connected(now, PeerId(0));
+    }
+    cluster.settle();
+    assert!(cluster.node(0).peers()[0].session().is_none());
+    assert!(cluster.node(1).peers()[0].session().is_none());
+    let block = cluster.members[0]
+        .volume
+        .read_blocking(5 * BLOCK_BYTES, BLOCK_BYTES)
+        .expect("read alpha");
+    assert!(
+        block.iter().all(|&b| b == 0x55),
+        "the old source was overwritten"
+    );
+    assert_eq!(cluster.node(0).disk(), DiskState::UpToDate);
+}
+
+/// Two connected nodes promoted at the same moment cannot both become Primary: each
+/// asks the other (PROMOTE_REQUEST), and a node that is being promoted itself
+/// refuses the other's request.
+#[test]
+fn item8_two_concurrent_promotions_of_connected_nodes_never_both_succeed() {
+    let mut cluster = Cluster::pair();
+    cluster.connect();
+    cluster.admin(0, |n, now, id| n.new_current_uuid(now, id, true), ms(100));
+    let now = cluster.now;
+    cluster.members[0].node.promote(now, AdminId(1), false);
+    cluster.members[1].node.promote(now, AdminId(1), false);
+    cluster.now = ms(10_000);
+    let later = cluster.now;
+    for member in &mut cluster.members {
+        member.node.on_tick(later);
+    }
+    cluster.settle();
+    let primaries = cluster
+        .members
+        .iter()
+        .filter(|member| member.node.role() == Role::Primary)
+        .count();
+    assert!(primaries <= 1, "two primaries");
+    for member in &cluster.members {
+        assert!(
+            member
+                .done
+                .iter()
+                .any(|action| matches!(action, Action::AdminDone { id: AdminId(1), .. })),
+            "each promotion answered"
+        );
+    }
+}
+
+/// In `semi-sync` a write completes on ACK_RECEIVED; if the session then ends before
+/// the peer reports it durable, its blocks are marked and the generation rotates, so
+/// the next handshake makes this node the source — never a tie that could let the
+/// peer (which may have lost the write) overwrite it.
+#[test]
+fn item2_a_session_end_that_marks_blocks_rotates_the_generation() {
+    let mut cluster = Cluster::primary_pair();
+    cluster.members[0].node.config.mode = Mode::SemiSync;
+    cluster.hold_written = true;
+    let generation = |cluster: &Cluster| {
+        cluster
+            .node(0)
+            .storage()
+            .expect("alpha")
+            .superblock()
+            .generations
+            .current
+    };
+    let before = generation(&cluster);
+    cluster.write_pattern(0, 1, 9, 0x99);
+    assert_eq!(
+        cluster.outcome(0, 1),
+        Some(Ok(())),
+        "completed on ACK_RECEIVED"
+    );
+    let now = cluster.now;
+    let session = cluster.members[0].session.take().expect("session");
+    cluster.members[0]
+        .node
+        .on_closed(now, PeerId(0), session, "link down".into());
+    cluster.settle();
+    assert!(
+        cluster
+            .node(0)
+            .storage()
+            .expect("alpha")
+            .out_of_sync_blocks()
+            > 0
+    );
+    assert_ne!(
+        generation(&cluster),
+        before,
+        "marked blocks without a new generation"
+    );
 }

@@ -882,17 +882,7 @@ impl Volume {
         } else {
             record::flags::ZEROES
         };
-        let mut pieces = Vec::new();
-        let mut block = first_full;
-        while block < end_full {
-            let blocks = (end_full - block).min(crate::record::MAX_RECORD_BLOCKS);
-            pieces.push(Piece::Zero {
-                first_block: block,
-                blocks,
-                kind,
-            });
-            block += blocks;
-        }
+        let mut pieces = whole_zero_pieces(first_full, end_full, kind);
         if is_trim {
             return Ok(pieces);
         }
@@ -1628,6 +1618,72 @@ impl Piece {
             ),
         }
     }
+}
+
+/// Zero records for the whole blocks `first_full..end_full`.
+fn whole_zero_pieces(first_full: u64, end_full: u64, kind: u16) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let mut block = first_full;
+    while block < end_full {
+        let blocks = (end_full - block).min(crate::record::MAX_RECORD_BLOCKS);
+        pieces.push(Piece::Zero {
+            first_block: block,
+            blocks,
+            kind,
+        });
+        block += blocks;
+    }
+    pieces
+}
+
+/// The records of a write that needs no read-modify-write (data and WRITE_ZEROES on
+/// whole blocks; TRIM of its whole blocks), numbered from `first_seq` as a volume
+/// would sequence them. A diskless Primary builds its records so, without a store.
+pub fn aligned_records(
+    request: &WriteRequest,
+    size_bytes: u64,
+    first_seq: u64,
+    max_record: u64,
+) -> Result<Vec<Record>, IoError> {
+    let length = request.length();
+    let offset = request.offset;
+    let limit = match request.kind {
+        WriteKind::Data(_) => MAX_IO_BYTES,
+        WriteKind::Trim(_) | WriteKind::Zeroes(_) => MAX_ZERO_BYTES,
+    };
+    check_io("write", offset, length, size_bytes, limit)?;
+    let unaligned = || {
+        IoError::Failed(
+            "this node is a diskless Primary: it takes only writes of whole 4 KiB blocks".into(),
+        )
+    };
+    let pieces = match &request.kind {
+        WriteKind::Data(data) => {
+            if offset % BLOCK_BYTES != 0 || length % BLOCK_BYTES != 0 {
+                return Err(unaligned());
+            }
+            split_data(offset / BLOCK_BYTES, data.clone(), max_record)
+        }
+        WriteKind::Zeroes(_) if offset % BLOCK_BYTES != 0 || length % BLOCK_BYTES != 0 => {
+            return Err(unaligned());
+        }
+        WriteKind::Zeroes(_) => whole_zero_pieces(
+            offset / BLOCK_BYTES,
+            (offset + length) / BLOCK_BYTES,
+            record::flags::ZEROES,
+        ),
+        // TRIM is advisory: its partial edge blocks are ignored, as on a store.
+        WriteKind::Trim(_) => whole_zero_pieces(
+            offset.div_ceil(BLOCK_BYTES),
+            (offset + length) / BLOCK_BYTES,
+            record::flags::TRIM,
+        ),
+    };
+    Ok(pieces
+        .into_iter()
+        .zip(first_seq..)
+        .map(|(piece, seq)| piece.into_record(seq, request.fua))
+        .collect())
 }
 
 /// Splits whole-block data into records of at most `max_record` bytes.

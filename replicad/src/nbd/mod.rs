@@ -127,6 +127,14 @@ pub trait Export: Send + Sync + 'static {
     /// durable.
     fn can_multi_conn(&self) -> bool;
 
+    /// Resolves when the export's data stops being worth serving after this call (a
+    /// Secondary whose disk went Inconsistent as a resync target): the connection
+    /// that asked is closed rather than shown a half-synced image. The server asks
+    /// once per connection, when its transmission phase begins. Never, by default.
+    fn unservable(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
     /// The smallest addressable unit: a power of two from 1 to 65536. The server refuses
     /// unaligned requests with `EINVAL`, and advertises this value to clients that ask
     /// for block size constraints. Defaults to 1 (any alignment).

@@ -285,8 +285,13 @@ async fn run_connection<R, W, S>(
         flags = format_args!("{:#x}", session.transmission_flags),
         "transmission phase"
     );
+    let name = session.name.clone();
     match transmission::run(reader, writer, session, config, stop).await {
         Ok(End::Refused) => warn!("connection closed after an oversized request"),
+        Ok(End::Unservable) => warn!(
+            export = %name,
+            "client disconnected: the export's disk is no longer UpToDate or Outdated"
+        ),
         Ok(end) => debug!(?end, "disconnected"),
         Err(error) => warn!(error = %error_chain(&error), "connection ended"),
     }

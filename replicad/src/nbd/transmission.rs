@@ -185,6 +185,8 @@ pub(crate) enum End {
     Shutdown,
     /// A request was refused and the connection closed (payload too large to skip).
     Refused,
+    /// The export's data stopped being servable (see `Export::unservable`).
+    Unservable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -387,10 +389,13 @@ where
     let (reply_sender, reply_receiver) = mpsc::channel(config.max_in_flight_requests);
     let writer_task = AbortOnDrop(tokio::spawn(write_replies(writer, reply_receiver)));
 
+    let unservable = export.unservable();
+    tokio::pin!(unservable);
     let ended = loop {
         let incoming = tokio::select! {
             biased;
             () = stopped(&mut stop) => break Ok(End::Shutdown),
+            () = &mut unservable => break Ok(End::Unservable),
             incoming = next_request(&mut reader, &*export, shape, &budget) => incoming,
         };
         match incoming {

@@ -177,6 +177,11 @@ pub struct Node {
     pub log: PathBuf,
     pub process: Option<tools::launch::NodeProcess>,
     starts: u32,
+    /// The IP address the node listens on and is dialed at (`127.0.0.1` unless the
+    /// node runs in a network namespace of a [`NetnsPair`]).
+    pub ip: String,
+    /// The network namespace the daemon runs in (`ip netns exec`), if any.
+    pub netns: Option<String>,
 }
 
 /// One resource (`r0`) on one or two nodes, in its own temp directory.
@@ -223,6 +228,8 @@ impl Cluster {
                 log: cluster.dir.join(format!("{name}.log")),
                 process: None,
                 starts: 0,
+                ip: "127.0.0.1".into(),
+                netns: None,
             };
             cluster.nodes.insert(name.to_string(), node);
         }
@@ -260,9 +267,11 @@ impl Cluster {
                 format!("127.0.0.1:{}", node.nbd_port)
             };
             text.push_str(&format!(
-                "[resource.{RESOURCE}.nodes.{}]\naddress = \"127.0.0.1:{}\"\nlisten = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"{nbd}\"\ncontrol = \"{}\"\n",
+                "[resource.{RESOURCE}.nodes.{}]\naddress = \"{}:{}\"\nlisten = \"{}:{}\"\ndisk = \"{}\"\nnbd = \"{nbd}\"\ncontrol = \"{}\"\n",
                 node.name,
+                node.ip,
                 node.replication_port,
+                node.ip,
                 node.listen_port,
                 node.image.display(),
                 node.control.display()
@@ -333,7 +342,21 @@ impl Cluster {
         if name == "alpha" {
             extra.extend(["--threads", "2"]);
         }
-        let program = tools::launch::DaemonProgram::binary(&replicad_bin());
+        let mut program = tools::launch::DaemonProgram::binary(&replicad_bin());
+        if let Some(netns) = &node.netns {
+            // `ip netns exec` enters the namespace and execs the daemon (no fork): the
+            // child's pid is the daemon's.
+            program = tools::launch::DaemonProgram {
+                program: PathBuf::from("ip"),
+                prefix: vec![
+                    "netns".into(),
+                    "exec".into(),
+                    netns.clone(),
+                    replicad_bin().display().to_string(),
+                ],
+                env: Vec::new(),
+            };
+        }
         node.process = Some(
             tools::launch::NodeProcess::spawn(&program, &config, name, log, &extra)
                 .expect("spawn replicad"),
@@ -1308,6 +1331,27 @@ pub fn teardown_dead_stack(mount: Mount, loop_device: LoopDevice, fuse: NbdFuse)
     drop(fuse);
 }
 
+/// Once the pair is in sync again: the client flushes (every acknowledged write is
+/// durable on both nodes), the primary dies, the spare is promoted and must hold
+/// every write the checker's `log` says was acknowledged.
+pub fn fail_over_and_verify(cluster: &mut Cluster, log: &Path, after: &str) {
+    cluster.wait_in_sync(Duration::from_secs(120));
+    qemu_io_ok(&cluster.uri("alpha"), false, "flush");
+    cluster.kill9("alpha");
+    cluster.wait_peer_lost("beta", Duration::from_secs(30));
+    cluster.replctl_ok("beta", &["promote", RESOURCE, "--force"]);
+    let (passed, report) = checker_verify(&cluster.uri("beta"), log, "acked");
+    assert!(
+        passed,
+        "the promoted spare lost acknowledged writes {after}:\n{report}\n{}",
+        cluster.log_tail("beta")
+    );
+    eprintln!(
+        "{}",
+        report.lines().find(|l| l.contains("lost")).unwrap_or("")
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // A store that can lose power: only what was flushed survives.
 // ---------------------------------------------------------------------------------
@@ -1320,12 +1364,16 @@ pub fn teardown_dead_stack(mount: Mount, loop_device: LoopDevice, fuse: NbdFuse)
 /// kills nbdkit and nbdfuse with SIGKILL and unmounts lazily, so the image file keeps
 /// exactly what the daemon's fdatasyncs made durable. [`VolatileStore::hang`] makes
 /// every request wait (nbdkit's `pause` filter, above the cache) until
-/// [`VolatileStore::wake`]: a disk that hangs without failing.
+/// [`VolatileStore::wake`]: a disk that hangs without failing. [`VolatileStore::fail`]
+/// makes every request fail with EIO (nbdkit's `error` filter, outermost) until
+/// [`VolatileStore::repair`]: a disk that dies.
 pub struct VolatileStore {
     pub image: PathBuf,
     mount: PathBuf,
     socket: PathBuf,
     pause: PathBuf,
+    error_file: PathBuf,
+    read_error_file: PathBuf,
     nbdkit: Option<Child>,
     fuse: Option<NbdFuse>,
 }
@@ -1340,6 +1388,8 @@ impl VolatileStore {
             mount: dir.join("mount"),
             socket: dir.join("nbdkit.sock"),
             pause: dir.join("pause.sock"),
+            error_file: dir.join("fail-now"),
+            read_error_file: dir.join("fail-reads-now"),
             nbdkit: None,
             fuse: None,
         };
@@ -1363,12 +1413,22 @@ impl VolatileStore {
             .arg("--exit-with-parent")
             .arg("--unix")
             .arg(&self.socket)
+            .arg("--filter=error")
             .arg("--filter=pause")
             .arg("--filter=cache")
             .arg("file")
             .arg(&self.image)
             .arg("cache=writeback")
             .arg(format!("pause-control={}", self.pause.display()))
+            .arg("error=EIO")
+            .arg("error-rate=100%")
+            .arg(format!("error-file={}", self.error_file.display()))
+            .arg("error-pread=EIO")
+            .arg("error-pread-rate=100%")
+            .arg(format!(
+                "error-pread-file={}",
+                self.read_error_file.display()
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         self.nbdkit = Some(nbdkit.spawn().expect("start nbdkit"));
@@ -1390,6 +1450,24 @@ impl VolatileStore {
     /// The hung disk answers again.
     pub fn wake(&self) {
         self.pause_control(b'r');
+    }
+
+    /// The disk dies: every request from now on fails with EIO.
+    pub fn fail(&self) {
+        std::fs::write(&self.error_file, b"").expect("create the error file");
+        self.fail_reads();
+    }
+
+    /// Reads fail with EIO from now on (bad sectors); writes still work.
+    pub fn fail_reads(&self) {
+        std::fs::write(&self.read_error_file, b"").expect("create the read error file");
+    }
+
+    /// The dead disk was replaced by a working one (with the same contents).
+    pub fn repair(&self) {
+        for file in [&self.error_file, &self.read_error_file] {
+            let _ = std::fs::remove_file(file);
+        }
     }
 
     /// Sends a command to the pause filter; it echoes it in upper case once done.
@@ -1533,6 +1611,185 @@ impl Cluster {
                 "timed out after {timeout:?} waiting for {name}'s metrics to show {what}; last scrape:\n{last}"
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Real network partitions: each node in its own network namespace, the two joined
+// by a veth pair, traffic dropped with nftables (e2e_partition.rs).
+// ---------------------------------------------------------------------------------
+
+/// Two network namespaces joined by a veth pair (`10.213.N.1/24` and `.2/24`, `lo`
+/// up in both). Dropping it deletes both namespaces, and with them the veth pair and
+/// every nftables table made in them, even when the test panics.
+pub struct NetnsPair {
+    /// The namespaces' names (unique: the test's process id and a counter).
+    pub names: [String; 2],
+    /// The veth addresses, in the same order.
+    pub ips: [String; 2],
+}
+
+/// The nftables table [`NetnsPair::drop_traffic`] adds and [`NetnsPair::heal`] deletes.
+pub const PARTITION_TABLE: &str = "replicad_partition";
+
+impl NetnsPair {
+    pub fn create() -> NetnsPair {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        require_tool("ip", "iproute2");
+        require_tool("nft", "nftables");
+        require_tool("ss", "iproute2");
+        assert!(is_root(), "network namespaces need root");
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        // The guard exists before the first namespace does: a failed setup is undone.
+        let pair = NetnsPair {
+            names: [format!("rpart-{pid}-{n}-a"), format!("rpart-{pid}-{n}-b")],
+            ips: [
+                format!("10.213.{}.1", n % 250),
+                format!("10.213.{}.2", n % 250),
+            ],
+        };
+        // Interface names: at most 15 bytes.
+        let veth = [
+            format!("rp{}{n}a", pid % 1_000_000),
+            format!("rp{}{n}b", pid % 1_000_000),
+        ];
+        let ip = |args: &[&str]| {
+            run_ok(Command::new("ip").args(args), Duration::from_secs(30));
+        };
+        for name in &pair.names {
+            ip(&["netns", "add", name]);
+        }
+        ip(&[
+            "link",
+            "add",
+            &veth[0],
+            "netns",
+            &pair.names[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &veth[1],
+            "netns",
+            &pair.names[1],
+        ]);
+        for ((ns, address), veth) in pair.names.iter().zip(&pair.ips).zip(&veth) {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                veth,
+            ]);
+            ip(&["-n", ns, "link", "set", veth, "up"]);
+        }
+        pair
+    }
+
+    /// Runs `ARGS…` inside namespace `side` (0 or 1); returns its stdout.
+    pub fn exec(&self, side: usize, args: &[&str]) -> String {
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &self.names[side]])
+                .args(args),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Puts node `name` of `cluster` (not started yet) into namespace `side`: it
+    /// listens on and is dialed at that side's veth address. Call
+    /// [`Cluster::write_config`] afterwards.
+    pub fn place(&self, cluster: &mut Cluster, name: &str, side: usize) {
+        assert!(
+            cluster.options.unix_nbd,
+            "a namespaced node serves NBD on a unix socket (the client runs outside)"
+        );
+        let node = cluster.nodes.get_mut(name).expect("node");
+        node.ip.clone_from(&self.ips[side]);
+        node.netns = Some(self.names[side].clone());
+    }
+
+    /// In namespace `side`: drops every packet, in and out, that one of the nftables
+    /// `matches` (e.g. `ip saddr 10.0.0.2`) selects, in table [`PARTITION_TABLE`].
+    pub fn drop_traffic(&self, side: usize, input: &[String], output: &[String]) {
+        self.exec(side, &["nft", &format!("add table inet {PARTITION_TABLE}")]);
+        for (chain, hook, rules) in [("in", "input", input), ("out", "output", output)] {
+            self.exec(
+                side,
+                &[
+                    "nft",
+                    &format!(
+                        "add chain inet {PARTITION_TABLE} {chain} {{ type filter hook {hook} priority 0; policy accept; }}"
+                    ),
+                ],
+            );
+            for rule in rules {
+                self.exec(
+                    side,
+                    &[
+                        "nft",
+                        &format!("add rule inet {PARTITION_TABLE} {chain} {rule} drop"),
+                    ],
+                );
+            }
+        }
+    }
+
+    /// Deletes namespace `side`'s partition table: traffic flows again.
+    pub fn heal(&self, side: usize) {
+        self.exec(
+            side,
+            &["nft", &format!("delete table inet {PARTITION_TABLE}")],
+        );
+    }
+
+    /// The established TCP connections in namespace `side`, from `ss -tniH`: (local
+    /// address, peer address, bytes sent + received).
+    pub fn tcp_connections(
+        &self,
+        side: usize,
+    ) -> Vec<(std::net::SocketAddr, std::net::SocketAddr, u64)> {
+        let text = self.exec(side, &["ss", "-tniH", "state", "established"]);
+        let mut connections: Vec<(std::net::SocketAddr, std::net::SocketAddr, u64)> = Vec::new();
+        for line in text.lines() {
+            let addresses: Vec<std::net::SocketAddr> = line
+                .split_whitespace()
+                .filter_map(|token| token.parse().ok())
+                .collect();
+            if let [local, peer] = addresses[..] {
+                connections.push((local, peer, 0));
+                continue;
+            }
+            let Some(last) = connections.last_mut() else {
+                continue;
+            };
+            for token in line.split_whitespace() {
+                for key in ["bytes_sent:", "bytes_received:"] {
+                    if let Some(value) = token.strip_prefix(key).and_then(|v| v.parse::<u64>().ok())
+                    {
+                        last.2 += value;
+                    }
+                }
+            }
+        }
+        connections
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip")
+                .args(["netns", "del", name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
