@@ -50,28 +50,40 @@ impl<S: Storage> Node<S> {
         let Some(session) = self.peers[peer.0].session().map(|s| s.id) else {
             return;
         };
-        let words = self
-            .storage
-            .as_ref()
-            .map(|storage| storage.bitmap_words())
-            .unwrap_or_default();
-        let mut first = 0;
-        loop {
-            let end = (first + BITMAP_WORDS_PER_FRAME).min(words.len());
-            let last = end == words.len();
+        // Only frames with a bit set are sent (a merge of zero words changes
+        // nothing), found by the bitmap's own search, which skips clean extents: a
+        // mostly clean bitmap of a huge volume costs neither memory nor frames. The
+        // last frame, possibly empty, says the bitmap is complete.
+        let per_frame = BITMAP_WORDS_PER_FRAME as u64;
+        let mut frames = Vec::new();
+        if let Some(storage) = self.storage.as_ref() {
+            let blocks = storage.data_blocks();
+            let mut from_word = 0u64;
+            while let Some((block, _)) =
+                storage.next_out_of_sync_run(from_word.saturating_mul(64), 1)
+            {
+                if block >= blocks {
+                    break;
+                }
+                let first_word = block / 64 / per_frame * per_frame;
+                frames.push((first_word, storage.bitmap_words_at(first_word, per_frame)));
+                from_word = first_word + per_frame;
+            }
+        }
+        if frames.is_empty() {
+            frames.push((0, Vec::new()));
+        }
+        let count = frames.len();
+        for (index, (first_word, words)) in frames.into_iter().enumerate() {
             self.send(
                 peer,
                 session,
                 Frame::Bitmap {
-                    first_word: first as u64,
-                    words: words[first..end].to_vec(),
-                    last,
+                    first_word,
+                    words,
+                    last: index + 1 == count,
                 },
             );
-            if last {
-                break;
-            }
-            first = end;
         }
     }
 

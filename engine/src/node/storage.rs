@@ -150,7 +150,8 @@ pub trait Storage {
     fn advance_seq(&mut self, seq: u64);
 
     fn out_of_sync_blocks(&self) -> u64;
-    fn bitmap_words(&self) -> Vec<u64>;
+    /// `count` words of the out-of-sync bitmap from word `first_word` (clamped).
+    fn bitmap_words_at(&self, first_word: u64, count: u64) -> Vec<u64>;
     fn merge_bitmap_at(&mut self, first_word: u64, words: &[u64]);
     fn set_out_of_sync(&mut self, first_block: u64, blocks: u64);
     fn clear_out_of_sync(&mut self, first_block: u64, blocks: u64);
@@ -361,8 +362,8 @@ impl Storage for VolumeStorage {
         self.volume.out_of_sync_blocks()
     }
 
-    fn bitmap_words(&self) -> Vec<u64> {
-        self.volume.bitmap_words()
+    fn bitmap_words_at(&self, first_word: u64, count: u64) -> Vec<u64> {
+        self.volume.bitmap_words_at(first_word, count)
     }
 
     fn merge_bitmap_at(&mut self, first_word: u64, words: &[u64]) {

@@ -1319,10 +1319,10 @@ impl Volume {
         self.shared.lock().bitmap.clone()
     }
 
-    /// Every word of the out-of-sync bitmap, for shipping to the peer: see
-    /// [`Bitmap::words`] (the untouched, zero parts of the vector cost no memory).
-    pub fn bitmap_words(&self) -> Vec<u64> {
-        self.shared.lock().bitmap.words()
+    /// `count` words of the out-of-sync bitmap from word `first_word` (clamped to
+    /// the bitmap), for shipping to the peer one frame at a time.
+    pub fn bitmap_words_at(&self, first_word: u64, count: u64) -> Vec<u64> {
+        self.shared.lock().bitmap.words_at(first_word, count)
     }
 
     /// Counters of the checksum table's cache.
