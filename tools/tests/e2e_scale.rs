@@ -210,3 +210,114 @@ fn a_15_tib_volume_needs_neither_memory_nor_time_in_proportion() {
         .collect();
     print_table(&rows);
 }
+
+/// The highest `VmRSS` of the pair's daemons seen so far, sampled by
+/// [`watch_rss_until`].
+fn pair_rss(cluster: &Cluster) -> u64 {
+    ["alpha", "beta"]
+        .iter()
+        .filter_map(|name| cluster.node(name).process.as_ref()?.id())
+        .map(rss_bytes)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Samples both daemons' resident memory every 50 ms until `done` holds (bounded by
+/// `timeout`); returns the highest sample.
+fn watch_rss_until(cluster: &Cluster, timeout: Duration, done: impl Fn(&Cluster) -> bool) -> u64 {
+    let started = Instant::now();
+    let mut highest = 0;
+    loop {
+        highest = highest.max(pair_rss(cluster));
+        if done(cluster) {
+            return highest;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "not done within {timeout:?}; highest RSS {} MiB",
+            highest / MIB
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A pair of 15 TiB volumes: the spare misses writes scattered over the whole volume,
+/// then comes back and resyncs them. Neither daemon's resident memory passes 256 MiB
+/// while the bitmaps are exchanged and the blocks resynced (the bitmap frames carry
+/// only the parts with bits set, in small pieces).
+#[test]
+fn a_resync_of_a_15_tib_pair_stays_in_bounded_memory() {
+    let writes: usize = std::env::var("REPLICAD_SCALE_RESYNC_WRITES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000);
+    let mut cluster = Cluster::new(
+        "scale-resync",
+        &["alpha", "beta"],
+        ClusterOptions {
+            image_bytes: parse_size("15T"),
+            ..ClusterOptions::default()
+        },
+    );
+    for node in ["alpha", "beta"] {
+        cluster.replctl_ok(node, &["create-md", RESOURCE, "--zeroed"]);
+    }
+    cluster.start_all();
+    cluster.wait_peer_connection("alpha", "Connected", Duration::from_secs(60));
+    cluster.replctl_ok("alpha", &["new-current-uuid", RESOURCE, "--clear-bitmap"]);
+    cluster.replctl_ok("alpha", &["promote", RESOURCE]);
+    cluster.wait_in_sync(Duration::from_secs(60));
+    cluster.stop("beta");
+
+    let size_bytes = cluster.status("alpha").size_bytes;
+    let mut client = RawNbd::open(cluster.node("alpha").nbd_port, RESOURCE);
+    let targets = offsets(size_bytes, writes);
+    for (index, &offset) in targets.iter().enumerate() {
+        let block = pattern_bytes(index as u64 + 1, 4096);
+        assert_eq!(client.write(offset, &block, false), 0, "write at {offset}");
+    }
+    assert_eq!(client.flush(), 0);
+    drop(client);
+    let marked = cluster.status("alpha").out_of_sync_bytes;
+    assert!(
+        marked >= 4096 * (writes as u64) / 2,
+        "marked {marked} bytes"
+    );
+
+    let started = Instant::now();
+    cluster.start("beta");
+    let highest = watch_rss_until(&cluster, Duration::from_secs(600), |cluster| {
+        let alpha = cluster.status("alpha");
+        alpha.out_of_sync_bytes == 0
+            && alpha
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.connection == "Connected" && p.replication == "Established")
+    });
+    println!(
+        "| 15T pair | {} scattered blocks resynced in {:.2} s | highest RSS of both daemons {} MiB |",
+        targets.len(),
+        started.elapsed().as_secs_f64(),
+        highest / MIB
+    );
+    assert!(
+        highest <= RSS_LIMIT,
+        "a daemon's RSS reached {} MiB during the resync (limit 256 MiB)",
+        highest / MIB
+    );
+    // The spare holds the blocks (its read-only export, a sample).
+    let mut spare = RawNbd::open(cluster.node("beta").nbd_port, RESOURCE);
+    let step = (targets.len() / 64).max(1);
+    for (index, &offset) in targets.iter().enumerate().step_by(step) {
+        if targets[index + 1..].contains(&offset) {
+            continue;
+        }
+        let data = spare.read(offset, 4096).expect("read the spare");
+        assert!(
+            data == pattern_bytes(index as u64 + 1, 4096),
+            "block at {offset}"
+        );
+    }
+    cluster.assert_no_panic_logged("alpha");
+    cluster.assert_no_panic_logged("beta");
+}

@@ -25,8 +25,10 @@ use crate::volume::BlockChecks;
 use crate::wire::{BlockData, Frame, MAX_FRAME_BLOCKS};
 use crate::BLOCK_BYTES;
 
-/// Bitmap words per BITMAP frame (1 MiB).
-const BITMAP_WORDS_PER_FRAME: usize = 128 * 1024;
+/// Bitmap words per BITMAP frame (2 KiB: 64 MiB of the volume). Small, because only
+/// frames with a bit set are sent: bits scattered over a huge volume then cost about
+/// what is set, not a megabyte per region they touch.
+const BITMAP_WORDS_PER_FRAME: usize = 256;
 /// Resync bytes in flight (sent, not yet acknowledged).
 pub(super) const RESYNC_WINDOW_BYTES: u64 = 16 << 20;
 /// Most out-of-sync runs the source reads in one group.
