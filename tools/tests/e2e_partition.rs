@@ -8,9 +8,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Output;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -41,43 +38,6 @@ fn namespaced_pair(test: &str, options: ClusterOptions) -> (NetnsPair, Cluster) 
     cluster.replctl_ok("alpha", &["promote", RESOURCE]);
     cluster.wait_in_sync(Duration::from_secs(60));
     (net, cluster)
-}
-
-/// The checker writes through alpha's export at QD32 for `seconds` in the background
-/// (each request bounded: a hung write ends the run as `server-disconnected`).
-fn start_checker(cluster: &Cluster, seconds: &str) -> JoinHandle<(PathBuf, Output)> {
-    let uri = cluster.uri("alpha");
-    let dir = cluster.dir.clone();
-    let seconds = seconds.to_string();
-    std::thread::spawn(move || {
-        checker_write(
-            &dir,
-            &uri,
-            &[
-                "--qd",
-                "32",
-                "--seconds",
-                &seconds,
-                "--blocks",
-                "0..10000",
-                "--request-timeout",
-                "20",
-            ],
-        )
-    })
-}
-
-/// The checker ran its full time: no write hung or failed.
-fn assert_checker_ran_out_its_time(cluster: &Cluster, output: &Output, what: &str) {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("stop time-up"),
-        "the checker's writes did not run their course {what} ({}):\n{stdout}{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr),
-        cluster.log_tail("alpha")
-    );
-    eprintln!("{}", stdout.trim());
 }
 
 /// `replctl status --json` of `name`: the peer is not Connected and carries a last
@@ -113,7 +73,7 @@ fn full_partition_primary_goes_on_alone_then_resyncs_and_fails_over() {
     let (net, mut cluster) = namespaced_pair("part-full", partition_options(""));
     let before = cluster.status("alpha");
 
-    let writer = start_checker(&cluster, "8");
+    let writer = checker_in_background(&cluster, 32, "8", "0..10000");
     cluster.wait_writes_beyond("alpha", before.io.writes + 1000, Duration::from_secs(30));
     let beta_ip = &net.ips[1];
     let cut = Instant::now();
@@ -199,7 +159,7 @@ fn data_only_partition_drops_the_peer_after_ko_timeout_then_resyncs_and_fails_ov
     // shown until the next one.
     let earlier_error = before.peer.as_ref().and_then(|p| p.last_error.clone());
 
-    let writer = start_checker(&cluster, "10");
+    let writer = checker_in_background(&cluster, 32, "10", "0..10000");
     cluster.wait_writes_beyond("alpha", before.io.writes + 1000, Duration::from_secs(30));
     let (local, peer) = (data.0, data.1);
     let cut = Instant::now();
@@ -284,7 +244,7 @@ fn bulk_black_hole_a_stalled_resync_is_noticed_not_shown_connected_forever() {
     let events = EventLog::start(&cluster, "alpha");
     let before = cluster.status("alpha");
 
-    let writer = start_checker(&cluster, "8");
+    let writer = checker_in_background(&cluster, 32, "8", "0..10000");
     cluster.wait_writes_beyond("alpha", before.io.writes + 1000, Duration::from_secs(30));
     let beta_ip = &net.ips[1];
     net.drop_traffic(

@@ -1331,6 +1331,49 @@ pub fn teardown_dead_stack(mount: Mount, loop_device: LoopDevice, fuse: NbdFuse)
     drop(fuse);
 }
 
+/// The checker writes through alpha's export at queue depth `qd` for `seconds` over
+/// `blocks`, in the background (each request bounded: a hung write ends the run as
+/// `server-disconnected`).
+pub fn checker_in_background(
+    cluster: &Cluster,
+    qd: u32,
+    seconds: &str,
+    blocks: &str,
+) -> std::thread::JoinHandle<(PathBuf, Output)> {
+    let uri = cluster.uri("alpha");
+    let dir = cluster.dir.clone();
+    let (qd, seconds, blocks) = (qd.to_string(), seconds.to_string(), blocks.to_string());
+    std::thread::spawn(move || {
+        checker_write(
+            &dir,
+            &uri,
+            &[
+                "--qd",
+                &qd,
+                "--seconds",
+                &seconds,
+                "--blocks",
+                &blocks,
+                "--request-timeout",
+                "20",
+            ],
+        )
+    })
+}
+
+/// The checker ran its full time: no write hung or failed.
+pub fn assert_checker_ran_out_its_time(cluster: &Cluster, output: &Output, what: &str) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("stop time-up"),
+        "the checker's writes did not run their course {what} ({}):\n{stdout}{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        cluster.log_tail("alpha")
+    );
+    eprintln!("{}", stdout.trim());
+}
+
 /// Once the pair is in sync again: the client flushes (every acknowledged write is
 /// durable on both nodes), the primary dies, the spare is promoted and must hold
 /// every write the checker's `log` says was acknowledged.
