@@ -30,13 +30,7 @@ fn pair_over_a_volatile_store(
         .expect("node")
         .image
         .clone_from(&store.file());
-    cluster.write_config();
-    cluster.create_md_all();
-    cluster.start_all();
-    cluster.wait_peer_connection("alpha", "Connected", Duration::from_secs(30));
-    cluster.replctl_ok("alpha", &["new-current-uuid", RESOURCE, "--clear-bitmap"]);
-    cluster.replctl_ok("alpha", &["promote", RESOURCE]);
-    cluster.wait_in_sync(Duration::from_secs(60));
+    cluster.start_fresh_pair_in_sync();
     (cluster, store)
 }
 

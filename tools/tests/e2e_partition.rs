@@ -30,13 +30,7 @@ fn namespaced_pair(test: &str, options: ClusterOptions) -> (NetnsPair, Cluster) 
     let mut cluster = Cluster::new(test, &["alpha", "beta"], options);
     net.place(&mut cluster, "alpha", 0);
     net.place(&mut cluster, "beta", 1);
-    cluster.write_config();
-    cluster.create_md_all();
-    cluster.start_all();
-    cluster.wait_peer_connection("alpha", "Connected", Duration::from_secs(30));
-    cluster.replctl_ok("alpha", &["new-current-uuid", RESOURCE, "--clear-bitmap"]);
-    cluster.replctl_ok("alpha", &["promote", RESOURCE]);
-    cluster.wait_in_sync(Duration::from_secs(60));
+    cluster.start_fresh_pair_in_sync();
     (net, cluster)
 }
 

@@ -432,6 +432,14 @@ impl Cluster {
         );
     }
 
+    /// Blocks `index` has marked out of sync.
+    fn marked(&self, index: usize) -> u64 {
+        self.node(index)
+            .storage()
+            .expect("a store")
+            .out_of_sync_blocks()
+    }
+
     fn flush(&mut self, index: usize, id: u64) {
         let now = self.now;
         self.members[index].node.on_flush(now, RequestId(id));
@@ -704,14 +712,7 @@ fn item10_the_async_lag_bound_is_half_the_real_journal() {
         .map(ToString::to_string)
         .unwrap_or_default();
     assert!(error.contains("half the journal"), "{error}");
-    assert!(
-        cluster
-            .node(0)
-            .storage()
-            .expect("alpha")
-            .out_of_sync_blocks()
-            > 0
-    );
+    assert!(cluster.marked(0) > 0);
 }
 
 /// A forced promotion of a connected sync target stops the resync in both directions
@@ -849,14 +850,7 @@ fn item2_a_session_end_that_marks_blocks_rotates_the_generation() {
         .node
         .on_closed(now, PeerId(0), session, "link down".into());
     cluster.settle();
-    assert!(
-        cluster
-            .node(0)
-            .storage()
-            .expect("alpha")
-            .out_of_sync_blocks()
-            > 0
-    );
+    assert!(cluster.marked(0) > 0);
     assert_ne!(
         generation(&cluster),
         before,

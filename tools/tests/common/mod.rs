@@ -529,6 +529,19 @@ impl Cluster {
         cluster.wait_in_sync(Duration::from_secs(120));
         cluster
     }
+
+    /// Writes the config, creates zeroed-store metadata, starts both nodes and makes
+    /// alpha Primary of an in-sync pair without an initial sync (the stores are
+    /// zeroed: `new-current-uuid --clear-bitmap`).
+    pub fn start_fresh_pair_in_sync(&mut self) {
+        self.write_config();
+        self.create_md_all();
+        self.start_all();
+        self.wait_peer_connection("alpha", "Connected", Duration::from_secs(30));
+        self.replctl_ok("alpha", &["new-current-uuid", RESOURCE, "--clear-bitmap"]);
+        self.replctl_ok("alpha", &["promote", RESOURCE]);
+        self.wait_in_sync(Duration::from_secs(60));
+    }
 }
 
 impl Drop for Cluster {
