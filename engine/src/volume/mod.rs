@@ -43,7 +43,7 @@ mod open;
 mod read;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -358,6 +358,9 @@ pub(crate) struct Shared {
     /// thread alone does that work.
     applier_turn: Mutex<()>,
     stats: Stats,
+    /// `State::failed` is set (it never clears): lets [`Volume::failure`] answer
+    /// without the engine lock, which the state machine asks on every step.
+    failed_flag: AtomicBool,
 }
 
 impl Shared {
@@ -401,6 +404,7 @@ impl Shared {
         if state.failed.is_none() {
             tracing::error!("volume failed: {reason}");
             state.failed = Some(reason.into());
+            self.failed_flag.store(true, Ordering::Release);
         }
         self.writer_wake.notify_all();
         self.applier_wake.notify_all();
@@ -628,6 +632,9 @@ impl Volume {
 
     /// Why the volume failed, if it did (a journal or store write error).
     pub fn failure(&self) -> Option<String> {
+        if !self.shared.failed_flag.load(Ordering::Acquire) {
+            return None;
+        }
         self.shared
             .lock()
             .failed
@@ -1487,6 +1494,7 @@ impl Volume {
         state.closing = true;
         if state.failed.is_none() {
             state.failed = Some("abandoned".into());
+            self.shared.failed_flag.store(true, Ordering::Release);
         }
         if self.shared.manual() {
             // No journal thread to fail what waits: do it here.

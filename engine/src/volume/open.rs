@@ -401,6 +401,7 @@ impl Volume {
             reads_wake: Condvar::new(),
             applier_turn: Mutex::new(()),
             stats: Default::default(),
+            failed_flag: std::sync::atomic::AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         if !shared.manual() {
