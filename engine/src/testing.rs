@@ -64,3 +64,63 @@ pub fn random_extent(
     }
     (offset, length)
 }
+
+/// A replication state machine over a fresh store on `backend`, as the state
+/// machine's tests drive it by hand: the store created zeroed with the smallest
+/// journal, opened in manual mode (no engine threads), attached to a node named
+/// `name` (`node_id`) of resource `r0` whose other nodes are `peers`, in `sync` mode
+/// with the default timers. The node's storage completions go to the returned queue.
+pub fn manual_node(
+    backend: std::sync::Arc<dyn crate::backend::Backend>,
+    uuid: [u8; 16],
+    name: &str,
+    node_id: u32,
+    peers: &[(&str, u32)],
+) -> (
+    crate::node::Node<crate::node::storage::VolumeStorage>,
+    crate::Volume,
+    crate::node::storage::CompletionQueue,
+) {
+    use crate::node::storage::{CompletionQueue, VolumeStorage};
+    use crate::node::{AttachFacts, Node, NodeConfig, PeerConfig, Time};
+    use crate::volume::{Background, CreateOptions, MetaStore};
+    let create = CreateOptions {
+        resource_uuid: uuid,
+        node_id,
+        node_name: name.to_string(),
+        journal_bytes: crate::layout::MIN_JOURNAL_BYTES,
+        force: false,
+        assume_zeroed: true,
+    };
+    crate::Volume::create(&backend, &MetaStore::Internal, &create, &mut |_, _| {})
+        .expect("create-md on a simulated store");
+    let options = crate::VolumeOptions {
+        background: Background::Manual,
+        ..crate::VolumeOptions::default()
+    };
+    let (volume, _) = crate::Volume::open(backend, MetaStore::Internal, Some(uuid), options)
+        .expect("open a freshly created store");
+    let queue = CompletionQueue::new(std::sync::Arc::new(|| {}));
+    let storage = VolumeStorage::new(volume.clone(), queue.clone(), true);
+    let config = NodeConfig {
+        resource: "r0".into(),
+        uuid,
+        node_name: name.into(),
+        node_id,
+        mode: crate::repl::Mode::Sync,
+        peers: peers
+            .iter()
+            .map(|&(name, node_id)| PeerConfig {
+                name: name.into(),
+                node_id,
+            })
+            .collect(),
+        timing: Default::default(),
+        resync: Default::default(),
+        on_io_error: Default::default(),
+        mutation: None,
+    };
+    let mut node = Node::new(config, Time::ZERO, u64::from(node_id) + 7);
+    node.attach(Time::ZERO, storage, AttachFacts::default());
+    (node, volume, queue)
+}

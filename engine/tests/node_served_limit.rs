@@ -12,17 +12,11 @@ use std::sync::Arc;
 
 use engine::backend::sim::SimBackend;
 use engine::backend::Backend;
-use engine::layout::MIN_JOURNAL_BYTES;
 use engine::node::peer::{Repl, TargetPhase, MAX_SERVED};
 use engine::node::storage::{CompletionQueue, Storage, VolumeStorage};
-use engine::node::{
-    AttachFacts, Node, NodeConfig, PeerConfig, PeerId, ResyncConfig, SessionEnd, SessionId, Time,
-    Timing,
-};
-use engine::repl::{ConnectionState, DiskState, Mode, Role};
-use engine::volume::{Background, CreateOptions, MetaStore};
+use engine::node::{Node, PeerId, SessionEnd, SessionId, Time};
+use engine::repl::{ConnectionState, DiskState, Role};
 use engine::wire::{Frame, PeerState};
-use engine::{Volume, VolumeOptions};
 
 const UUID: [u8; 16] = *b"served-limit-tst";
 const PEER: PeerId = PeerId(0);
@@ -37,40 +31,8 @@ impl Harness {
     /// beta (node id 1), Secondary, connected to alpha (the test), in sync.
     fn start() -> Harness {
         let backend: Arc<dyn Backend> = Arc::new(SimBackend::new(16 << 20));
-        let create = CreateOptions {
-            resource_uuid: UUID,
-            node_id: 1,
-            node_name: "beta".into(),
-            journal_bytes: MIN_JOURNAL_BYTES,
-            force: false,
-            assume_zeroed: true,
-        };
-        Volume::create(&backend, &MetaStore::Internal, &create, &mut |_, _| {}).expect("create");
-        let options = VolumeOptions {
-            background: Background::Manual,
-            ..VolumeOptions::default()
-        };
-        let (volume, _) =
-            Volume::open(backend, MetaStore::Internal, Some(UUID), options).expect("open");
-        let queue = CompletionQueue::new(Arc::new(|| {}));
-        let storage = VolumeStorage::new(volume, queue.clone(), true);
-        let config = NodeConfig {
-            resource: "r0".into(),
-            uuid: UUID,
-            node_name: "beta".into(),
-            node_id: 1,
-            mode: Mode::Sync,
-            peers: vec![PeerConfig {
-                name: "alpha".into(),
-                node_id: 0,
-            }],
-            timing: Timing::default(),
-            resync: ResyncConfig::default(),
-            on_io_error: Default::default(),
-            mutation: None,
-        };
-        let mut node = Node::new(config, Time::ZERO, 7);
-        node.attach(Time::ZERO, storage, AttachFacts::default());
+        let (mut node, _volume, queue) =
+            engine::testing::manual_node(backend, UUID, "beta", 1, &[("alpha", 0)]);
         let session = node.on_connected(Time::ZERO, PEER).expect("accepted");
         let storage = node.storage().expect("attached");
         let state = PeerState {

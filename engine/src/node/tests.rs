@@ -8,17 +8,12 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::storage::{CompletionQueue, Storage, VolumeStorage};
-use super::{
-    Action, AdminId, AttachFacts, Node, NodeConfig, PeerConfig, PeerId, RequestId, ResyncConfig,
-    SessionId, Time, Timing,
-};
+use super::{Action, AdminId, Node, PeerId, RequestId, SessionId, Time};
 use crate::backend::sim::SimBackend;
-use crate::backend::Backend;
 use crate::layout::MIN_JOURNAL_BYTES;
 use crate::repl::{DiskState, Mode, Role};
-use crate::volume::{Background, CreateOptions, MetaStore};
 use crate::wire::Frame;
-use crate::{Volume, VolumeOptions, WriteKind, WriteRequest, BLOCK_BYTES};
+use crate::{Volume, WriteKind, WriteRequest, BLOCK_BYTES};
 
 const UUID: [u8; 16] = *b"node-unit-tests!";
 const STORE_BYTES: u64 = 2 << 20;
@@ -40,44 +35,8 @@ struct Member {
 
 fn member(name: &str, node_id: u32, peers: &[(&str, u32)]) -> Member {
     let sim = Arc::new(SimBackend::new(STORE_BYTES));
-    let backend: Arc<dyn Backend> = sim.clone();
-    let create = CreateOptions {
-        resource_uuid: UUID,
-        node_id,
-        node_name: name.to_string(),
-        journal_bytes: MIN_JOURNAL_BYTES,
-        force: false,
-        assume_zeroed: true,
-    };
-    Volume::create(&backend, &MetaStore::Internal, &create, &mut |_, _| {}).expect("create-md");
-    let options = VolumeOptions {
-        background: Background::Manual,
-        ..VolumeOptions::default()
-    };
-    let (volume, _) =
-        Volume::open(backend, MetaStore::Internal, Some(UUID), options).expect("open");
-    let queue = CompletionQueue::new(Arc::new(|| {}));
-    let storage = VolumeStorage::new(volume.clone(), queue.clone(), true);
-    let config = NodeConfig {
-        resource: "r0".into(),
-        uuid: UUID,
-        node_name: name.into(),
-        node_id,
-        mode: Mode::Sync,
-        peers: peers
-            .iter()
-            .map(|&(name, node_id)| PeerConfig {
-                name: name.into(),
-                node_id,
-            })
-            .collect(),
-        timing: Timing::default(),
-        resync: ResyncConfig::default(),
-        on_io_error: Default::default(),
-        mutation: None,
-    };
-    let mut node = Node::new(config, Time::ZERO, u64::from(node_id));
-    node.attach(Time::ZERO, storage, AttachFacts::default());
+    let (node, volume, queue) =
+        crate::testing::manual_node(sim.clone(), UUID, name, node_id, peers);
     Member {
         node,
         volume,
