@@ -777,7 +777,16 @@ impl<S: Storage> Node<S> {
         let token = self.token(Purpose::Write(id));
         let diskless_peers = self.diskless_peers();
         let sequenced = match (self.storage.as_mut(), self.diskless.as_mut()) {
-            (Some(storage), _) => storage.sequence(request, token),
+            (Some(storage), _) => {
+                let sequenced = storage.sequence(request.clone(), token);
+                if sequenced.is_err() && self.detached_while_sequencing() {
+                    // The store failed while this write waited for room in it: the
+                    // write goes on through the peers like the ones in flight.
+                    self.tokens.remove(&token);
+                    return self.sequence_write(id, request);
+                }
+                sequenced
+            }
             (None, Some(diskless)) => {
                 let records = crate::volume::aligned_records(
                     &request,
@@ -879,6 +888,13 @@ impl<S: Storage> Node<S> {
                 false,
             );
         }
+    }
+
+    /// After a failed `sequence`: whether the store failed meanwhile and was detached
+    /// (the engine waits for memory inside `sequence`; the store may fail then).
+    fn detached_while_sequencing(&mut self) -> bool {
+        self.check_disk();
+        self.storage.is_none() && self.diskless.is_some()
     }
 
     /// Sends FLUSH to every shipping peer (not in `async` mode, where a FLUSH is
