@@ -31,7 +31,7 @@ pub const FRAME_HEADER_BYTES: usize = 24;
 /// Largest body: a 32 MiB record plus its header, with room to spare.
 pub const MAX_BODY_BYTES: u32 = 33 << 20;
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Most blocks in one RESYNC_DATA, READ_REPLY or VERIFY frame.
 pub const MAX_FRAME_BLOCKS: u32 = 256;
 
@@ -89,6 +89,13 @@ pub enum Frame {
     Bitmap {
         first_word: u64,
         words: Vec<u64>,
+        last: bool,
+    },
+    /// Part of an out-of-sync bitmap: `blocks` set bits from `first_block` (a long
+    /// run, as after a full sync is decided, in one frame whatever its length).
+    BitmapRun {
+        first_block: u64,
+        blocks: u64,
         last: bool,
     },
     Record(RecordFrame),
@@ -242,6 +249,7 @@ const T_DURABLE: u16 = 23;
 const T_PROMOTE_REQUEST: u16 = 24;
 const T_PROMOTE_REPLY: u16 = 25;
 const T_AUTH: u16 = 26;
+const T_BITMAP_RUN: u16 = 27;
 
 /// Decodes a frame header. Never panics.
 pub fn decode_header(buf: &[u8; FRAME_HEADER_BYTES]) -> Result<FrameHeader, WireError> {
@@ -328,6 +336,7 @@ impl Frame {
             | Frame::Auth(_)
             | Frame::State(_)
             | Frame::Bitmap { .. }
+            | Frame::BitmapRun { .. }
             | Frame::Record(_)
             | Frame::Flush(_)
             | Frame::ResyncData(_)
@@ -397,6 +406,16 @@ impl Frame {
                     body.put_u64_le(*word);
                 }
                 T_BITMAP
+            }
+            Frame::BitmapRun {
+                first_block,
+                blocks,
+                last,
+            } => {
+                body.put_u64_le(*first_block);
+                body.put_u64_le(*blocks);
+                body.put_u32_le(u32::from(*last));
+                T_BITMAP_RUN
             }
             Frame::Record(RecordFrame(record)) => {
                 body.put_slice(&record.encoded_header);
@@ -570,6 +589,7 @@ impl Frame {
             Frame::Auth(_) => "AUTH",
             Frame::State(_) => "STATE",
             Frame::Bitmap { .. } => "BITMAP",
+            Frame::BitmapRun { .. } => "BITMAP_RUN",
             Frame::Record(_) => "RECORD",
             Frame::AckReceived(_) => "ACK_RECEIVED",
             Frame::AckWritten(_) => "ACK_WRITTEN",
@@ -802,6 +822,7 @@ pub fn decode_body(header: &FrameHeader, body_bytes: Bytes) -> Result<Frame, Wir
         T_REJECT => "REJECT",
         T_STATE => "STATE",
         T_BITMAP => "BITMAP",
+        T_BITMAP_RUN => "BITMAP_RUN",
         _ => "control",
     };
     let mut body = Body {
@@ -889,6 +910,11 @@ pub fn decode_body(header: &FrameHeader, body_bytes: Bytes) -> Result<Frame, Wir
                 last,
             }
         }
+        T_BITMAP_RUN => Frame::BitmapRun {
+            first_block: body.u64()?,
+            blocks: body.u64()?,
+            last: body.u32()? != 0,
+        },
         T_ACK_RECEIVED => Frame::AckReceived(body.u64()?),
         T_ACK_WRITTEN => Frame::AckWritten(body.u64()?),
         T_FLUSH => Frame::Flush(body.u64()?),
@@ -1078,6 +1104,11 @@ mod tests {
                 first_word: 8,
                 words: vec![1, 2, u64::MAX],
                 last: true,
+            },
+            Frame::BitmapRun {
+                first_block: 3,
+                blocks: 1 << 40,
+                last: false,
             },
             Frame::Record(RecordFrame(Record::write(42, 8192, data.clone(), true))),
             Frame::Record(RecordFrame(Record::zeroes(

@@ -493,7 +493,7 @@ const SECRET: &[u8] = b"golden secret";
 #[test]
 fn hello_frame() {
     let frame = Frame::Hello(Hello {
-        protocol_version: 4,
+        protocol_version: 5,
         channel: Channel::Data,
         resource_uuid: RESOURCE_UUID,
         node_id: 0,
@@ -506,7 +506,7 @@ fn hello_frame() {
     let fixture = golden("frame-hello.bin", &frame.encode_to_vec());
     let body = frame_header("frame-hello.bin", &fixture, 1, fixture.len() - 24);
     let mut table = ByteTable::new("frame-hello.bin body", body);
-    table.uint(0, 4, "protocol version", 4);
+    table.uint(0, 4, "protocol version", 5);
     table.uint(4, 1, "channel (data)", 1);
     table.bytes(5, "resource UUID", &RESOURCE_UUID);
     table.uint(21, 4, "node id", 0);
@@ -548,7 +548,7 @@ fn auth_frame() {
     use hmac::{Hmac, Mac};
     let mut message = Vec::new();
     message.extend_from_slice(b"replicad peer authentication\0");
-    message.extend_from_slice(&4u32.to_le_bytes());
+    message.extend_from_slice(&5u32.to_le_bytes());
     message.extend_from_slice(&[1, 1]);
     message.extend_from_slice(&RESOURCE_UUID);
     message.extend_from_slice(&2u64.to_le_bytes());
@@ -658,4 +658,21 @@ fn resync_data_frame_of_zero_blocks() {
     }
     table.finish();
     decodes_to("frame-resync-zero.bin", &fixture, &frame);
+}
+
+#[test]
+fn bitmap_run_frame() {
+    let frame = Frame::BitmapRun {
+        first_block: 16_384,
+        blocks: 4_026_531_840,
+        last: true,
+    };
+    let fixture = golden("frame-bitmap-run.bin", &frame.encode_to_vec());
+    let body = frame_header("frame-bitmap-run.bin", &fixture, 27, fixture.len() - 24);
+    let mut table = ByteTable::new("frame-bitmap-run.bin body", body);
+    table.uint(0, 8, "first block", 16_384);
+    table.uint(8, 8, "blocks", 4_026_531_840);
+    table.uint(16, 4, "last", 1);
+    table.finish();
+    decodes_to("frame-bitmap-run.bin", &fixture, &frame);
 }

@@ -241,18 +241,11 @@ fn watch_rss_until(cluster: &Cluster, timeout: Duration, done: impl Fn(&Cluster)
     }
 }
 
-/// A pair of 15 TiB volumes: the spare misses writes scattered over the whole volume,
-/// then comes back and resyncs them. Neither daemon's resident memory passes 256 MiB
-/// while the bitmaps are exchanged and the blocks resynced (the bitmap frames carry
-/// only the parts with bits set, in small pieces).
-#[test]
-fn a_resync_of_a_15_tib_pair_stays_in_bounded_memory() {
-    let writes: usize = std::env::var("REPLICAD_SCALE_RESYNC_WRITES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(2000);
+/// Two nodes of 15 TiB (`create-md --zeroed`), in sync without an initial sync,
+/// alpha Primary.
+fn in_sync_15_tib_pair(name: &str) -> Cluster {
     let mut cluster = Cluster::new(
-        "scale-resync",
+        name,
         &["alpha", "beta"],
         ClusterOptions {
             image_bytes: parse_size("15T"),
@@ -267,6 +260,53 @@ fn a_resync_of_a_15_tib_pair_stays_in_bounded_memory() {
     cluster.replctl_ok("alpha", &["new-current-uuid", RESOURCE, "--clear-bitmap"]);
     cluster.replctl_ok("alpha", &["promote", RESOURCE]);
     cluster.wait_in_sync(Duration::from_secs(60));
+    cluster
+}
+
+/// A full sync of a 15 TiB pair (`invalidate` on the spare: every block out of sync,
+/// both bitmaps exchanged whole) starts streaming with neither daemon's resident
+/// memory past 256 MiB: each fully marked bitmap travels as one BITMAP_RUN frame.
+/// Before that frame, each daemon queued its bitmap as about 500 MiB of BITMAP
+/// frames. (The resync itself would take hours here; the test stops once it moves.)
+#[test]
+fn a_full_sync_of_a_15_tib_pair_starts_in_bounded_memory() {
+    let cluster = in_sync_15_tib_pair("scale-full-sync");
+    let size_bytes = cluster.status("alpha").size_bytes;
+    cluster.replctl_ok("beta", &["invalidate", RESOURCE]);
+    let started = Instant::now();
+    let highest = watch_rss_until(&cluster, Duration::from_secs(300), |cluster| {
+        cluster.status("alpha").peer.is_some_and(|peer| {
+            peer.replication == "SyncSource"
+                && peer.resync_remaining_bytes > 0
+                && peer.resync_remaining_bytes < size_bytes
+        })
+    });
+    println!(
+        "| 15T pair | full sync streaming after {:.2} s | highest RSS of both daemons {} MiB |",
+        started.elapsed().as_secs_f64(),
+        highest / MIB
+    );
+    assert!(
+        highest <= RSS_LIMIT,
+        "a daemon's RSS reached {} MiB while a full sync started (limit 256 MiB)",
+        highest / MIB
+    );
+    assert_eq!(cluster.status("beta").disk, "Inconsistent");
+    cluster.assert_no_panic_logged("alpha");
+    cluster.assert_no_panic_logged("beta");
+}
+
+/// A pair of 15 TiB volumes: the spare misses writes scattered over the whole volume,
+/// then comes back and resyncs them. Neither daemon's resident memory passes 256 MiB
+/// while the bitmaps are exchanged and the blocks resynced (the bitmap frames carry
+/// only the parts with bits set, in small pieces).
+#[test]
+fn a_resync_of_a_15_tib_pair_stays_in_bounded_memory() {
+    let writes: usize = std::env::var("REPLICAD_SCALE_RESYNC_WRITES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000);
+    let mut cluster = in_sync_15_tib_pair("scale-resync");
     cluster.stop("beta");
 
     let size_bytes = cluster.status("alpha").size_bytes;

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use super::peer::{Conn, Peer, Repl, RequestKind, Session, SourcePhase, TargetPhase, MAX_SERVED};
+use super::resync::BitmapPart;
 use super::storage::{Completion, Storage, SuperblockChange, Token};
 use super::{
     Action, AdminId, HookKind, Mutation, NodeConfig, OnIoError, PeerId, RequestError, RequestId,
@@ -1704,7 +1705,12 @@ impl<S: Storage> Node<S> {
                 first_word,
                 words,
                 last,
-            } => self.on_bitmap(peer, session, first_word, &words, last),
+            } => self.on_bitmap(peer, session, BitmapPart::Words(first_word, &words), last),
+            Frame::BitmapRun {
+                first_block,
+                blocks,
+                last,
+            } => self.on_bitmap(peer, session, BitmapPart::Run(first_block, blocks), last),
             Frame::ResyncData(data) => self.on_resync_data(peer, session, data),
             Frame::ResyncAck {
                 first_block,

@@ -29,6 +29,9 @@ use crate::BLOCK_BYTES;
 /// frames with a bit set are sent: bits scattered over a huge volume then cost about
 /// what is set, not a megabyte per region they touch.
 const BITMAP_WORDS_PER_FRAME: usize = 256;
+/// Set bits in a row that travel as one BITMAP_RUN rather than in BITMAP frames: the
+/// span of one BITMAP frame (a run that long is 28 bytes instead of 2 KiB a frame).
+const BITMAP_RUN_MIN_BLOCKS: u64 = BITMAP_WORDS_PER_FRAME as u64 * 64;
 /// Resync bytes in flight (sent, not yet acknowledged).
 pub(super) const RESYNC_WINDOW_BYTES: u64 = 16 << 20;
 /// Most out-of-sync runs the source reads in one group.
@@ -44,6 +47,51 @@ fn protocol(text: impl Into<String>) -> SessionEnd {
     SessionEnd::Protocol(text.into())
 }
 
+/// What one BITMAP or BITMAP_RUN frame carries.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum BitmapPart<'a> {
+    /// Words from word `.0`.
+    Words(u64, &'a [u64]),
+    /// `.1` set bits from block `.0`.
+    Run(u64, u64),
+}
+
+/// The frames that carry `storage`'s out-of-sync bitmap, none marked last. Only the
+/// parts with a bit set travel, found by the bitmap's own search, which skips clean
+/// extents: a run of at least `run_min_blocks` set bits is one BITMAP_RUN
+/// (a fully marked 15 TiB volume is one frame), the rest go as BITMAP frames of
+/// [`BITMAP_WORDS_PER_FRAME`] words around the bits. Neither a mostly clean nor a
+/// fully marked bitmap of a huge volume costs memory or frames in proportion to it.
+pub(super) fn bitmap_frames<S: Storage>(storage: &S, run_min_blocks: u64) -> Vec<Frame> {
+    let per_frame = BITMAP_WORDS_PER_FRAME as u64;
+    let blocks = storage.data_blocks();
+    let mut frames = Vec::new();
+    let mut from = 0u64;
+    while let Some((block, run)) = storage.next_out_of_sync_run(from, u64::MAX) {
+        if block >= blocks {
+            break;
+        }
+        let run = run.min(blocks - block);
+        if run >= run_min_blocks {
+            frames.push(Frame::BitmapRun {
+                first_block: block,
+                blocks: run,
+                last: false,
+            });
+            from = block + run;
+            continue;
+        }
+        let first_word = block / 64 / per_frame * per_frame;
+        frames.push(Frame::Bitmap {
+            first_word,
+            words: storage.bitmap_words_at(first_word, per_frame),
+            last: false,
+        });
+        from = (first_word + per_frame) * 64;
+    }
+    frames
+}
+
 impl<S: Storage> Node<S> {
     // ----- bitmaps -----
 
@@ -52,40 +100,21 @@ impl<S: Storage> Node<S> {
         let Some(session) = self.peers[peer.0].session().map(|s| s.id) else {
             return;
         };
-        // Only frames with a bit set are sent (a merge of zero words changes
-        // nothing), found by the bitmap's own search, which skips clean extents: a
-        // mostly clean bitmap of a huge volume costs neither memory nor frames. The
-        // last frame, possibly empty, says the bitmap is complete.
-        let per_frame = BITMAP_WORDS_PER_FRAME as u64;
-        let mut frames = Vec::new();
-        if let Some(storage) = self.storage.as_ref() {
-            let blocks = storage.data_blocks();
-            let mut from_word = 0u64;
-            while let Some((block, _)) =
-                storage.next_out_of_sync_run(from_word.saturating_mul(64), 1)
-            {
-                if block >= blocks {
-                    break;
-                }
-                let first_word = block / 64 / per_frame * per_frame;
-                frames.push((first_word, storage.bitmap_words_at(first_word, per_frame)));
-                from_word = first_word + per_frame;
-            }
+        let mut frames = match self.storage.as_ref() {
+            Some(storage) => bitmap_frames(storage, BITMAP_RUN_MIN_BLOCKS),
+            None => Vec::new(),
+        };
+        // The last frame, possibly an empty BITMAP, says the bitmap is complete.
+        match frames.last_mut() {
+            Some(Frame::Bitmap { last, .. } | Frame::BitmapRun { last, .. }) => *last = true,
+            _ => frames.push(Frame::Bitmap {
+                first_word: 0,
+                words: Vec::new(),
+                last: true,
+            }),
         }
-        if frames.is_empty() {
-            frames.push((0, Vec::new()));
-        }
-        let count = frames.len();
-        for (index, (first_word, words)) in frames.into_iter().enumerate() {
-            self.send(
-                peer,
-                session,
-                Frame::Bitmap {
-                    first_word,
-                    words,
-                    last: index + 1 == count,
-                },
-            );
+        for frame in frames {
+            self.send(peer, session, frame);
         }
     }
 
@@ -93,20 +122,29 @@ impl<S: Storage> Node<S> {
         &mut self,
         peer: PeerId,
         session: SessionId,
-        first_word: u64,
-        words: &[u64],
+        part: BitmapPart<'_>,
         last: bool,
     ) -> Result<(), SessionEnd> {
-        let total_words = self
-            .storage
-            .as_ref()
-            .map_or(0, |storage| storage.data_blocks().div_ceil(64));
-        let end = first_word.checked_add(words.len() as u64);
-        if end.is_none_or(|end| end > total_words) {
-            return Err(protocol(format!(
-                "bitmap words {first_word}+{} beyond the volume's {total_words}",
-                words.len()
-            )));
+        let blocks = self.storage.as_ref().map_or(0, Storage::data_blocks);
+        let total_words = blocks.div_ceil(64);
+        match part {
+            BitmapPart::Words(first_word, words) => {
+                let end = first_word.checked_add(words.len() as u64);
+                if end.is_none_or(|end| end > total_words) {
+                    return Err(protocol(format!(
+                        "bitmap words {first_word}+{} beyond the volume's {total_words}",
+                        words.len()
+                    )));
+                }
+            }
+            BitmapPart::Run(first_block, count) => {
+                let end = first_block.checked_add(count);
+                if count == 0 || end.is_none_or(|end| end > blocks) {
+                    return Err(protocol(format!(
+                        "bitmap run {first_block}+{count} empty or beyond the volume's {blocks} blocks"
+                    )));
+                }
+            }
         }
         let role = self.role;
         let now = self.now;
@@ -153,7 +191,10 @@ impl<S: Storage> Node<S> {
             _ => return Err(protocol("unexpected BITMAP")),
         };
         if let Some(storage) = self.storage.as_mut() {
-            storage.merge_bitmap_at(first_word, words);
+            match part {
+                BitmapPart::Words(first_word, words) => storage.merge_bitmap_at(first_word, words),
+                BitmapPart::Run(first_block, count) => storage.set_out_of_sync(first_block, count),
+            }
         }
         match next {
             Next::Merge => Ok(()),

@@ -860,3 +860,71 @@ fn item2_a_session_end_that_marks_blocks_rotates_the_generation() {
         "marked blocks without a new generation"
     );
 }
+
+/// The frames a node sends its out-of-sync bitmap in rebuild it exactly, whatever
+/// its shape: scattered bits (BITMAP frames of words), long runs (BITMAP_RUN, here
+/// from 64 bits on so that a small store has some), runs that start inside a frame of
+/// words. A fully marked bitmap is one BITMAP_RUN (before: a frame of words per
+/// 64 MiB, about 500 MiB queued for a full sync of 15 TiB); a clean one, no frame.
+#[test]
+fn a_bitmap_travels_in_frames_that_rebuild_it_and_a_full_one_is_one_run() {
+    let member = member("alpha", 1, &[]);
+    let storage = member.node.storage().expect("a store");
+    let blocks = storage.data_blocks();
+    let words = blocks.div_ceil(64);
+    let frames = || super::resync::bitmap_frames(storage, 64);
+    let rebuilt = |frames: &[Frame]| {
+        let mut bitmap = crate::bitmap::Bitmap::new(blocks);
+        for frame in frames {
+            match frame {
+                Frame::Bitmap {
+                    first_word, words, ..
+                } => {
+                    for (index, &word) in words.iter().enumerate() {
+                        bitmap.or_word(first_word + index as u64, word);
+                    }
+                }
+                Frame::BitmapRun {
+                    first_block,
+                    blocks,
+                    ..
+                } => {
+                    bitmap.set_range(*first_block, *blocks);
+                }
+                other => panic!("not a bitmap frame: {other:?}"),
+            }
+        }
+        bitmap.words()
+    };
+
+    assert!(frames().is_empty(), "a clean bitmap needs no frame");
+
+    // A run first (a BITMAP_RUN), then scattered bits and a run to the end, which
+    // the one frame of words that covers this small store carries (overlapping the
+    // first run).
+    member.volume.set_out_of_sync(3, 100);
+    let mut rng = crate::rng::SplitMix64::new(17);
+    for _ in 0..40 {
+        member
+            .volume
+            .set_out_of_sync(200 + rng.below(blocks - 300), 1);
+    }
+    member.volume.set_out_of_sync(blocks - 70, 70);
+    let sent = frames();
+    assert!(sent.iter().any(|f| matches!(f, Frame::BitmapRun { .. })));
+    assert!(sent.iter().any(|f| matches!(f, Frame::Bitmap { .. })));
+    assert_eq!(rebuilt(&sent), storage.bitmap_words_at(0, words));
+
+    member.volume.set_out_of_sync(0, blocks);
+    let sent = frames();
+    assert_eq!(
+        sent.len(),
+        1,
+        "a full bitmap is one frame, whatever the volume's size: {sent:?}"
+    );
+    assert!(matches!(
+        sent[0],
+        Frame::BitmapRun { first_block: 0, blocks: b, .. } if b == blocks
+    ));
+    assert_eq!(rebuilt(&sent), storage.bitmap_words_at(0, words));
+}

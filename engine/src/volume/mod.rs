@@ -459,25 +459,21 @@ impl Shared {
     /// Writes the bitmap pages changed since the last call (not yet durable).
     fn write_bitmap_pages(&self) -> Result<(), EngineError> {
         let _io = self.bitmap_io.lock().unwrap_or_else(|p| p.into_inner());
-        let pages: Vec<(usize, Vec<u8>)> = {
-            let mut state = self.lock();
-            let pages = state.bitmap.take_dirty_pages();
-            pages
-                .into_iter()
-                .map(|page| (page, state.bitmap.encode_page(page)))
-                .collect()
-        };
-        for (position, (page, bytes)) in pages.iter().enumerate() {
-            if let Err(error) = self.meta.write_at(
-                self.geometry.bitmap_offset + *page as u64 * crate::layout::PAGE_BYTES,
+        // The pages as they are at this point of the checkpoint, written in runs.
+        let dirty = self.lock().bitmap.take_dirty();
+        let written = dirty.write_runs(BITMAP_WRITE_PAGES, |page, bytes| {
+            self.meta.write_at(
+                self.geometry.bitmap_offset + page * crate::layout::PAGE_BYTES,
                 bytes,
-            ) {
-                let mut state = self.lock();
-                pages[position..]
-                    .iter()
-                    .for_each(|(page, _)| state.bitmap.mark_page_dirty(*page));
-                return Err(error.into());
-            }
+            )
+        });
+        if let Err((failed, error)) = written {
+            let mut state = self.lock();
+            dirty
+                .pages()
+                .filter(|&page| page >= failed)
+                .for_each(|page| state.bitmap.mark_page_dirty(page as usize));
+            return Err(error.into());
         }
         Ok(())
     }
@@ -509,6 +505,9 @@ impl std::fmt::Debug for Volume {
 
 /// A boxed completion callback.
 type Callback<T> = Box<dyn FnOnce(Result<T, IoError>) + Send>;
+
+/// Bitmap pages written in one call (1 MiB).
+pub(crate) const BITMAP_WRITE_PAGES: usize = 256;
 
 /// Most resync data a sync target holds queued for the applier.
 const MAX_RESYNC_QUEUED_BYTES: u64 = 32 << 20;

@@ -318,12 +318,12 @@ impl Volume {
         // Make the recovered state durable, then mark the store open (not clean).
         data.flush()?;
         let table_pages = checksums.write_dirty()?;
-        for page in bitmap.take_dirty_pages() {
-            meta_backend.write_at(
-                geometry.bitmap_offset + page as u64 * PAGE_BYTES,
-                &bitmap.encode_page(page),
-            )?;
-        }
+        bitmap
+            .take_dirty()
+            .write_runs(super::BITMAP_WRITE_PAGES, |page, bytes| {
+                meta_backend.write_at(geometry.bitmap_offset + page * PAGE_BYTES, bytes)
+            })
+            .map_err(|(_, error)| error)?;
         // The next group commit must start on a fresh page: pad the rest of the page
         // after the last valid record (rewriting that page with the bytes it holds).
         let ring_bytes = geometry.journal_bytes;
