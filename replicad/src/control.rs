@@ -173,6 +173,38 @@ pub struct IoStatus {
     pub journal_commits: u64,
     pub journal_syncs: u64,
     pub checkpoints: u64,
+    /// The checksum table's page cache (absent without a disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum_cache: Option<ChecksumCacheStatus>,
+}
+
+/// The checksum table's page cache: lookups since the daemon started and what it
+/// holds (`checksum-cache` in the config bounds it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksumCacheStatus {
+    /// Lookups that found their page in memory.
+    pub hits: u64,
+    /// Lookups that read their page from the store.
+    pub misses: u64,
+    /// Pages dropped to make room.
+    pub evictions: u64,
+    pub resident_bytes: u64,
+    /// Changed pages not yet written back (at the next checkpoint).
+    pub dirty_bytes: u64,
+    /// The configured bound.
+    pub limit_bytes: u64,
+}
+
+impl ChecksumCacheStatus {
+    /// Hits per lookup (1 before the first lookup).
+    pub fn hit_ratio(&self) -> f64 {
+        let lookups = self.hits + self.misses;
+        if lookups == 0 {
+            1.0
+        } else {
+            self.hits as f64 / lookups as f64
+        }
+    }
 }
 
 /// The peer, as this node sees it.

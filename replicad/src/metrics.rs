@@ -104,6 +104,26 @@ const JOURNAL_FILL: Metric = gauge(
     "replicad_journal_fill_ratio",
     "Fraction of the journal ring in use (used / size)",
 );
+const CACHE_HITS: Metric = counter(
+    "replicad_checksum_cache_hits",
+    "Checksum-table lookups that found their page in the cache, since the daemon started",
+);
+const CACHE_MISSES: Metric = counter(
+    "replicad_checksum_cache_misses",
+    "Checksum-table lookups that read their page from the store, since the daemon started",
+);
+const CACHE_EVICTIONS: Metric = counter(
+    "replicad_checksum_cache_evictions",
+    "Checksum-table pages dropped from the cache to make room, since the daemon started",
+);
+const CACHE_RESIDENT: Metric = gauge(
+    "replicad_checksum_cache_resident_bytes",
+    "Bytes of checksum-table pages held in the cache",
+);
+const CACHE_LIMIT: Metric = gauge(
+    "replicad_checksum_cache_limit_bytes",
+    "The configured bound of the checksum-table cache (checksum-cache)",
+);
 const PROMOTIONS: Metric = counter(
     "replicad_promotions",
     "Promotions of this node to Primary since the daemon started",
@@ -157,6 +177,11 @@ pub const METRICS: &[Metric] = &[
     JOURNAL_USED,
     JOURNAL_SIZE,
     JOURNAL_FILL,
+    CACHE_HITS,
+    CACHE_MISSES,
+    CACHE_EVICTIONS,
+    CACHE_RESIDENT,
+    CACHE_LIMIT,
     PROMOTIONS,
     LAST_FAILOVER,
     CONNECTION_STATE,
@@ -259,6 +284,13 @@ impl Samples {
             io.journal_used_bytes as f64 / io.journal_bytes as f64
         };
         self.gauge(JOURNAL_FILL, &labels, fill);
+        if let Some(cache) = &io.checksum_cache {
+            self.counter(CACHE_HITS, &labels, cache.hits);
+            self.counter(CACHE_MISSES, &labels, cache.misses);
+            self.counter(CACHE_EVICTIONS, &labels, cache.evictions);
+            self.whole(CACHE_RESIDENT, &labels, cache.resident_bytes);
+            self.whole(CACHE_LIMIT, &labels, cache.limit_bytes);
+        }
         self.counter(PROMOTIONS, &labels, status.promotions);
         if let Some(seconds) = status.last_failover_seconds {
             self.gauge(LAST_FAILOVER, &labels, seconds);
@@ -413,6 +445,13 @@ mod tests {
                 repaired_blocks: 2,
                 journal_used_bytes: 1 << 20,
                 journal_bytes: 4 << 20,
+                checksum_cache: Some(crate::control::ChecksumCacheStatus {
+                    hits: 99,
+                    misses: 1,
+                    resident_bytes: 4096,
+                    limit_bytes: 64 << 20,
+                    ..Default::default()
+                }),
                 ..IoStatus::default()
             },
             promotions: 1,
@@ -442,6 +481,10 @@ mod tests {
             "replicad_device_written_bytes_total{resource=\"r0\"} 12288",
             "replicad_device_repaired_bytes_total{resource=\"r0\"} 8192",
             "replicad_journal_fill_ratio{resource=\"r0\"} 0.25",
+            "replicad_checksum_cache_hits_total{resource=\"r0\"} 99",
+            "replicad_checksum_cache_misses_total{resource=\"r0\"} 1",
+            "replicad_checksum_cache_resident_bytes{resource=\"r0\"} 4096",
+            "replicad_checksum_cache_limit_bytes{resource=\"r0\"} 67108864",
             "replicad_promotions_total{resource=\"r0\"} 1",
             "replicad_last_failover_seconds{resource=\"r0\"} 3.25",
             "replicad_connection_state{resource=\"r0\",peer=\"beta\",state=\"Connected\"} 1",
@@ -477,7 +520,12 @@ mod tests {
         let mut status = status();
         status.peer = None;
         status.last_failover_seconds = None;
+        status.io.checksum_cache = None;
         let text = render(&[status]);
+        assert!(
+            !text.contains("replicad_checksum_cache_hits_total{"),
+            "{text}"
+        );
         assert!(!text.contains("replicad_last_failover_seconds"), "{text}");
         assert!(!text.contains("peer=\""), "{text}");
         assert!(

@@ -40,7 +40,7 @@ use engine::{IoError, Volume, VolumeOptions, WriteKind, WriteRequest};
 use tokio::sync::{broadcast, oneshot, watch, Notify, Semaphore};
 
 use crate::config::{IoMode, NodeConfig, ResourceConfig};
-use crate::control::{GenerationStatus, IoStatus, PeerStatus, ResourceStatus};
+use crate::control::{ChecksumCacheStatus, GenerationStatus, IoStatus, PeerStatus, ResourceStatus};
 use crate::nbd::{Errno, Export};
 use crate::peer::{self, Connections, Identity, LinkError, SessionHandle};
 
@@ -1007,6 +1007,19 @@ impl Resource {
         }
     }
 
+    fn checksum_cache_status(&self, volume: &Volume) -> ChecksumCacheStatus {
+        let cache = volume.checksum_cache_stats();
+        let page = engine::layout::PAGE_BYTES;
+        ChecksumCacheStatus {
+            hits: cache.hits,
+            misses: cache.misses,
+            evictions: cache.evictions,
+            resident_bytes: cache.resident * page,
+            dirty_bytes: cache.dirty * page,
+            limit_bytes: self.config.checksum_cache_bytes(),
+        }
+    }
+
     fn node_config_policy(&self) -> OnIoError {
         self.config.on_io_error
     }
@@ -1138,6 +1151,7 @@ impl Resource {
                 journal_commits: stats.journal_commits,
                 journal_syncs: stats.journal_syncs,
                 checkpoints: stats.checkpoints,
+                checksum_cache: Some(self.checksum_cache_status(&volume)),
             };
             if let Some(reason) = volume.failure() {
                 status.disk_error = Some(reason);

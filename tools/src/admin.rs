@@ -189,6 +189,15 @@ pub fn render_status(status: &ResourceStatus) -> String {
         io.checksum_errors,
         io.repaired_blocks
     ));
+    if let Some(cache) = &io.checksum_cache {
+        out.push_str(&format!(
+            "  checksum cache: {} of {}, hit rate {:.1} % ({} lookups)\n",
+            human_bytes(cache.resident_bytes),
+            human_bytes(cache.limit_bytes),
+            cache.hit_ratio() * 100.0,
+            cache.hits + cache.misses
+        ));
+    }
     out
 }
 

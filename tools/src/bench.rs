@@ -563,6 +563,7 @@ impl Volume {
             mode: context.options.mode.to_string(),
             io: "direct".into(),
             journal: Some(context.options.journal_bytes.to_string()),
+            checksum_cache: None,
             zeroed: true,
             peer_zeroed: true,
         };

@@ -50,6 +50,9 @@ pub struct ServeArgs {
     /// Journal size (default: an eighth of the store, at most 128M).
     #[arg(long)]
     pub journal: Option<String>,
+    /// Memory for the checksum table's page cache (`checksum-cache`, default 64M).
+    #[arg(long)]
+    pub checksum_cache: Option<String>,
     /// The store is all zeroes (skip the checksum scan).
     #[arg(long)]
     pub zeroed: bool,
@@ -77,8 +80,13 @@ pub(crate) fn set_up(args: &ServeArgs) -> anyhow::Result<Setup> {
         .as_ref()
         .map(|j| format!("journal-size = \"{j}\"\n"))
         .unwrap_or_default();
+    let cache = args
+        .checksum_cache
+        .as_ref()
+        .map(|c| format!("checksum-cache = \"{c}\"\n"))
+        .unwrap_or_default();
     let mut config_text = format!(
-        "[resource.r0]\nmode = \"{}\"\nio = \"{}\"\n{journal}\n",
+        "[resource.r0]\nmode = \"{}\"\nio = \"{}\"\n{journal}{cache}\n",
         args.mode, args.io
     );
     config_text.push_str(&format!(
