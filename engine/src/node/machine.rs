@@ -2099,8 +2099,16 @@ impl<S: Storage> Node<S> {
             (Purpose::Replicated { peer, session, seq }, Completion::Journaled(result)) => {
                 match result {
                     Ok(_) => {
-                        if self.peers[peer.0].current(session).is_some() {
+                        if let Some(state) = self.peers[peer.0].current(session) {
+                            // A diskless Primary's records are held for nothing: let
+                            // them go now, not at the next tick (a small journal
+                            // would keep its next record waiting until then).
+                            let diskless_primary = state.peer_state.role == Role::Primary
+                                && state.peer_state.disk == DiskState::Diskless;
                             self.send(peer, session, Frame::AckWritten(seq));
+                            if diskless_primary {
+                                self.release_held();
+                            }
                         }
                     }
                     Err(error) => self.end_session_if(
