@@ -306,6 +306,7 @@ impl Resource {
                 yield_to_clients: config.resync_yield,
             },
             on_io_error: config.on_io_error,
+            read_balancing: Default::default(),
             mutation: None,
         };
         let completion_wake = Arc::new(Notify::new());

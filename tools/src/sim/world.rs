@@ -575,6 +575,7 @@ impl World {
             },
             resync: engine::node::ResyncConfig::default(),
             on_io_error: engine::node::OnIoError::Detach,
+            read_balancing: engine::node::ReadBalancing::PreferLocal,
             mutation: self.options.mutation,
         }
     }
