@@ -55,6 +55,7 @@ fn every_mutation_is_caught() {
         "apply-stale-resync-data",
         "promote-ignores-peer-role",
         "skip-generation-rotation",
+        "balanced-reads-ignore-the-rule",
     ] {
         let (caught, text) = replsim(&["--mutate", mutation, "--seeds", "400"]);
         assert!(

@@ -48,7 +48,8 @@ struct Args {
     #[arg(long, default_value = "all")]
     faults: String,
     /// Re-introduce a known bug: ack-before-peer-durable, no-out-of-sync-on-detach,
-    /// apply-stale-resync-data, promote-ignores-peer-role, skip-generation-rotation.
+    /// apply-stale-resync-data, promote-ignores-peer-role, skip-generation-rotation,
+    /// balanced-reads-ignore-the-rule.
     #[arg(long)]
     mutate: Option<String>,
     /// With --seed: print every trace line.
