@@ -52,6 +52,10 @@ struct Args {
     /// balanced-reads-ignore-the-rule.
     #[arg(long)]
     mutate: Option<String>,
+    /// The Primaries' read-balancing policy (prefer-local: every read local, as
+    /// before read balancing; any other: reads a peer serves are checked too).
+    #[arg(long, default_value = "prefer-local")]
+    read_balancing: String,
     /// With --seed: print every trace line.
     #[arg(long)]
     trace: bool,
@@ -74,7 +78,10 @@ fn options(args: &Args) -> Result<Options, String> {
         })?),
         None => None,
     };
+    let read_balancing = engine::node::ReadBalancing::parse(&args.read_balancing)
+        .map_err(|why| format!("--read-balancing: {why}"))?;
     Ok(Options {
+        read_balancing,
         nodes: args.nodes as usize,
         mode,
         steps: args.steps,

@@ -26,8 +26,8 @@
 //!   last session (if it was not a sync target meanwhile): holding one of them means
 //!   holding every one sent before it.
 //! * **P3** — every read that succeeds returns zeroes or a block of a write to it.
-//! * **read balancing** — a Primary balances its reads round-robin; a read a peer
-//!   serves returns the write the Primary's own store held there when the read was
+//! * **read balancing** — with `--read-balancing POLICY`, a Primary balances the
+//!   client's reads; a read a peer serves returns the write the Primary's own store held there when the read was
 //!   issued, or a later one (never older data than an acknowledged write).
 //! * **P4** — a promotion without `--force` never succeeds while another node is
 //!   Primary; no two nodes complete writes in the same generation.
@@ -49,7 +49,7 @@ use engine::node::peer::{Repl, TargetPhase};
 use engine::node::storage::{Completion, CompletionQueue, Storage, VolumeStorage};
 use engine::node::{
     Action, AdminId, AdminOutput, AttachFacts, Mutation, Node, NodeConfig, PeerConfig, PeerId,
-    ReadRoute, RequestId, SessionId, Time, Timing, Token,
+    ReadBalancing, ReadRoute, RequestId, SessionId, Time, Timing, Token,
 };
 use engine::repl::{DiskState, Mode, Role};
 use engine::rng::SplitMix64;
@@ -132,6 +132,9 @@ pub struct Options {
     pub steps: u64,
     pub faults: Faults,
     pub mutation: Option<Mutation>,
+    /// The Primaries' read balancing; with a policy other than prefer-local, the
+    /// client's reads of a Primary are balanced and a peer's answers checked.
+    pub read_balancing: ReadBalancing,
     /// Keep every trace line (for `--seed S --trace`), not only the last ones.
     pub full_trace: bool,
 }
@@ -144,6 +147,7 @@ impl Default for Options {
             steps: 20000,
             faults: Faults::ALL,
             mutation: None,
+            read_balancing: ReadBalancing::PreferLocal,
             full_trace: false,
         }
     }
@@ -587,8 +591,7 @@ impl World {
             },
             resync: engine::node::ResyncConfig::default(),
             on_io_error: engine::node::OnIoError::Detach,
-            // Every other read of a Primary goes to a peer the rule allows.
-            read_balancing: engine::node::ReadBalancing::RoundRobin,
+            read_balancing: self.options.read_balancing,
             mutation: self.options.mutation,
         }
     }
@@ -1502,7 +1505,7 @@ impl World {
         };
         let block = self.rng.below(WRITE_BLOCKS);
         let result = up.volume.read_blocking(block * BLOCK_BYTES, BLOCK_BYTES);
-        let primary = up.node.role() == Role::Primary;
+        let balanced = up.node.role() == Role::Primary && up.node.balances_reads();
         let held = match result.as_ref().map(|data| content::decode(block, data)) {
             Ok(Content::Write(id)) => Some(id),
             Ok(Content::Zero) => Some(0),
@@ -1513,7 +1516,7 @@ impl World {
         }
         // The same read, balanced by the node: a read a peer serves must return what
         // the Primary held when it was issued, or something later.
-        let Some(up) = self.nodes[index].up.as_mut().filter(|_| primary) else {
+        let Some(up) = self.nodes[index].up.as_mut().filter(|_| balanced) else {
             return;
         };
         let id = READ_IDS + self.next_read;
