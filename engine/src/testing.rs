@@ -118,6 +118,7 @@ pub fn manual_node(
         timing: Default::default(),
         resync: Default::default(),
         on_io_error: Default::default(),
+        read_balancing: Default::default(),
         mutation: None,
     };
     let mut node = Node::new(config, Time::ZERO, u64::from(node_id) + 7);

@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use engine::node::OnIoError;
+use engine::node::{OnIoError, ReadBalancing};
 use serde::{Deserialize, Deserializer};
 
 /// Default config path.
@@ -70,6 +70,11 @@ fn on_io_error<'de, D: Deserializer<'de>>(deserializer: D) -> Result<OnIoError, 
             "{text:?} is not an on-io-error policy (detach or pass-on)"
         ))
     })
+}
+
+fn read_balancing<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ReadBalancing, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    ReadBalancing::parse(&text).map_err(serde::de::Error::custom)
 }
 
 /// How the data area is accessed.
@@ -304,6 +309,12 @@ pub struct ResourceConfig {
     /// `pass-on` (return EIO to the client, stay attached).
     #[serde(default, deserialize_with = "on_io_error")]
     pub on_io_error: OnIoError,
+    /// Which replica serves the Primary's client reads (DRBD's `read-balancing`):
+    /// `prefer-local` (default), `prefer-remote`, `round-robin`, `least-pending`,
+    /// `striping-<size>` (32K … 1M) or `adaptive`. A peer serves a read only while
+    /// it is UpToDate and holds the blocks' latest acknowledged data.
+    #[serde(default, deserialize_with = "read_balancing")]
+    pub read_balancing: ReadBalancing,
     /// Resync bandwidth cap in bytes per second; 0 or absent: unlimited.
     #[serde(default, deserialize_with = "size")]
     pub resync_rate: Option<u64>,
@@ -671,6 +682,21 @@ nbd = "unix:/run/replicad/r0.nbd"
             parse(&pass_on).unwrap().resource("r0").unwrap().on_io_error,
             OnIoError::PassOn
         );
+        assert_eq!(r0.read_balancing, ReadBalancing::PreferLocal, "the default");
+        for (name, policy) in [
+            ("adaptive", ReadBalancing::Adaptive),
+            ("round-robin", ReadBalancing::RoundRobin),
+            (
+                "striping-64K",
+                ReadBalancing::Striping {
+                    stripe_bytes: 65536,
+                },
+            ),
+        ] {
+            let text = GOOD.replace("mode = \"sync\"", &format!("read-balancing = \"{name}\""));
+            let config = parse(&text).unwrap();
+            assert_eq!(config.resource("r0").unwrap().read_balancing, policy);
+        }
         assert_eq!(r0.node_id("alpha"), Some(0));
         assert_eq!(r0.node_id("beta"), Some(1));
         assert_eq!(
@@ -727,6 +753,14 @@ nbd = "unix:/run/replicad/r0.nbd"
             (
                 GOOD.replace("mode = \"sync\"", "on-io-error = \"panic\""),
                 "detach or pass-on",
+            ),
+            (
+                GOOD.replace("mode = \"sync\"", "read-balancing = \"fastest\""),
+                "read-balancing",
+            ),
+            (
+                GOOD.replace("mode = \"sync\"", "read-balancing = \"striping-3K\""),
+                "striping-<size> with a power of two from 32K to 1M",
             ),
             (GOOD.replace("10.0.0.1:7788", "not-an-address"), "address"),
             (GOOD.replace("127.0.0.1:10809", "localhost"), "nbd"),

@@ -146,6 +146,9 @@ pub struct ResourceStatus {
     /// promotion's completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover_seconds: Option<f64>,
+    /// The `read-balancing` policy of the resource.
+    #[serde(default)]
+    pub read_balancing: String,
 }
 
 /// Generation identifiers, in hex.
@@ -166,6 +169,10 @@ pub struct IoStatus {
     pub flushes: u64,
     pub checksum_errors: u64,
     pub repaired_blocks: u64,
+    /// Client reads served by this node's own store (the peer's are in
+    /// [`PeerStatus::reads_served`]).
+    #[serde(default)]
+    pub reads_local: u64,
     pub journal_used_bytes: u64,
     /// The journal ring's size.
     #[serde(default)]
@@ -252,6 +259,14 @@ pub struct PeerStatus {
     /// Blocks found different by the last verify.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_out_of_sync_blocks: Option<u64>,
+    /// Client reads of this node the peer served (read balancing, a diskless
+    /// Primary, a local read error).
+    #[serde(default)]
+    pub reads_served: u64,
+    /// Reads balanced to the peer that it failed, answered late or lost with its
+    /// connection: the local store served them.
+    #[serde(default)]
+    pub read_fallbacks: u64,
 }
 
 /// What the daemon does with requests.

@@ -92,6 +92,10 @@ const REPAIRED: Metric = counter(
     "replicad_device_repaired_bytes",
     "Bytes of blocks repaired from the peer (after a checksum error or by verify --repair) since the daemon started",
 );
+const READS_LOCAL: Metric = counter(
+    "replicad_device_reads_local",
+    "Client reads served by this node's own store since the daemon started",
+);
 const JOURNAL_USED: Metric = gauge(
     "replicad_journal_used_bytes",
     "Bytes of the journal ring holding records not yet checkpointed",
@@ -164,6 +168,14 @@ const RESYNC_RATE: Metric = gauge(
     "replicad_peerdevice_resync_rate_bytes_per_second",
     "Average rate of the resync in progress (0 when none runs)",
 );
+const READS_SERVED: Metric = counter(
+    "replicad_peerdevice_reads_served",
+    "Client reads of this node served by the peer since the daemon started (read balancing, a diskless Primary, a local read error)",
+);
+const READ_FALLBACKS: Metric = counter(
+    "replicad_peerdevice_read_fallbacks",
+    "Client reads balanced to the peer that it failed, answered too late or lost with its connection, served by the local store instead",
+);
 
 /// Every metric family served, in exposition order.
 pub const METRICS: &[Metric] = &[
@@ -174,6 +186,7 @@ pub const METRICS: &[Metric] = &[
     WRITTEN,
     CHECKSUM_ERRORS,
     REPAIRED,
+    READS_LOCAL,
     JOURNAL_USED,
     JOURNAL_SIZE,
     JOURNAL_FILL,
@@ -192,6 +205,8 @@ pub const METRICS: &[Metric] = &[
     RESYNC,
     RESYNC_SKIPPED,
     RESYNC_RATE,
+    READS_SERVED,
+    READ_FALLBACKS,
 ];
 
 type Labels = Vec<(&'static str, String)>;
@@ -276,6 +291,7 @@ impl Samples {
             &labels,
             io.repaired_blocks.saturating_mul(engine::BLOCK_BYTES),
         );
+        self.counter(READS_LOCAL, &labels, io.reads_local);
         self.whole(JOURNAL_USED, &labels, io.journal_used_bytes);
         self.whole(JOURNAL_SIZE, &labels, io.journal_bytes);
         let fill = if io.journal_bytes == 0 {
@@ -327,6 +343,8 @@ impl Samples {
         self.counter(RESYNC, &labels, peer.resync_bytes);
         self.counter(RESYNC_SKIPPED, &labels, peer.resync_skipped_bytes);
         self.whole(RESYNC_RATE, &labels, peer.resync_rate_bytes.unwrap_or(0));
+        self.counter(READS_SERVED, &labels, peer.reads_served);
+        self.counter(READ_FALLBACKS, &labels, peer.read_fallbacks);
     }
 }
 
@@ -443,6 +461,7 @@ mod tests {
             io: IoStatus {
                 write_bytes: 12_288,
                 repaired_blocks: 2,
+                reads_local: 70,
                 journal_used_bytes: 1 << 20,
                 journal_bytes: 4 << 20,
                 checksum_cache: Some(crate::control::ChecksumCacheStatus {
@@ -463,6 +482,8 @@ mod tests {
                 lag_bytes: 4160,
                 lag_seconds: 0.5,
                 resync_rate_bytes: Some(1_000_000),
+                reads_served: 30,
+                read_fallbacks: 1,
                 ..PeerStatus::default()
             }),
             ..ResourceStatus::default()
@@ -494,6 +515,9 @@ mod tests {
             "replicad_replication_lag_bytes{resource=\"r0\",peer=\"beta\"} 4160",
             "replicad_replication_lag_seconds{resource=\"r0\",peer=\"beta\"} 0.5",
             "replicad_peerdevice_resync_rate_bytes_per_second{resource=\"r0\",peer=\"beta\"} 1000000",
+            "replicad_device_reads_local_total{resource=\"r0\"} 70",
+            "replicad_peerdevice_reads_served_total{resource=\"r0\",peer=\"beta\"} 30",
+            "replicad_peerdevice_read_fallbacks_total{resource=\"r0\",peer=\"beta\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

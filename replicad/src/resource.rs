@@ -31,7 +31,7 @@ use engine::backend::{self, BackendKind, OpenOptions};
 use engine::node::storage::{CompletionQueue, VolumeStorage};
 use engine::node::{
     self, Action, AdminError, AdminId, AdminOutput, AttachFacts, HookKind, Node, OnIoError, PeerId,
-    RequestError, RequestId, SessionEnd, SessionId, Time,
+    ReadBalancing, ReadRoute, RequestError, RequestId, SessionEnd, SessionId, Time,
 };
 use engine::repl::{ConnectionState, DiskState, Role};
 use engine::volume::{MetaStore, OpenReport};
@@ -241,6 +241,9 @@ pub struct Resource {
     unservable: watch::Sender<u64>,
     waiters: Mutex<Waiters>,
     next_id: AtomicU64,
+    /// Client reads served by the local store since start (the peers' count is the
+    /// node's).
+    reads_local: AtomicU64,
     /// In-flight client write payload, in KiB (async back-pressure).
     inflight: Semaphore,
     inflight_permits: AtomicU32,
@@ -306,6 +309,7 @@ impl Resource {
                 yield_to_clients: config.resync_yield,
             },
             on_io_error: config.on_io_error,
+            read_balancing: config.read_balancing,
             mutation: None,
         };
         let completion_wake = Arc::new(Notify::new());
@@ -343,6 +347,7 @@ impl Resource {
             unservable: watch::Sender::new(0),
             waiters: Mutex::new(Waiters::default()),
             next_id: AtomicU64::new(1),
+            reads_local: AtomicU64::new(0),
             inflight: Semaphore::new(0),
             inflight_permits: AtomicU32::new(0),
             events,
@@ -962,13 +967,52 @@ impl Resource {
         }
     }
 
-    /// Reads through the volume; a block whose checksum fails is repaired from an
-    /// UpToDate peer (on a Primary) and read again.
+    /// A client read: from the local store, or from a peer when read balancing
+    /// sends it there (see `Node::balance_read`; a peer that fails, is slow or goes
+    /// away gives the read back, and the local store serves it).
     pub async fn read_at(&self, offset: u64, length: u64) -> Result<Bytes, Errno> {
         let Some(volume) = self.volume() else {
             // A diskless Primary reads through its UpToDate peer.
             return self.read_from_peer(offset, length, false).await;
         };
+        if self.config.read_balancing == ReadBalancing::PreferLocal {
+            // The default never asks the node (no lock on the read path).
+            return self.read_local(&volume, offset, length).await;
+        }
+        let (id, receiver) = self.register_read();
+        let route = self.step(|core, now| core.node.balance_read(now, id, offset, length));
+        match route {
+            ReadRoute::Local => {
+                self.lock_waiters().reads.remove(&id.0);
+                let _measure = LocalReadDone {
+                    resource: self,
+                    started: self.now(),
+                };
+                self.read_local(&volume, offset, length).await
+            }
+            ReadRoute::Peer(_) => match receiver.await {
+                Ok(Ok(blocks)) => {
+                    let skip = (offset % engine::BLOCK_BYTES) as usize;
+                    let end = usize::try_from(length)
+                        .ok()
+                        .and_then(|length| skip.checked_add(length))
+                        .filter(|end| *end <= blocks.len())
+                        .ok_or(Errno::EIO)?;
+                    Ok(blocks.slice(skip..end))
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!("{}: read locally: {error}", self.name);
+                    self.read_local(&volume, offset, length).await
+                }
+                Err(_) => self.read_local(&volume, offset, length).await,
+            },
+        }
+    }
+
+    /// Reads through the local volume; a block whose checksum fails is repaired from
+    /// an UpToDate peer (on a Primary) and read again.
+    async fn read_local(&self, volume: &Volume, offset: u64, length: u64) -> Result<Bytes, Errno> {
+        self.reads_local.fetch_add(1, Ordering::Relaxed);
         let read = |volume: &Volume| {
             let (sender, receiver) = oneshot::channel();
             volume.read(
@@ -978,12 +1022,12 @@ impl Resource {
             );
             receiver
         };
-        match read(&volume).await.unwrap_or(Err(IoError::Closed)) {
+        match read(volume).await.unwrap_or(Err(IoError::Closed)) {
             Err(IoError::Checksum { block, .. }) => {
                 let (id, receiver) = self.register();
                 self.step(|core, now| core.node.on_read_error(now, id, block));
                 match receiver.await {
-                    Ok(Ok(())) => read(&volume)
+                    Ok(Ok(())) => read(volume)
                         .await
                         .unwrap_or(Err(IoError::Closed))
                         .map_err(|error| Errno(error.errno())),
@@ -1072,14 +1116,17 @@ impl Resource {
         length: u64,
         rewrite: bool,
     ) -> (u64, u64, oneshot::Receiver<Result<Bytes, RequestError>>) {
+        let (id, receiver) = self.register_read();
+        self.step(|core, now| core.node.read_from_peer(now, id, offset, length, rewrite));
+        (offset, length, receiver)
+    }
+
+    /// A waiter for an [`Action::ReadDone`].
+    fn register_read(&self) -> (RequestId, oneshot::Receiver<Result<Bytes, RequestError>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         self.lock_waiters().reads.insert(id, sender);
-        self.step(|core, now| {
-            core.node
-                .read_from_peer(now, RequestId(id), offset, length, rewrite)
-        });
-        (offset, length, receiver)
+        (RequestId(id), receiver)
     }
 
     // ----- status -----
@@ -1120,6 +1167,7 @@ impl Resource {
             recovery: local.recovery.clone(),
             promotions,
             last_failover_seconds: last_failover.map(|took| took.as_secs_f64()),
+            read_balancing: self.config.read_balancing.name(),
             ..ResourceStatus::default()
         };
         drop(local);
@@ -1146,6 +1194,7 @@ impl Resource {
                 flushes: stats.flushes,
                 checksum_errors: stats.checksum_errors,
                 repaired_blocks: repaired,
+                reads_local: self.reads_local.load(Ordering::Relaxed),
                 journal_used_bytes: stats.journal_used_bytes,
                 journal_bytes: volume.geometry().journal_bytes,
                 journal_commits: stats.journal_commits,
@@ -1196,6 +1245,8 @@ impl Resource {
                 .map(|error| error.kind().to_string()),
             split_brain: peer.split_brain,
             verify_out_of_sync_blocks: peer.verify_out_of_sync,
+            reads_served: peer.reads.served,
+            read_fallbacks: peer.reads.fallbacks,
             ..PeerStatus::default()
         };
         let progress = session.and_then(|s| match &s.repl {
@@ -1294,6 +1345,21 @@ impl Export for Resource {
             fua,
         })
         .await
+    }
+}
+
+/// Tells the node a read it routed to the local store is done, when dropped (also
+/// when the client's request is dropped mid-read), so its queue depth stays right.
+struct LocalReadDone<'a> {
+    resource: &'a Resource,
+    started: Time,
+}
+
+impl Drop for LocalReadDone<'_> {
+    fn drop(&mut self) {
+        let started = self.started;
+        self.resource
+            .step(|core, now| core.node.local_read_done(now, started));
     }
 }
 

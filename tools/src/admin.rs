@@ -198,6 +198,21 @@ pub fn render_status(status: &ResourceStatus) -> String {
             cache.hits + cache.misses
         ));
     }
+    let served_by_peer = status.peer.as_ref().map_or(0, |peer| peer.reads_served);
+    let balancing = !status.read_balancing.is_empty() && status.read_balancing != "prefer-local";
+    if balancing || served_by_peer > 0 {
+        out.push_str(&format!(
+            "  reads: balancing:{} local:{}",
+            status.read_balancing, io.reads_local
+        ));
+        if let Some(peer) = &status.peer {
+            out.push_str(&format!(
+                " {}:{} fallbacks:{}",
+                peer.name, peer.reads_served, peer.read_fallbacks
+            ));
+        }
+        out.push('\n');
+    }
     out
 }
 

@@ -47,6 +47,35 @@ fn semi_sync_and_async_seeds_are_clean() {
     );
 }
 
+/// Issue 17: Primaries balance their reads; what a peer serves is checked too.
+#[test]
+fn read_balancing_seeds_are_clean() {
+    clean(
+        &[
+            "--seeds",
+            "300",
+            "--first",
+            "9001",
+            "--read-balancing",
+            "round-robin",
+        ],
+        "300 seeds, 0 violations",
+    );
+    clean(
+        &[
+            "--seeds",
+            "200",
+            "--first",
+            "9501",
+            "--mode",
+            "async",
+            "--read-balancing",
+            "adaptive",
+        ],
+        "200 seeds, 0 violations",
+    );
+}
+
 #[test]
 fn every_mutation_is_caught() {
     for mutation in [
@@ -55,8 +84,20 @@ fn every_mutation_is_caught() {
         "apply-stale-resync-data",
         "promote-ignores-peer-role",
         "skip-generation-rotation",
+        "balanced-reads-ignore-the-rule",
     ] {
-        let (caught, text) = replsim(&["--mutate", mutation, "--seeds", "400"]);
+        let (caught, text) = replsim(&[
+            "--mutate",
+            mutation,
+            "--seeds",
+            "400",
+            "--read-balancing",
+            if mutation == "balanced-reads-ignore-the-rule" {
+                "round-robin"
+            } else {
+                "prefer-local"
+            },
+        ]);
         assert!(
             caught && text.contains("caught after"),
             "the checker did not catch {mutation}:\n{text}"

@@ -302,6 +302,10 @@ pub struct Node<S: Storage> {
     pub(super) detached_reason: Option<String>,
     /// Internal request ids (see [`RequestId::INTERNAL`]).
     next_internal: u64,
+    /// Client reads read balancing sent to the local store: outstanding, latency.
+    pub(super) local_reads: super::ReplicaLoad,
+    /// Read-balancing decisions made (turns and probes follow it).
+    pub(super) read_decisions: u64,
     pub(super) now: Time,
 }
 
@@ -338,6 +342,7 @@ impl<S: Storage> Node<S> {
                 resync_bytes: 0,
                 resync_skipped_bytes: 0,
                 verify_out_of_sync: None,
+                reads: Default::default(),
             })
             .collect();
         Node {
@@ -374,6 +379,8 @@ impl<S: Storage> Node<S> {
             failed_storage: None,
             detached_reason: None,
             next_internal: RequestId::INTERNAL,
+            local_reads: Default::default(),
+            read_decisions: 0,
             now,
         }
     }
@@ -838,7 +845,13 @@ impl<S: Storage> Node<S> {
                 session.shipped_seq = session.shipped_seq.max(record.header.seq);
                 session.lag.push_back((record.header.seq, bytes));
                 session.lag_bytes += bytes;
-                session.note_shipped(record.header.seq, bytes, self.now);
+                let first_block = record.header.offset_bytes / BLOCK_BYTES;
+                let end_block = record
+                    .header
+                    .offset_bytes
+                    .saturating_add(record.header.length_bytes)
+                    .div_ceil(BLOCK_BYTES);
+                session.note_shipped(record.header.seq, bytes, (first_block, end_block), self.now);
             }
             session.shipped_at.push_back((last_seq, now));
             let lag_bytes = session.lag_bytes;
@@ -1534,6 +1547,15 @@ impl<S: Storage> Node<S> {
                             why: "the connection to the peer ended".into(),
                         }),
                     ),
+                    RequestKind::Read {
+                        balanced: Some(balanced),
+                        ..
+                    } if balanced.abandoned => {}
+                    RequestKind::Read {
+                        id,
+                        balanced: Some(_),
+                        ..
+                    } => self.balanced_read_failed(peer, id, "the connection ended"),
                     RequestKind::Read { id, .. } => self.read_done(
                         id,
                         Err(RequestError::Io(IoError::Failed(
@@ -1543,6 +1565,7 @@ impl<S: Storage> Node<S> {
                     RequestKind::Verify { .. } => {}
                 }
             }
+            self.peers[peer.0].reads.load.pending = 0;
             if self.diskless.is_some() {
                 self.fail_diskless_waits(peer, session.id);
             }
@@ -2276,6 +2299,7 @@ impl<S: Storage> Node<S> {
         }
         self.drop_slow_peers();
         self.retry_blocked();
+        self.tick_balanced_reads();
     }
 
     /// A peer that leaves a shipped write not durable, a FLUSH unanswered, or resync
@@ -2402,6 +2426,9 @@ impl<S: Storage> Node<S> {
         };
         if let Some(promotion) = &self.promotion {
             consider(promotion.deadline);
+        }
+        if let Some(at) = self.next_read_fallback() {
+            consider(at);
         }
         for peer in &self.peers {
             match &peer.conn {

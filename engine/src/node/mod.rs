@@ -28,8 +28,10 @@
 //! what the engine may forget) iterate over them.
 
 mod admin;
+mod balance;
 mod machine;
 pub mod peer;
+mod reads;
 mod resync;
 pub mod storage;
 #[cfg(test)]
@@ -39,7 +41,9 @@ use std::fmt;
 use std::ops::Add;
 use std::time::Duration;
 
+pub use balance::{ReadBalancing, ReplicaLoad};
 pub use machine::{AttachFacts, Node};
+pub use reads::ReadRoute;
 
 pub use storage::{Completion, Storage, SuperblockChange, Token};
 
@@ -146,6 +150,9 @@ pub struct Timing {
     /// A peer that leaves a shipped write not durable, or a FLUSH unanswered, this
     /// long is dropped (DRBD's `timeout` × `ko-count`; 6 s × 7 there).
     pub ko_timeout: Duration,
+    /// A client read balanced to a peer and not answered within this is read locally
+    /// instead (the peer's answer, when it comes, is dropped).
+    pub read_fallback: Duration,
 }
 
 impl Default for Timing {
@@ -160,6 +167,7 @@ impl Default for Timing {
             request: Duration::from_secs(60),
             resync_step: Duration::from_secs(120),
             ko_timeout: Duration::from_secs(42),
+            read_fallback: Duration::from_millis(500),
         }
     }
 }
@@ -192,15 +200,19 @@ pub enum Mutation {
     PromoteIgnoresPeerRole,
     /// Writes without the peer never start a new generation.
     SkipGenerationRotation,
+    /// Read balancing sends reads to any connected peer: out of sync, in flight, not
+    /// UpToDate or a resync target alike.
+    BalancedReadsIgnoreTheRule,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 5] = [
+    pub const ALL: [Mutation; 6] = [
         Mutation::AckBeforePeerDurable,
         Mutation::NoOutOfSyncOnDetach,
         Mutation::ApplyStaleResyncData,
         Mutation::PromoteIgnoresPeerRole,
         Mutation::SkipGenerationRotation,
+        Mutation::BalancedReadsIgnoreTheRule,
     ];
 
     pub fn name(self) -> &'static str {
@@ -210,6 +222,7 @@ impl Mutation {
             Mutation::ApplyStaleResyncData => "apply-stale-resync-data",
             Mutation::PromoteIgnoresPeerRole => "promote-ignores-peer-role",
             Mutation::SkipGenerationRotation => "skip-generation-rotation",
+            Mutation::BalancedReadsIgnoreTheRule => "balanced-reads-ignore-the-rule",
         }
     }
 
@@ -259,6 +272,8 @@ pub struct NodeConfig {
     pub timing: Timing,
     pub resync: ResyncConfig,
     pub on_io_error: OnIoError,
+    /// Which replica serves this node's client reads while it is Primary.
+    pub read_balancing: ReadBalancing,
     /// A bug re-introduced by the simulator; always `None` in the daemon.
     #[doc(hidden)]
     pub mutation: Option<Mutation>,
@@ -453,8 +468,10 @@ pub enum Action {
         id: RequestId,
         result: Result<(), RequestError>,
     },
-    /// A read served by a peer ([`Node::read_from_peer`]) is done: whole blocks,
-    /// from the first block of the range asked for.
+    /// A read served by a peer ([`Node::read_from_peer`], or one that
+    /// [`Node::balance_read`] sent there) is done: whole blocks, from the first block
+    /// of the range asked for. A balanced read that failed, or was not answered within
+    /// [`Timing::read_fallback`], completes with an error: the driver reads locally.
     ReadDone {
         id: RequestId,
         result: Result<bytes::Bytes, RequestError>,

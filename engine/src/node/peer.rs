@@ -37,6 +37,20 @@ pub struct Peer {
     pub resync_skipped_bytes: u64,
     /// Blocks found different by the last verify.
     pub verify_out_of_sync: Option<u64>,
+    /// Client reads balanced to this peer (kept across sessions).
+    pub reads: PeerReads,
+}
+
+/// Read balancing's view of one peer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerReads {
+    /// Balanced reads outstanding and the moving average of their latency.
+    pub load: super::ReplicaLoad,
+    /// Client reads this peer served since start.
+    pub served: u64,
+    /// Balanced reads this peer failed, or answered too late, that were read locally
+    /// instead.
+    pub fallbacks: u64,
 }
 
 impl Peer {
@@ -117,10 +131,14 @@ pub struct Session {
     pub lag: VecDeque<(u64, u64)>,
     pub lag_bytes: u64,
     /// Shipped records the peer has not yet acknowledged as written (ACK_WRITTEN),
-    /// `(seq, bytes, shipped at)`, oldest first: the replication lag that status and
-    /// metrics report. At most [`MAX_UNWRITTEN`] entries.
-    pub unwritten: VecDeque<(u64, u64, Time)>,
+    /// oldest first: the replication lag that status and metrics report, and the
+    /// blocks in flight that read balancing must not read from the peer. At most
+    /// [`MAX_UNWRITTEN`] entries.
+    pub unwritten: VecDeque<Unwritten>,
     pub unwritten_bytes: u64,
+    /// The last record shipped when `unwritten` was full (so not tracked there): until
+    /// the peer acknowledges it, any block may be in flight.
+    pub untracked_seq: Option<u64>,
     /// FLUSH frames sent to the peer: id → the last sequence shipped before it.
     pub flushes: BTreeMap<u64, u64>,
     pub next_flush_id: u64,
@@ -144,6 +162,18 @@ pub struct Session {
     /// As a diskless Primary: the peer confirmed (a STATE with a generation of its
     /// own) that it tracks every block for our lost disk; nothing completes before.
     pub covers_diskless: bool,
+}
+
+/// A shipped record the peer has not acknowledged as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unwritten {
+    pub seq: u64,
+    /// The record's whole encoded size.
+    pub bytes: u64,
+    pub shipped: Time,
+    /// The blocks it writes: `first_block .. end_block`.
+    pub first_block: u64,
+    pub end_block: u64,
 }
 
 /// Most requests of a peer (READ_REQUEST, VERIFY_REQUEST, RESYNC_CHECK) served at once;
@@ -177,6 +207,7 @@ impl Session {
             lag_bytes: 0,
             unwritten: VecDeque::new(),
             unwritten_bytes: 0,
+            untracked_seq: None,
             flushes: BTreeMap::new(),
             next_flush_id: 1,
             last_record_seq: 0,
@@ -192,23 +223,47 @@ impl Session {
         }
     }
 
-    /// A record of `bytes` (its whole encoded size) was shipped at `now`.
-    pub fn note_shipped(&mut self, seq: u64, bytes: u64, now: Time) {
+    /// A record of `bytes` (its whole encoded size) writing `blocks` was shipped at
+    /// `now`.
+    pub fn note_shipped(&mut self, seq: u64, bytes: u64, blocks: (u64, u64), now: Time) {
         if self.unwritten.len() < MAX_UNWRITTEN {
-            self.unwritten.push_back((seq, bytes, now));
+            self.unwritten.push_back(Unwritten {
+                seq,
+                bytes,
+                shipped: now,
+                first_block: blocks.0,
+                end_block: blocks.1,
+            });
             self.unwritten_bytes += bytes;
+        } else {
+            self.untracked_seq = Some(seq);
         }
     }
 
     /// The peer acknowledged every record up to `seq` as written.
     pub fn note_written(&mut self, seq: u64) {
-        while let Some(&(oldest, bytes, _)) = self.unwritten.front() {
-            if oldest > seq {
+        while let Some(oldest) = self.unwritten.front() {
+            if oldest.seq > seq {
                 break;
             }
+            self.unwritten_bytes = self.unwritten_bytes.saturating_sub(oldest.bytes);
             self.unwritten.pop_front();
-            self.unwritten_bytes = self.unwritten_bytes.saturating_sub(bytes);
         }
+        if self.untracked_seq.is_some_and(|untracked| untracked <= seq) {
+            self.untracked_seq = None;
+        }
+    }
+
+    /// Whether a record shipped and not yet acknowledged as written may write a block
+    /// of `first_block .. end_block`. Looks at no more than `scan_limit` records:
+    /// past that, or when some were not tracked, it answers yes.
+    pub fn may_be_in_flight(&self, first_block: u64, end_block: u64, scan_limit: usize) -> bool {
+        self.untracked_seq.is_some()
+            || self.unwritten.len() > scan_limit
+            || self
+                .unwritten
+                .iter()
+                .any(|record| record.first_block < end_block && first_block < record.end_block)
     }
 
     /// The replication lag at `now`: bytes shipped and not yet acknowledged as written
@@ -217,7 +272,7 @@ impl Session {
         let age = self
             .unwritten
             .front()
-            .map_or(Duration::ZERO, |&(_, _, shipped)| now.since(shipped));
+            .map_or(Duration::ZERO, |record| now.since(record.shipped));
         (self.unwritten_bytes, age)
     }
 
@@ -254,14 +309,27 @@ pub enum RequestKind {
     Repair { id: super::RequestId, block: u64 },
     /// A chunk of an online verify.
     Verify { first_block: u64, blocks: u64 },
-    /// A client read served by the peer (a diskless Primary, or a local read error);
-    /// with `rewrite`, the blocks are written back locally when no write raced.
+    /// A client read served by the peer (a diskless Primary, a local read error, or
+    /// read balancing); with `rewrite`, the blocks are written back locally when no
+    /// write raced.
     Read {
         id: super::RequestId,
         first_block: u64,
         blocks: u32,
         rewrite: bool,
+        balanced: Option<BalancedRead>,
     },
+}
+
+/// A read sent to a peer by read balancing: the local store can serve it, so a
+/// failure or a late answer falls back to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalancedRead {
+    pub sent: Time,
+    /// Past this the client's read is given back to the driver to read locally.
+    pub fallback_at: Time,
+    /// It was given back; the answer, when it comes, only ends the peer's count.
+    pub abandoned: bool,
 }
 
 /// What flows over an established session.
@@ -372,9 +440,9 @@ mod tests {
     fn written_lag_counts_what_the_peer_has_not_written_and_ages_the_oldest() {
         let mut session = session();
         assert_eq!(session.written_lag(at(5)), (0, Duration::ZERO));
-        session.note_shipped(7, 4160, at(1000));
-        session.note_shipped(8, 8256, at(1200));
-        session.note_shipped(9, 64, at(1500));
+        session.note_shipped(7, 4160, (0, 1), at(1000));
+        session.note_shipped(8, 8256, (1, 3), at(1200));
+        session.note_shipped(9, 64, (9, 10), at(1500));
         assert_eq!(
             session.written_lag(at(1750)),
             (4160 + 8256 + 64, Duration::from_millis(750))
@@ -390,7 +458,7 @@ mod tests {
         assert_eq!(session.written_lag(at(2000)), (0, Duration::ZERO));
         assert!(session.unwritten.is_empty());
         // A stale (lower) acknowledgement changes nothing.
-        session.note_shipped(10, 100, at(2100));
+        session.note_shipped(10, 100, (4, 5), at(2100));
         session.note_written(8);
         assert_eq!(
             session.written_lag(at(2200)),
@@ -404,13 +472,46 @@ mod tests {
     fn written_lag_tracking_is_bounded() {
         let mut session = session();
         for seq in 1..=(MAX_UNWRITTEN as u64 + 10) {
-            session.note_shipped(seq, 1, at(seq));
+            session.note_shipped(seq, 1, (seq, seq + 1), at(seq));
         }
         assert_eq!(session.unwritten.len(), MAX_UNWRITTEN);
         assert_eq!(session.unwritten_bytes, MAX_UNWRITTEN as u64);
         // The age stays that of the oldest record.
         assert_eq!(session.written_lag(at(5000)).1, Duration::from_millis(4999));
+        // Past the bound any block may be in flight, until the peer catches up.
+        assert!(session.may_be_in_flight(0, 1, usize::MAX));
+        session.note_written(MAX_UNWRITTEN as u64 + 9);
+        assert!(session.may_be_in_flight(0, 1, usize::MAX));
         session.note_written(MAX_UNWRITTEN as u64 + 10);
         assert_eq!(session.written_lag(at(5000)), (0, Duration::ZERO));
+        assert!(!session.may_be_in_flight(0, 1, usize::MAX));
+    }
+
+    #[test]
+    fn in_flight_blocks_are_the_unwritten_records_ranges() {
+        let mut session = session();
+        assert!(!session.may_be_in_flight(0, u64::MAX, 16));
+        session.note_shipped(1, 0, (10, 12), at(1));
+        session.note_shipped(2, 0, (20, 21), at(1));
+        for (range, in_flight) in [
+            ((9, 10), false),
+            ((9, 11), true),
+            ((11, 12), true),
+            ((12, 20), false),
+            ((20, 21), true),
+            ((21, 99), false),
+        ] {
+            assert_eq!(
+                session.may_be_in_flight(range.0, range.1, 16),
+                in_flight,
+                "{range:?}"
+            );
+        }
+        // Too many to look at: assume the worst.
+        assert!(session.may_be_in_flight(0, 1, 1));
+        // Received is not written.
+        session.note_written(1);
+        assert!(!session.may_be_in_flight(10, 12, 16));
+        assert!(session.may_be_in_flight(20, 21, 16));
     }
 }

@@ -1273,7 +1273,7 @@ impl<S: Storage> Node<S> {
     }
 
     /// Sends a READ_REQUEST for `blocks` from `first_block`, answered by `kind`.
-    fn request_read(
+    pub(super) fn request_read(
         &mut self,
         peer: PeerId,
         session: SessionId,
@@ -1367,6 +1367,7 @@ impl<S: Storage> Node<S> {
             first_block,
             blocks,
             rewrite,
+            balanced: None,
         };
         self.request_read(peer, session, kind, first_block, blocks);
     }
@@ -1378,6 +1379,7 @@ impl<S: Storage> Node<S> {
     /// The peer's answer to [`Node::read_from_peer`].
     fn on_peer_read(
         &mut self,
+        peer: PeerId,
         id: RequestId,
         range: (u64, u32),
         rewrite: bool,
@@ -1427,6 +1429,7 @@ impl<S: Storage> Node<S> {
                 },
             );
         }
+        self.peers[peer.0].reads.served += 1;
         self.read_done(id, Ok(bytes));
         Ok(())
     }
@@ -1451,8 +1454,25 @@ impl<S: Storage> Node<S> {
                 id,
                 first_block,
                 blocks,
+                balanced: Some(balanced),
+                ..
+            } => {
+                return self.on_balanced_reply(
+                    peer,
+                    id,
+                    balanced,
+                    (first_block, blocks),
+                    data,
+                    error,
+                )
+            }
+            RequestKind::Read {
+                id,
+                first_block,
+                blocks,
                 rewrite,
-            } => return self.on_peer_read(id, (first_block, blocks), rewrite, data, error),
+                balanced: None,
+            } => return self.on_peer_read(peer, id, (first_block, blocks), rewrite, data, error),
             RequestKind::Verify { .. } => {
                 return Err(protocol("READ_REPLY to a verify request"));
             }

@@ -56,6 +56,10 @@ struct Cluster {
     hold_written: bool,
     /// ACK_RECEIVED frames too (a peer that receives and never answers).
     hold_received: bool,
+    /// READ_REPLY frames too (a peer slow to serve reads).
+    hold_replies: bool,
+    /// RESYNC_ACK frames too (a resync that stays under way).
+    hold_resync_acks: bool,
     held: Vec<Frame>,
 }
 
@@ -66,6 +70,8 @@ impl Cluster {
             now: Time::ZERO,
             hold_written: false,
             hold_received: false,
+            hold_replies: false,
+            hold_resync_acks: false,
             held: Vec::new(),
         }
     }
@@ -79,6 +85,8 @@ impl Cluster {
             now: Time::ZERO,
             hold_written: false,
             hold_received: false,
+            hold_replies: false,
+            hold_resync_acks: false,
             held: Vec::new(),
         }
     }
@@ -119,6 +127,8 @@ impl Cluster {
                 let held = match frame {
                     Frame::AckWritten(_) => self.hold_written,
                     Frame::AckReceived(_) => self.hold_received,
+                    Frame::ReadReply { .. } => self.hold_replies,
+                    Frame::ResyncAck { .. } => self.hold_resync_acks,
                     _ => false,
                 };
                 if to == 0 && held {
@@ -408,6 +418,15 @@ impl Cluster {
         self.settle();
     }
 
+    /// `index`'s connection to its peer ends (the peer does not hear of it).
+    fn link_down(&mut self, index: usize, why: &str) {
+        let now = self.now;
+        let session = self.members[index].session.take().expect("a session");
+        self.members[index]
+            .node
+            .on_closed(now, PeerId(0), session, why.into());
+    }
+
     fn flush(&mut self, index: usize, id: u64) {
         let now = self.now;
         self.members[index].node.on_flush(now, RequestId(id));
@@ -549,11 +568,7 @@ fn item4_a_diskless_primary_without_its_peer_fails_io_with_eio() {
     cluster.hold_written = true;
     cluster.write_pattern(0, 2, 1, 0x22);
     assert_eq!(cluster.outcome(0, 2), None);
-    let now = cluster.now;
-    let session = cluster.members[0].session.expect("session");
-    cluster.members[0]
-        .node
-        .on_closed(now, PeerId(0), session, "link down".into());
+    cluster.link_down(0, "link down");
     cluster.members[1].up = false;
     cluster.settle();
     assert_eq!(cluster.outcome(0, 2), Some(Err(libc::EIO)));
@@ -926,4 +941,257 @@ fn a_bitmap_travels_in_frames_that_rebuild_it_and_a_full_one_is_one_run() {
         Frame::BitmapRun { first_block: 0, blocks: b, .. } if b == blocks
     ));
     assert_eq!(rebuilt(&sent), storage.bitmap_words_at(0, words));
+}
+
+// ----- read balancing (issue 17) -----
+
+use super::{ReadBalancing, ReadRoute};
+
+impl Cluster {
+    /// A Primary pair whose Primary balances reads with `policy`.
+    fn balancing_pair(policy: ReadBalancing) -> Cluster {
+        let mut cluster = Cluster::primary_pair();
+        cluster.members[0].node.config.read_balancing = policy;
+        cluster
+    }
+
+    /// Routes a read of whole blocks on the Primary (then everything settles).
+    fn balance(&mut self, id: u64, block: u64, blocks: u64) -> ReadRoute {
+        let now = self.now;
+        let route = self.members[0].node.balance_read(
+            now,
+            RequestId(id),
+            block * BLOCK_BYTES,
+            blocks * BLOCK_BYTES,
+        );
+        if route == ReadRoute::Local {
+            self.members[0].node.local_read_done(now, now);
+        }
+        self.settle();
+        route
+    }
+
+    fn reads_of_peer(&self) -> super::peer::PeerReads {
+        self.node(0).peers()[0].reads
+    }
+
+    /// Hands the held frames to the Primary.
+    fn release_held(&mut self) {
+        let session = self.members[0].session.expect("alpha's session");
+        let now = self.now;
+        for frame in std::mem::take(&mut self.held) {
+            self.members[0]
+                .node
+                .handle_frame(now, PeerId(0), session, frame);
+        }
+        self.settle();
+    }
+}
+
+const PEER: ReadRoute = ReadRoute::Peer(PeerId(0));
+
+/// The rule: a peer serves a read only while it is UpToDate and the blocks are
+/// neither out of sync nor in flight to it — whatever the policy says.
+#[test]
+fn read_balancing_sends_a_read_to_the_peer_only_when_the_rule_allows() {
+    let mut cluster = Cluster::balancing_pair(ReadBalancing::PreferRemote);
+    cluster.write_pattern(0, 1, 0, 0x11);
+    assert_eq!(cluster.outcome(0, 1), Some(Ok(())));
+    assert_eq!(cluster.balance(10, 0, 1), PEER);
+    let data = cluster.read_done(0, 10).expect("answered").expect("served");
+    assert_eq!(&data[..], &[0x11; BLOCK_BYTES as usize][..]);
+    assert_eq!(cluster.reads_of_peer().served, 1);
+    assert_eq!(cluster.reads_of_peer().load.pending, 0);
+
+    // In flight: shipped, not yet acknowledged as written.
+    cluster.hold_written = true;
+    cluster.write_pattern(0, 2, 5, 0x22);
+    assert_eq!(cluster.balance(11, 5, 1), ReadRoute::Local);
+    assert_eq!(cluster.balance(12, 4, 3), ReadRoute::Local, "overlapping");
+    assert_eq!(cluster.balance(13, 6, 2), PEER, "next to it");
+    cluster.hold_written = false;
+    cluster.release_held();
+    assert_eq!(cluster.outcome(0, 2), Some(Ok(())));
+    assert_eq!(cluster.balance(14, 5, 1), PEER);
+    let data = cluster.read_done(0, 14).expect("answered").expect("served");
+    assert_eq!(&data[..], &[0x22; BLOCK_BYTES as usize][..]);
+
+    // Out of sync: the peer may not hold the block.
+    cluster.members[0].volume.set_out_of_sync(9, 1);
+    assert_eq!(cluster.balance(15, 9, 1), ReadRoute::Local);
+    assert_eq!(cluster.balance(16, 8, 2), ReadRoute::Local, "overlapping");
+    assert_eq!(cluster.balance(17, 10, 1), PEER);
+    cluster.members[0].volume.clear_out_of_sync(9, 1);
+    assert_eq!(cluster.balance(18, 9, 1), PEER);
+
+    // Not a read one READ_REPLY carries, or not a read of the volume at all.
+    let blocks = u64::from(crate::wire::MAX_FRAME_BLOCKS);
+    assert_eq!(cluster.balance(19, 0, blocks), PEER);
+    assert_eq!(cluster.balance(20, 0, blocks + 1), ReadRoute::Local);
+    let size_blocks = STORE_BYTES / BLOCK_BYTES;
+    assert_eq!(cluster.balance(21, size_blocks * 4, 1), ReadRoute::Local);
+    assert_eq!(cluster.balance(22, 0, 0), ReadRoute::Local);
+
+    // A peer whose STATE says it is not UpToDate (its disk failed, or it is
+    // Outdated) serves nothing.
+    for disk in [DiskState::Failed, DiskState::Outdated, DiskState::Diskless] {
+        let session = cluster.members[0].node.peers[0]
+            .session_mut()
+            .expect("session");
+        session.peer_state.disk = disk;
+        assert_eq!(cluster.balance(26, 0, 1), ReadRoute::Local, "{disk}");
+    }
+    let session = cluster.members[0].node.peers[0]
+        .session_mut()
+        .expect("session");
+    session.peer_state.disk = DiskState::UpToDate;
+    assert_eq!(cluster.balance(27, 0, 1), PEER);
+
+    // The Secondary never balances; neither does a Primary whose peer is away.
+    let now = cluster.now;
+    assert_eq!(
+        cluster.members[1]
+            .node
+            .balance_read(now, RequestId(23), 0, BLOCK_BYTES),
+        ReadRoute::Local
+    );
+    cluster.link_down(0, "link down");
+    cluster.settle();
+    assert_eq!(cluster.balance(24, 0, 1), ReadRoute::Local);
+}
+
+/// A peer that is not UpToDate (a sync target) serves nothing: its blocks are old.
+#[test]
+fn read_balancing_never_reads_from_a_resync_target() {
+    let mut cluster = Cluster::balancing_pair(ReadBalancing::PreferRemote);
+    cluster.write_pattern(0, 1, 0, 0x11);
+    cluster.link_down(0, "link down");
+    cluster.link_down(1, "link down");
+    cluster.settle();
+    cluster.write_pattern(0, 2, 0, 0x33);
+    assert_eq!(cluster.outcome(0, 2), Some(Ok(())));
+    // Reconnect with the resync held mid-way: its acknowledgements never arrive.
+    cluster.hold_resync_acks = true;
+    cluster.connect();
+    assert_eq!(
+        cluster.node(1).disk(),
+        DiskState::Inconsistent,
+        "a resync runs"
+    );
+    assert_eq!(cluster.balance(10, 0, 1), ReadRoute::Local);
+    assert_eq!(
+        cluster.balance(11, 1, 1),
+        ReadRoute::Local,
+        "in sync or not"
+    );
+    // Once it is done, the peer serves again, and the newest data.
+    cluster.hold_resync_acks = false;
+    cluster.release_held();
+    assert_eq!(cluster.node(1).disk(), DiskState::UpToDate);
+    assert_eq!(cluster.balance(12, 0, 1), PEER);
+    let data = cluster.read_done(0, 12).expect("answered").expect("served");
+    assert_eq!(&data[..], &[0x33; BLOCK_BYTES as usize][..]);
+}
+
+/// A balanced read the peer fails, answers late, or loses with its connection goes
+/// back to the driver (an error it answers by reading locally), counted; a late
+/// answer is dropped.
+#[test]
+fn read_balancing_falls_back_when_the_peer_fails_is_slow_or_goes_away() {
+    let mut cluster = Cluster::balancing_pair(ReadBalancing::PreferRemote);
+    cluster.write_pattern(0, 1, 0, 0x11);
+
+    // The peer's disk fails the read.
+    cluster.members[1].sim.fail_reads(0..u64::MAX);
+    assert_eq!(cluster.balance(10, 0, 1), PEER);
+    assert!(cluster.read_done(0, 10).expect("answered").is_err());
+    assert_eq!(cluster.reads_of_peer().fallbacks, 1);
+    cluster.members[1].sim.fail_reads(0..0);
+
+    // The peer answers late: the read falls back at `read_fallback`, the answer is
+    // dropped when it comes, and the session lives on.
+    cluster.hold_replies = true;
+    assert_eq!(cluster.balance(11, 0, 1), PEER);
+    assert_eq!(cluster.read_done(0, 11), None);
+    let fallback = cluster.node(0).config.timing.read_fallback;
+    assert_eq!(
+        cluster
+            .node(0)
+            .next_timeout()
+            .map(|at| at <= cluster.now + fallback),
+        Some(true)
+    );
+    let late = cluster.now + fallback;
+    cluster.tick_all(late);
+    assert!(cluster.read_done(0, 11).expect("given back").is_err());
+    assert_eq!(cluster.reads_of_peer().fallbacks, 2);
+    assert_eq!(cluster.reads_of_peer().load.pending, 1, "still at the peer");
+    cluster.hold_replies = false;
+    cluster.release_held();
+    let answers = cluster.members[0]
+        .done
+        .iter()
+        .filter(|action| {
+            matches!(
+                action,
+                Action::ReadDone {
+                    id: RequestId(11),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(answers, 1, "the late answer is dropped");
+    assert_eq!(cluster.reads_of_peer().load.pending, 0);
+    assert!(
+        cluster.reads_of_peer().load.latency_ns >= fallback.as_nanos() as u64 / 8,
+        "the wait counts against the peer"
+    );
+    assert!(cluster.node(0).peers()[0].session().is_some());
+
+    // The peer goes away mid-read.
+    cluster.members[1].up = false;
+    assert_eq!(cluster.balance(12, 0, 1), PEER);
+    cluster.link_down(0, "connection reset");
+    cluster.settle();
+    assert!(cluster.read_done(0, 12).expect("given back").is_err());
+    assert_eq!(cluster.reads_of_peer().fallbacks, 3);
+    assert_eq!(cluster.reads_of_peer().load.pending, 0);
+    assert_eq!(cluster.reads_of_peer().served, 0);
+}
+
+/// Round-robin alternates, striping follows the offset, and every policy but
+/// prefer-local spreads reads; the counts follow.
+#[test]
+fn read_balancing_policies_spread_reads_between_the_replicas() {
+    let routes = |policy: ReadBalancing| -> Vec<ReadRoute> {
+        let mut cluster = Cluster::balancing_pair(policy);
+        let routes = (0..8).map(|n| cluster.balance(10 + n, n, 1)).collect();
+        cluster.node(0).invariants();
+        routes
+    };
+    let local = ReadRoute::Local;
+    assert_eq!(routes(ReadBalancing::PreferLocal), [local; 8]);
+    assert_eq!(routes(ReadBalancing::PreferRemote), [PEER; 8]);
+    assert_eq!(
+        routes(ReadBalancing::RoundRobin),
+        [local, PEER, local, PEER, local, PEER, local, PEER]
+    );
+    assert_eq!(
+        routes(ReadBalancing::Striping {
+            stripe_bytes: 2 * BLOCK_BYTES * 4
+        }),
+        [local, local, local, local, local, local, local, local]
+    );
+    assert_eq!(
+        routes(ReadBalancing::Striping {
+            stripe_bytes: 32768
+        })[..],
+        [local; 8][..],
+        "blocks 0..8 are the first 32K stripe"
+    );
+    // Everything settles at once here, so nothing is ever pending: least-pending
+    // reads locally, and adaptive measures the unmeasured peer, then compares.
+    assert_eq!(routes(ReadBalancing::LeastPending), [local; 8]);
+    assert!(routes(ReadBalancing::Adaptive).contains(&PEER));
 }

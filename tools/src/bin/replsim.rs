@@ -48,9 +48,14 @@ struct Args {
     #[arg(long, default_value = "all")]
     faults: String,
     /// Re-introduce a known bug: ack-before-peer-durable, no-out-of-sync-on-detach,
-    /// apply-stale-resync-data, promote-ignores-peer-role, skip-generation-rotation.
+    /// apply-stale-resync-data, promote-ignores-peer-role, skip-generation-rotation,
+    /// balanced-reads-ignore-the-rule.
     #[arg(long)]
     mutate: Option<String>,
+    /// The Primaries' read-balancing policy (prefer-local: every read local, as
+    /// before read balancing; any other: reads a peer serves are checked too).
+    #[arg(long, default_value = "prefer-local")]
+    read_balancing: String,
     /// With --seed: print every trace line.
     #[arg(long)]
     trace: bool,
@@ -73,7 +78,10 @@ fn options(args: &Args) -> Result<Options, String> {
         })?),
         None => None,
     };
+    let read_balancing = engine::node::ReadBalancing::parse(&args.read_balancing)
+        .map_err(|why| format!("--read-balancing: {why}"))?;
     Ok(Options {
+        read_balancing,
         nodes: args.nodes as usize,
         mode,
         steps: args.steps,

@@ -26,6 +26,9 @@
 //!   last session (if it was not a sync target meanwhile): holding one of them means
 //!   holding every one sent before it.
 //! * **P3** — every read that succeeds returns zeroes or a block of a write to it.
+//! * **read balancing** — with `--read-balancing POLICY`, a Primary balances the
+//!   client's reads; a read a peer serves returns the write the Primary's own store held there when the read was
+//!   issued, or a later one (never older data than an acknowledged write).
 //! * **P4** — a promotion without `--force` never succeeds while another node is
 //!   Primary; no two nodes complete writes in the same generation.
 //! * **no silent divergence** — two nodes connected to each other, both UpToDate,
@@ -46,7 +49,7 @@ use engine::node::peer::{Repl, TargetPhase};
 use engine::node::storage::{Completion, CompletionQueue, Storage, VolumeStorage};
 use engine::node::{
     Action, AdminId, AdminOutput, AttachFacts, Mutation, Node, NodeConfig, PeerConfig, PeerId,
-    RequestId, SessionId, Time, Timing, Token,
+    ReadBalancing, ReadRoute, RequestId, SessionId, Time, Timing, Token,
 };
 use engine::repl::{DiskState, Mode, Role};
 use engine::rng::SplitMix64;
@@ -66,6 +69,8 @@ const CLIENT_DEPTH: usize = 6;
 pub const LIVENESS_LIMIT: Duration = Duration::from_secs(120);
 /// Request ids of flushes and repairs (writes use their write id).
 const FLUSH_IDS: u64 = 1 << 62;
+/// Request ids of client reads balanced to a peer.
+const READ_IDS: u64 = 1 << 61;
 const RESOURCE: &str = "r0";
 const UUID: [u8; 16] = *b"replsim-resource";
 
@@ -127,6 +132,9 @@ pub struct Options {
     pub steps: u64,
     pub faults: Faults,
     pub mutation: Option<Mutation>,
+    /// The Primaries' read balancing; with a policy other than prefer-local, the
+    /// client's reads of a Primary are balanced and a peer's answers checked.
+    pub read_balancing: ReadBalancing,
     /// Keep every trace line (for `--seed S --trace`), not only the last ones.
     pub full_trace: bool,
 }
@@ -139,6 +147,7 @@ impl Default for Options {
             steps: 20000,
             faults: Faults::ALL,
             mutation: None,
+            read_balancing: ReadBalancing::PreferLocal,
             full_trace: false,
         }
     }
@@ -380,6 +389,11 @@ struct World {
     feeds: Vec<Option<Feed>>,
     /// Client requests without an answer yet, by request id: the node they went to.
     outstanding: BTreeMap<u64, usize>,
+    /// Client reads a Primary sent to a peer, by request id: the block, and the write
+    /// the Primary's own store held there when the read was issued (the answer must
+    /// be that write or a later one).
+    balanced_reads: BTreeMap<u64, (u64, u64)>,
+    next_read: u64,
     admin: BTreeMap<u64, PendingCommand>,
     next_admin: u64,
     promoting: bool,
@@ -495,6 +509,8 @@ impl World {
             generation_writer: BTreeMap::new(),
             feeds: vec![None; count],
             outstanding: BTreeMap::new(),
+            balanced_reads: BTreeMap::new(),
+            next_read: 0,
             admin: BTreeMap::new(),
             next_admin: 1,
             promoting: false,
@@ -575,6 +591,7 @@ impl World {
             },
             resync: engine::node::ResyncConfig::default(),
             on_io_error: engine::node::OnIoError::Detach,
+            read_balancing: self.options.read_balancing,
             mutation: self.options.mutation,
         }
     }
@@ -811,9 +828,10 @@ impl World {
                 let name = self.nodes[index].name.clone();
                 self.log(format!("{name} event {text}"));
             }
-            // The simulated clients read nothing through a peer (no disk fails with
-            // EIO here; its diskless paths are tested in the engine and end to end).
-            Action::Hook { .. } | Action::ReadDone { .. } => {}
+            // Only balanced reads go through a peer here (no disk fails with EIO; the
+            // diskless paths are tested in the engine and end to end).
+            Action::ReadDone { id, result } => self.balanced_read_done(index, id.0, result.ok()),
+            Action::Hook { .. } => {}
         }
     }
 
@@ -1487,29 +1505,88 @@ impl World {
         };
         let block = self.rng.below(WRITE_BLOCKS);
         let result = up.volume.read_blocking(block * BLOCK_BYTES, BLOCK_BYTES);
+        let balanced = up.node.role() == Role::Primary && up.node.balances_reads();
+        let held = match result.as_ref().map(|data| content::decode(block, data)) {
+            Ok(Content::Write(id)) => Some(id),
+            Ok(Content::Zero) => Some(0),
+            _ => None,
+        };
         if let Ok(data) = result {
-            match content::decode(block, &data) {
-                Content::Garbage => {
+            self.check_read(index, block, &data);
+        }
+        // The same read, balanced by the node: a read a peer serves must return what
+        // the Primary held when it was issued, or something later.
+        let Some(up) = self.nodes[index].up.as_mut().filter(|_| balanced) else {
+            return;
+        };
+        let id = READ_IDS + self.next_read;
+        self.next_read += 1;
+        let now = self.now;
+        match up
+            .node
+            .balance_read(now, RequestId(id), block * BLOCK_BYTES, BLOCK_BYTES)
+        {
+            ReadRoute::Local => up.node.local_read_done(now, now),
+            ReadRoute::Peer(_) => {
+                if let Some(held) = held {
+                    self.balanced_reads.insert(id, (block, held));
+                }
+            }
+        }
+        self.settle(index);
+    }
+
+    /// A balanced read's answer (`None`: it failed, and the driver would read the
+    /// local store).
+    fn balanced_read_done(&mut self, index: usize, id: u64, data: Option<bytes::Bytes>) {
+        let Some((block, held)) = self.balanced_reads.remove(&id) else {
+            return;
+        };
+        let Some(data) = data else {
+            return;
+        };
+        self.check_read(index, block, &data);
+        let got = match content::decode(block, &data) {
+            Content::Write(id) => id,
+            Content::Zero => 0,
+            Content::Garbage => return,
+        };
+        if got < held {
+            let name = self.nodes[index].name.clone();
+            self.violate(
+                "P1",
+                format!(
+                    "a read of block {block} on {name} served by a peer returned write {got}, \
+                     older than write {held} the Primary held when it was issued"
+                ),
+            );
+        }
+    }
+
+    /// P3: a read returns zeroes or a block of a write to it.
+    fn check_read(&mut self, index: usize, block: u64, data: &[u8]) {
+        match content::decode(block, data) {
+            Content::Garbage => {
+                let name = self.nodes[index].name.clone();
+                self.violate(
+                    "P3",
+                    format!("a read of block {block} on {name} returned garbage"),
+                );
+            }
+            Content::Write(id) => {
+                let valid = self
+                    .writes
+                    .get(id as usize - 1)
+                    .is_some_and(|w| block >= w.first_block && block < w.first_block + w.blocks);
+                if !valid {
                     let name = self.nodes[index].name.clone();
                     self.violate(
                         "P3",
-                        format!("a read of block {block} on {name} returned garbage"),
+                        format!("a read of block {block} on {name} returned write {id}, never written there"),
                     );
                 }
-                Content::Write(id) => {
-                    let valid = self.writes.get(id as usize - 1).is_some_and(|w| {
-                        block >= w.first_block && block < w.first_block + w.blocks
-                    });
-                    if !valid {
-                        let name = self.nodes[index].name.clone();
-                        self.violate(
-                            "P3",
-                            format!("a read of block {block} on {name} returned write {id}, never written there"),
-                        );
-                    }
-                }
-                Content::Zero => {}
             }
+            Content::Zero => {}
         }
     }
 
