@@ -35,7 +35,10 @@ struct Args {
     /// Replay exactly this seed (prints its trace digest).
     #[arg(long)]
     seed: Option<u64>,
-    /// Nodes in the cluster (2 to 5).
+    /// Nodes in the cluster (2 to 5). Three or more model the N-node membership that
+    /// is not built yet: one out-of-sync bitmap serves every peer, so two Secondaries
+    /// that meet after one of them missed writes take each other as in sync, and
+    /// those seeds report divergence (per-peer bitmaps will fix it).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(2..=5))]
     nodes: u64,
     /// Replication mode: sync, semi-sync or async.
