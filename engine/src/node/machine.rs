@@ -1820,17 +1820,24 @@ impl<S: Storage> Node<S> {
         };
         let blocks = storage.data_blocks();
         storage.set_out_of_sync(0, blocks);
+        let token = self.gated_cover_step(peer, session, false);
+        if let Some(storage) = self.storage.as_mut() {
+            storage.persist_bitmap(token);
+        }
+    }
+
+    /// The token of a step of covering a diskless Primary; the session takes none of
+    /// its data frames until the step completes.
+    fn gated_cover_step(&mut self, peer: PeerId, session: SessionId, rotated: bool) -> Token {
         let token = self.token(Purpose::CoverDiskless {
             peer,
             session,
-            rotated: false,
+            rotated,
         });
         if let Some(state) = self.peers[peer.0].current(session) {
             state.data_gate = Some(token);
         }
-        if let Some(storage) = self.storage.as_mut() {
-            storage.persist_bitmap(token);
-        }
+        token
     }
 
     fn cover_diskless_step(
@@ -1860,14 +1867,7 @@ impl<S: Storage> Node<S> {
             return;
         }
         let new_current = self.random_generation();
-        let token = self.token(Purpose::CoverDiskless {
-            peer,
-            session,
-            rotated: true,
-        });
-        if let Some(state) = self.peers[peer.0].current(session) {
-            state.data_gate = Some(token);
-        }
+        let token = self.gated_cover_step(peer, session, true);
         if let Some(storage) = self.storage.as_mut() {
             storage.update_superblock(SuperblockChange::StartDetached { new_current }, token);
         }
