@@ -85,6 +85,7 @@ fn every_mutation_is_caught() {
         "promote-ignores-peer-role",
         "skip-generation-rotation",
         "balanced-reads-ignore-the-rule",
+        "bitmap-run-one-short",
     ] {
         let (caught, text) = replsim(&[
             "--mutate",

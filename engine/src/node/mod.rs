@@ -203,16 +203,19 @@ pub enum Mutation {
     /// Read balancing sends reads to any connected peer: out of sync, in flight, not
     /// UpToDate or a resync target alike.
     BalancedReadsIgnoreTheRule,
+    /// A BITMAP_RUN leaves out the last block of its run.
+    BitmapRunOneShort,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 6] = [
+    pub const ALL: [Mutation; 7] = [
         Mutation::AckBeforePeerDurable,
         Mutation::NoOutOfSyncOnDetach,
         Mutation::ApplyStaleResyncData,
         Mutation::PromoteIgnoresPeerRole,
         Mutation::SkipGenerationRotation,
         Mutation::BalancedReadsIgnoreTheRule,
+        Mutation::BitmapRunOneShort,
     ];
 
     pub fn name(self) -> &'static str {
@@ -223,6 +226,7 @@ impl Mutation {
             Mutation::PromoteIgnoresPeerRole => "promote-ignores-peer-role",
             Mutation::SkipGenerationRotation => "skip-generation-rotation",
             Mutation::BalancedReadsIgnoreTheRule => "balanced-reads-ignore-the-rule",
+            Mutation::BitmapRunOneShort => "bitmap-run-one-short",
         }
     }
 

@@ -16,7 +16,8 @@ use super::machine::{Purpose, VerifyChunk, VerifyRun};
 use super::peer::{Repl, Request, RequestKind, Source, SourcePhase, Target, TargetPhase};
 use super::storage::{Completion, Storage, SuperblockChange};
 use super::{
-    Action, AdminError, HookKind, Node, PeerId, RequestError, RequestId, SessionEnd, SessionId,
+    Action, AdminError, HookKind, Mutation, Node, PeerId, RequestError, RequestId, SessionEnd,
+    SessionId,
 };
 use crate::checksum::{block_crc, block_digest, zero_block_crc};
 use crate::repl::{DiskState, Role};
@@ -101,9 +102,21 @@ impl<S: Storage> Node<S> {
             return;
         };
         let mut frames = match self.storage.as_ref() {
-            Some(storage) => bitmap_frames(storage, BITMAP_RUN_MIN_BLOCKS),
+            // On a small volume a run of an eighth of it is long too (and the
+            // simulator's small stores exercise the frame).
+            Some(storage) => bitmap_frames(
+                storage,
+                BITMAP_RUN_MIN_BLOCKS.min((storage.data_blocks() / 8).max(64)),
+            ),
             None => Vec::new(),
         };
+        if self.config.mutated(Mutation::BitmapRunOneShort) {
+            for frame in &mut frames {
+                if let Frame::BitmapRun { blocks, .. } = frame {
+                    *blocks -= 1;
+                }
+            }
+        }
         // The last frame, possibly an empty BITMAP, says the bitmap is complete.
         match frames.last_mut() {
             Some(Frame::Bitmap { last, .. } | Frame::BitmapRun { last, .. }) => *last = true,

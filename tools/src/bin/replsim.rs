@@ -52,7 +52,7 @@ struct Args {
     faults: String,
     /// Re-introduce a known bug: ack-before-peer-durable, no-out-of-sync-on-detach,
     /// apply-stale-resync-data, promote-ignores-peer-role, skip-generation-rotation,
-    /// balanced-reads-ignore-the-rule.
+    /// balanced-reads-ignore-the-rule, bitmap-run-one-short.
     #[arg(long)]
     mutate: Option<String>,
     /// The Primaries' read-balancing policy (prefer-local: every read local, as
