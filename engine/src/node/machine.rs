@@ -1293,24 +1293,26 @@ impl<S: Storage> Node<S> {
                 "the peer holding this diskless Primary's data went away".into(),
             ))
         };
+        // Whether `waits` waited only for this session (then the request fails).
+        fn only_this<T>(waits: &mut Vec<(PeerId, SessionId, T)>, key: (PeerId, SessionId)) -> bool {
+            let before = waits.len();
+            waits.retain(|(p, s, _)| (*p, *s) != key);
+            before != waits.len() && waits.is_empty()
+        }
         let mut failed = Vec::new();
         self.writes.retain(|_, write| {
-            let before = write.waits.len();
-            write.waits.retain(|&(p, s, _)| (p, s) != (peer, session));
-            let keep = before == write.waits.len() || !write.waits.is_empty();
-            if !keep {
+            let fails = only_this(&mut write.waits, (peer, session));
+            if fails {
                 failed.push(write.id);
             }
-            keep
+            !fails
         });
         self.flushes.retain(|_, flush| {
-            let before = flush.waits.len();
-            flush.waits.retain(|&(p, s, _)| (p, s) != (peer, session));
-            let keep = before == flush.waits.len() || !flush.waits.is_empty();
-            if !keep {
+            let fails = only_this(&mut flush.waits, (peer, session));
+            if fails {
                 failed.push(flush.id);
             }
-            keep
+            !fails
         });
         for id in failed {
             self.complete(id, Err(error()));
