@@ -15,6 +15,8 @@ pub enum EngineError {
     Layout(#[from] LayoutError),
     #[error("no replicad metadata found on this store (run create-md first)")]
     NoMetadata,
+    #[error("snapshot area: {0}")]
+    Snapshots(String),
     #[error("metadata is unreadable: {0}")]
     BadMetadata(#[from] SuperblockError),
     #[error("store already holds replicad metadata; use --force to overwrite it")]

@@ -21,6 +21,7 @@ pub mod node;
 pub mod record;
 pub mod repl;
 pub mod rng;
+pub mod snapshot;
 pub mod superblock;
 pub mod testing;
 pub mod volume;

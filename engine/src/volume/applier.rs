@@ -127,19 +127,38 @@ pub(super) fn step<'a>(
     }
     if front_ready {
         let mut batch = Vec::new();
+        // A batch never holds records from both sides of a snapshot's point: the
+        // block a snapshot preserves must be the one in place at its point.
+        let mut cut: Option<u64> = None;
         while batch.len() < MAX_BATCH_ITEMS
             && state
                 .apply_queue
                 .front()
                 .is_some_and(|item| item_ready(&state, item))
         {
+            if let Some(ApplyItem::Record { record, .. }) = state.apply_queue.front() {
+                let seq = record.header.seq;
+                if cut.is_some_and(|point| seq > point) {
+                    break;
+                }
+                if cut.is_none() {
+                    cut = state
+                        .snapshot_points
+                        .iter()
+                        .copied()
+                        .filter(|&p| p >= seq)
+                        .min();
+                }
+                state.taken_seq = state.taken_seq.max(seq);
+            }
             if let Some(item) = state.apply_queue.pop_front() {
                 batch.push(item);
             }
         }
+        let resync_trigger = state.last_sequenced;
         state.applying = true;
         drop(state);
-        if let Err(error) = apply_batch(shared, batch) {
+        if let Err(error) = apply_batch(shared, batch, resync_trigger) {
             let mut state = shared.lock();
             state.applying = false;
             shared.fail(&mut state, format!("writing data in place failed: {error}"));
@@ -228,9 +247,16 @@ fn item_data(batch: &[ApplyItem], item: usize) -> &[u8] {
     }
 }
 
-fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendError> {
+fn apply_batch(
+    shared: &Shared,
+    batch: Vec<ApplyItem>,
+    resync_trigger: u64,
+) -> Result<(), BackendError> {
     // Last writer wins per block; the batch is in order.
     let mut blocks: BTreeMap<u64, Source> = BTreeMap::new();
+    // The first write of the batch to each block: its sequence number (`None` for
+    // resync data), for copy-on-write.
+    let mut first_writes: BTreeMap<u64, Option<u64>> = BTreeMap::new();
     for (item_index, item) in batch.iter().enumerate() {
         let (first_block, count, data, crcs) = match item {
             ApplyItem::Record { record, .. } => {
@@ -259,7 +285,23 @@ fn apply_batch(shared: &Shared, batch: Vec<ApplyItem>) -> Result<(), BackendErro
                 None => Source::Zero,
             };
             blocks.insert(first_block + index, source);
+            let seq = match item {
+                ApplyItem::Record { record, .. } => Some(record.header.seq),
+                ApplyItem::Resync { .. } => None,
+            };
+            if shared.snapshots.is_some() {
+                first_writes.entry(first_block + index).or_insert(seq);
+            }
         }
+    }
+    if let Some(snapshots) = &shared.snapshots {
+        let first_writes: Vec<(u64, Option<u64>)> = first_writes.into_iter().collect();
+        snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .preserve(&first_writes, resync_trigger, &mut |blocks| {
+                super::read_in_place(shared.data.as_ref(), blocks)
+            });
     }
     // Runs: consecutive blocks from consecutive positions of one item's data, or zeroes.
     let mut runs: Vec<(u64, u64, Source)> = Vec::new(); // (first block, count, first source)

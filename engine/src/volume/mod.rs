@@ -61,6 +61,7 @@ use crate::checksum::{block_crc, ChecksumTable};
 use crate::error::{EngineError, IoError};
 use crate::layout::Geometry;
 use crate::record::{self, Record};
+use crate::snapshot::{BlockSource, SnapshotError, SnapshotInfo};
 use crate::superblock::Superblock;
 use crate::{BLOCK_BYTES, MAX_IO_BYTES, MAX_ZERO_BYTES};
 
@@ -99,6 +100,8 @@ pub struct VolumeOptions {
     /// Bytes of memory for the checksum table cache (pages changed since the last
     /// checkpoint come on top, bounded by the journal: see `docs/FORMAT.md` §4).
     pub checksum_cache_bytes: u64,
+    /// The snapshot area, if snapshots are wanted (see [`crate::snapshot`]).
+    pub snapshots: Option<crate::snapshot::SnapshotOptions>,
 }
 
 impl Default for VolumeOptions {
@@ -110,6 +113,7 @@ impl Default for VolumeOptions {
             background: Background::Threads,
             commit_inline: true,
             checksum_cache_bytes: crate::checksum::DEFAULT_CACHE_BYTES,
+            snapshots: None,
         }
     }
 }
@@ -284,6 +288,13 @@ struct State {
     /// Bytes of resync data queued for the applier (bounded: a sync target
     /// acknowledges resync data when queued, so this bounds what it owes).
     resync_queued_bytes: u64,
+    /// Points of the valid snapshots: the applier never puts records from both sides
+    /// of one into a batch (the block a snapshot preserves is the one in place when the
+    /// first record after its point is applied).
+    snapshot_points: Vec<u64>,
+    /// The highest sequence number the applier has taken off the queue: a snapshot at
+    /// an older point can no longer be made.
+    taken_seq: u64,
 }
 
 impl State {
@@ -328,6 +339,25 @@ struct ReadJob {
     done: ReadDone,
 }
 
+/// Reads whole blocks in place (what copy-on-write preserves).
+pub(crate) fn read_in_place(data: &dyn Backend, blocks: &[u64]) -> Result<Vec<Vec<u8>>, String> {
+    let mut out: Vec<Vec<u8>> = blocks
+        .iter()
+        .map(|_| vec![0u8; BLOCK_BYTES as usize])
+        .collect();
+    let mut ops: Vec<crate::backend::ReadOp<'_>> = blocks
+        .iter()
+        .zip(out.iter_mut())
+        .map(|(&block, buf)| crate::backend::ReadOp {
+            offset: block * BLOCK_BYTES,
+            buf,
+        })
+        .collect();
+    data.read_many(&mut ops).map_err(|e| e.to_string())?;
+    drop(ops);
+    Ok(out)
+}
+
 /// Shared between the handle and the engine's threads.
 pub(crate) struct Shared {
     data: Arc<dyn Backend>,
@@ -361,6 +391,9 @@ pub(crate) struct Shared {
     /// `State::failed` is set (it never clears): lets [`Volume::failure`] answer
     /// without the engine lock, which the state machine asks on every step.
     failed_flag: AtomicBool,
+    /// The snapshots, if an area is configured. Taken after the state lock, never
+    /// before it.
+    snapshots: Option<Mutex<crate::snapshot::Snapshots>>,
 }
 
 impl Shared {
@@ -1386,6 +1419,233 @@ impl Volume {
             });
         }
         read::verify_checksums(&self.shared, first_block, blocks)
+    }
+
+    /// The snapshots, or `NotConfigured`.
+    fn snapshots(&self) -> Result<&Mutex<crate::snapshot::Snapshots>, SnapshotError> {
+        self.shared
+            .snapshots
+            .as_ref()
+            .ok_or(SnapshotError::NotConfigured)
+    }
+
+    /// Creates snapshot `name` of the volume as of sequence number `at` (every record up
+    /// to it included, none after), or — `None` — as of the last record sequenced here,
+    /// so every write completed before this call is in it. `at` serves a Secondary
+    /// taking a snapshot at a point of the Primary's write order: it fails once a record
+    /// after `at` has been taken for applying. Refused on an Inconsistent store.
+    pub fn create_snapshot(
+        &self,
+        name: &str,
+        at: Option<u64>,
+        created_unix: u64,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let snapshots = self.snapshots()?;
+        crate::snapshot::check_name(name)?;
+        let mut state = self.shared.lock();
+        if state.resync_written.is_some()
+            || state.superblock.disk_state == crate::superblock::StoredDiskState::Inconsistent
+        {
+            return Err(SnapshotError::Inconsistent);
+        }
+        let point = at.unwrap_or(state.last_sequenced);
+        if point < state.taken_seq {
+            return Err(SnapshotError::PointPassed {
+                point,
+                applied: state.taken_seq,
+            });
+        }
+        let mut snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let info = snaps.create(name, point, created_unix)?;
+        state.snapshot_points = snaps.points();
+        Ok(info)
+    }
+
+    /// Deletes snapshot `name` (its log goes; the volume is untouched).
+    pub fn delete_snapshot(&self, name: &str) -> Result<SnapshotInfo, SnapshotError> {
+        let snapshots = self.snapshots()?;
+        let mut state = self.shared.lock();
+        let mut snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let info = snaps.delete(name)?;
+        state.snapshot_points = snaps.points();
+        Ok(info)
+    }
+
+    /// The snapshots, oldest first, and the area's `(used, limit)` bytes.
+    pub fn list_snapshots(&self) -> Result<(Vec<SnapshotInfo>, u64, u64), SnapshotError> {
+        let snaps = self.snapshots()?.lock().unwrap_or_else(|p| p.into_inner());
+        Ok((snaps.list(), snaps.area_used_bytes(), snaps.area_bytes()))
+    }
+
+    /// Snapshot `name`'s description.
+    pub fn snapshot_info(&self, name: &str) -> Result<SnapshotInfo, SnapshotError> {
+        let snaps = self.snapshots()?.lock().unwrap_or_else(|p| p.into_inner());
+        snaps.info(name)
+    }
+
+    /// Invalidations since the last call (for the daemon's events).
+    pub fn take_snapshot_events(&self) -> Vec<String> {
+        match &self.shared.snapshots {
+            Some(snaps) => snaps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_events(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Reads `[offset, offset+length)` of snapshot `name` (blocking: call it off an
+    /// async runtime). Preserved blocks come from the snapshot's log, the others from
+    /// the store in place, each checked against its checksum. Fails with `NotReady`
+    /// until every record up to the snapshot's point has been applied here.
+    pub fn read_snapshot(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Bytes, SnapshotError> {
+        let snapshots = self.snapshots()?;
+        let size = self.size_bytes();
+        if length == 0 || offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(SnapshotError::Io(format!(
+                "read of {length} bytes at {offset} is outside the volume ({size} bytes)"
+            )));
+        }
+        let point = snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .point(name)?;
+        let applied = self.shared.lock().applied_seq;
+        if applied < point && !self.wait_applied_to(point, Duration::from_secs(10)) {
+            return Err(SnapshotError::NotReady {
+                name: name.to_string(),
+                point,
+                applied: self.shared.lock().applied_seq,
+            });
+        }
+        let first = offset / BLOCK_BYTES;
+        let count = (offset + length).div_ceil(BLOCK_BYTES) - first;
+        let mut buf = vec![0u8; (count * BLOCK_BYTES) as usize];
+        {
+            // No in-place overwrite between the lookup and the read.
+            let _apply = self
+                .shared
+                .apply_lock
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            let snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
+            let (_, sources) = snaps.sources(name, first, count)?;
+            let mut index = 0usize;
+            while index < sources.len() {
+                let at = index * BLOCK_BYTES as usize;
+                match sources[index] {
+                    BlockSource::Log { slot, crc } => {
+                        let block = &mut buf[at..at + BLOCK_BYTES as usize];
+                        snaps.read_slot(name, slot, block)?;
+                        let computed = block_crc(block);
+                        if computed != crc {
+                            return Err(SnapshotError::Io(format!(
+                                "checksum mismatch in preserved block {} of snapshot {name}: stored {crc:#010x}, data {computed:#010x}",
+                                first + index as u64
+                            )));
+                        }
+                        index += 1;
+                    }
+                    BlockSource::InPlace => {
+                        let start = index;
+                        while index < sources.len() && sources[index] == BlockSource::InPlace {
+                            index += 1;
+                        }
+                        let end = index * BLOCK_BYTES as usize;
+                        self.shared
+                            .data
+                            .read_at((first + start as u64) * BLOCK_BYTES, &mut buf[at..end])
+                            .map_err(|e| SnapshotError::Io(format!("reading the store: {e}")))?;
+                        for block_index in start..index {
+                            let block = first + block_index as u64;
+                            let from = block_index * BLOCK_BYTES as usize;
+                            let computed = block_crc(&buf[from..from + BLOCK_BYTES as usize]);
+                            let stored =
+                                self.shared.checksums.get(block).map_err(|e| {
+                                    SnapshotError::Io(format!("checksum table: {e}"))
+                                })?;
+                            if computed != stored {
+                                return Err(SnapshotError::Io(format!(
+                                    "checksum mismatch in block {block}: stored {stored:#010x}, data {computed:#010x}"
+                                )));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let skip = (offset % BLOCK_BYTES) as usize;
+        Ok(Bytes::from(buf).slice(skip..skip + length as usize))
+    }
+
+    /// Blocks of `[first_block, first_block+blocks)` changed since snapshot `since`:
+    /// with `until`, up to that (later) snapshot's point — what an incremental backup
+    /// from `until` must copy; without, up to now (unapplied writes included). Never
+    /// fewer than the truth, also after a crash (see `docs/FORMAT.md` §15).
+    pub fn changed_blocks(
+        &self,
+        since: &str,
+        until: Option<&str>,
+        first_block: u64,
+        blocks: u64,
+    ) -> Result<Vec<u64>, SnapshotError> {
+        let snapshots = self.snapshots()?;
+        match until {
+            Some(until) => {
+                let snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
+                let until_point = snaps.point(until)?;
+                let since_point = snaps.point(since)?;
+                if since_point > until_point {
+                    return Err(SnapshotError::Io(format!(
+                        "snapshot {since} (point {since_point}) is newer than {until} (point {until_point})"
+                    )));
+                }
+                snaps.changed(since, Some(until_point), first_block, blocks)
+            }
+            None => {
+                // State before snapshots: a block leaves the overlay only after it was
+                // preserved, so holding the state lock, it is in one or the other.
+                let state = self.shared.lock();
+                let snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
+                let point = snaps.point(since)?;
+                let mut changed = snaps.changed(since, None, first_block, blocks)?;
+                let end = first_block.saturating_add(blocks);
+                changed.extend(
+                    state
+                        .overlay
+                        .iter()
+                        .filter(|(block, entry)| {
+                            (first_block..end).contains(*block) && entry.seq > point
+                        })
+                        .map(|(block, _)| *block),
+                );
+                changed.sort_unstable();
+                changed.dedup();
+                Ok(changed)
+            }
+        }
+    }
+
+    /// Waits (threaded mode) until every record up to `seq` is applied, or `timeout`.
+    fn wait_applied_to(&self, seq: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        while state.applied_seq < seq {
+            if self.shared.manual() || state.failed.is_some() {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self.shared.wait_progress(state, deadline - now);
+        }
+        true
     }
 
     /// Marks `[first_block, first_block+blocks)` out of sync (verify findings, invalidate).

@@ -293,14 +293,24 @@ impl Volume {
             other_copy_error: loaded.other_copy_error.map(|e| e.to_string()),
             ..OpenReport::default()
         };
+        let mut snapshots = match &options.snapshots {
+            Some(area) => Some(
+                crate::snapshot::Snapshots::open(area.clone(), blocks)
+                    .map_err(|error| EngineError::Snapshots(error.to_string()))?,
+            ),
+            None => None,
+        };
         let scan = replay(
             &data,
             meta_backend.as_ref(),
             &geometry,
             &superblock,
             &checksums,
-            &mut bitmap,
-            options.mark_replayed_out_of_sync,
+            ReplayMarks {
+                bitmap: &mut bitmap,
+                mark_out_of_sync: options.mark_replayed_out_of_sync,
+                snapshots: snapshots.as_mut(),
+            },
         )?;
         report.records_replayed = scan.records;
         report.bytes_replayed = scan.bytes;
@@ -348,7 +358,14 @@ impl Volume {
         )?;
         meta_backend.flush()?;
 
-        let next_seq = scan.last_seq.max(highest_in_ring) + 1;
+        // A snapshot whose point lies beyond the recovered journal (made just before a
+        // crash that lost unflushed records) must never see a later record under a
+        // number it counts as its own.
+        let newest_point = snapshots
+            .as_ref()
+            .and_then(|snaps| snaps.points().into_iter().max())
+            .unwrap_or(0);
+        let next_seq = scan.last_seq.max(highest_in_ring).max(newest_point) + 1;
         let state = State {
             superblock,
             next_seq,
@@ -382,6 +399,11 @@ impl Volume {
             progress_waiters: 0,
             committing: false,
             resync_queued_bytes: 0,
+            snapshot_points: snapshots
+                .as_ref()
+                .map(crate::snapshot::Snapshots::points)
+                .unwrap_or_default(),
+            taken_seq: scan.last_seq,
         };
         let reader_threads = options.reader_threads.max(1);
         let shared = Arc::new(Shared {
@@ -402,6 +424,7 @@ impl Volume {
             applier_turn: Mutex::new(()),
             stats: Default::default(),
             failed_flag: std::sync::atomic::AtomicBool::new(false),
+            snapshots: snapshots.map(Mutex::new),
         });
         let mut threads = Vec::new();
         if !shared.manual() {
@@ -498,6 +521,14 @@ fn read_ring(
     Ok(buf[skip..skip + length as usize].to_vec())
 }
 
+/// What replay records besides the data: the out-of-sync bitmap (when asked) and the
+/// snapshots' copies of what it overwrites.
+struct ReplayMarks<'a> {
+    bitmap: &'a mut Bitmap,
+    mark_out_of_sync: bool,
+    snapshots: Option<&'a mut crate::snapshot::Snapshots>,
+}
+
 /// Scans the journal from the checkpoint and applies every valid record in place.
 fn replay(
     data: &Arc<dyn Backend>,
@@ -505,9 +536,13 @@ fn replay(
     geometry: &Geometry,
     superblock: &Superblock,
     checksums: &ChecksumTable,
-    bitmap: &mut Bitmap,
-    mark_out_of_sync: bool,
+    marks: ReplayMarks<'_>,
 ) -> Result<Scan, EngineError> {
+    let ReplayMarks {
+        bitmap,
+        mark_out_of_sync,
+        mut snapshots,
+    } = marks;
     let ring_bytes = geometry.journal_bytes;
     let mut scan = Scan {
         records: 0,
@@ -595,6 +630,16 @@ fn replay(
             } else {
                 None
             };
+            if let Some(snapshots) = snapshots.as_deref_mut() {
+                // Replay overwrites in place like the applier: preserve first.
+                let blocks: Vec<(u64, Option<u64>)> = (header.first_block()
+                    ..header.first_block() + header.block_count())
+                    .map(|block| (block, Some(header.seq)))
+                    .collect();
+                snapshots.preserve(&blocks, header.seq, &mut |blocks| {
+                    super::read_in_place(data.as_ref(), blocks)
+                });
+            }
             apply_replayed(data, &header, payload.as_deref(), checksums)?;
             if mark_out_of_sync {
                 bitmap.set_range(header.first_block(), header.block_count());
