@@ -260,6 +260,10 @@ pub struct NodeConfig {
     /// Prometheus metrics listener (`IP:PORT`), optional.
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
+    /// The snapshot area: a directory on this node (created if missing) for the
+    /// snapshots' catalog and copy-on-write logs. Without it, snapshots are refused.
+    #[serde(default)]
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 /// The witness (tie-breaker) of a resource.
@@ -293,6 +297,10 @@ pub struct ResourceConfig {
     /// 64 GiB of volume); the daemon's memory does not grow with the volume's size.
     #[serde(default, deserialize_with = "size")]
     pub checksum_cache: Option<u64>,
+    /// Most bytes the snapshot area may take (all snapshots together); a snapshot that
+    /// needs more is invalidated. Default 1 GiB.
+    #[serde(default, deserialize_with = "size")]
+    pub snapshot_area: Option<u64>,
     /// The peer is declared dead after this long without a sign of life (default 2s).
     #[serde(default, deserialize_with = "duration")]
     pub timeout: Option<Duration>,
@@ -367,6 +375,11 @@ impl ResourceConfig {
     pub fn checksum_cache_bytes(&self) -> u64 {
         self.checksum_cache
             .unwrap_or(engine::checksum::DEFAULT_CACHE_BYTES)
+    }
+
+    /// Most bytes of the snapshot area.
+    pub fn snapshot_area_bytes(&self) -> u64 {
+        self.snapshot_area.unwrap_or(1 << 30)
     }
 
     /// Journal size when the store size is not at hand (in-flight limits).

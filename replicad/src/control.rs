@@ -70,6 +70,18 @@ pub enum Request {
         #[serde(default)]
         clear_bitmap: bool,
     },
+    /// Take a snapshot of this node's store (`replctl snapshot create`).
+    SnapshotCreate {
+        resource: String,
+        name: String,
+    },
+    SnapshotList {
+        resource: String,
+    },
+    SnapshotDelete {
+        resource: String,
+        name: String,
+    },
     /// Stream state changes, one line each.
     Events,
     /// Stop the daemon gracefully (as SIGTERM does).

@@ -15,6 +15,7 @@ use crate::control::{self, Handler, Request, Response};
 use crate::nbd::{self, ExportSet};
 use crate::peer;
 use crate::resource::{Resource, ResourceError};
+use crate::snapshots::{SnapshotExport, VolumeExport};
 
 /// The resources served on one NBD address.
 pub struct ExportGroup {
@@ -22,23 +23,40 @@ pub struct ExportGroup {
 }
 
 impl ExportSet for ExportGroup {
-    type Export = Resource;
+    type Export = VolumeExport;
 
-    fn get(&self, name: &str) -> Option<Arc<Resource>> {
+    /// `RESOURCE` is the live volume (where this node serves it); `RESOURCE@NAME` a
+    /// read-only snapshot (on any node with the disk attached).
+    fn get(&self, name: &str) -> Option<Arc<VolumeExport>> {
+        if let Some((resource, snapshot)) = name.split_once('@') {
+            let resource = self.resources.get(resource)?;
+            return SnapshotExport::open(resource.clone(), snapshot)
+                .map(|export| Arc::new(VolumeExport::Snapshot(export)));
+        }
         let resource = if name.is_empty() && self.resources.len() == 1 {
             self.resources.values().next()
         } else {
             self.resources.get(name)
         }?;
-        resource.exportable().then(|| resource.clone())
+        resource
+            .exportable()
+            .then(|| Arc::new(VolumeExport::Live(resource.clone())))
     }
 
     fn names(&self) -> Vec<String> {
-        self.resources
-            .iter()
-            .filter(|(_, r)| r.exportable())
-            .map(|(name, _)| name.clone())
-            .collect()
+        let mut names = Vec::new();
+        for (name, resource) in &self.resources {
+            if resource.exportable() {
+                names.push(name.clone());
+            }
+            names.extend(
+                resource
+                    .snapshot_names()
+                    .into_iter()
+                    .map(|snapshot| format!("{name}@{snapshot}")),
+            );
+        }
+        names
     }
 }
 
@@ -124,6 +142,18 @@ impl Daemon {
                     .new_current_uuid(clear_bitmap)
                     .await?,
             )),
+            Request::SnapshotCreate { resource, name } => {
+                let status = self.resource(&resource)?.snapshot_create(&name).await?;
+                Ok(serde_json::to_value(status).unwrap_or_default())
+            }
+            Request::SnapshotList { resource } => {
+                let list = self.resource(&resource)?.snapshot_list()?;
+                Ok(serde_json::to_value(list).unwrap_or_default())
+            }
+            Request::SnapshotDelete { resource, name } => {
+                let status = self.resource(&resource)?.snapshot_delete(&name)?;
+                Ok(serde_json::to_value(status).unwrap_or_default())
+            }
             Request::Events => Err(DaemonError::EventsAlone),
             Request::Shutdown => {
                 let _ = self.shutdown.send(true);

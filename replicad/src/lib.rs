@@ -15,6 +15,7 @@ pub mod notify;
 pub mod peer;
 mod read_into;
 pub mod resource;
+pub mod snapshots;
 
 /// A listener [`accept_until`] drives.
 pub(crate) trait Accept {

@@ -159,6 +159,12 @@ pub enum ResourceError {
     DisklessPrimary,
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("no disk is attached on this node")]
+    NoDisk,
+    #[error(transparent)]
+    Snapshot(#[from] engine::snapshot::SnapshotError),
+    #[error("snapshot {name:?} is being read by {readers} NBD client(s): disconnect them first")]
+    SnapshotInUse { name: String, readers: usize },
 }
 
 impl ResourceError {
@@ -171,6 +177,9 @@ impl ResourceError {
             ResourceError::Close(_) => "store-close",
             ResourceError::OnlyCopy | ResourceError::DisklessPrimary => "refused",
             ResourceError::ShuttingDown => "shutting-down",
+            ResourceError::NoDisk => "no-disk",
+            ResourceError::Snapshot(error) => error.kind(),
+            ResourceError::SnapshotInUse { .. } => "snapshot-in-use",
         }
     }
 }
@@ -253,6 +262,8 @@ pub struct Resource {
     admin: tokio::sync::Mutex<()>,
     epoch: Instant,
     this: Weak<Resource>,
+    /// Per snapshot: NBD clients reading it (a snapshot being read is not deleted).
+    snapshot_readers: Mutex<HashMap<String, usize>>,
 }
 
 impl Resource {
@@ -355,6 +366,7 @@ impl Resource {
             admin: tokio::sync::Mutex::new(()),
             epoch,
             this: this.clone(),
+            snapshot_readers: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -678,7 +690,15 @@ impl Resource {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.step(|core, now| core.node.on_tick(now)),
+                _ = ticker.tick() => {
+                    self.step(|core, now| core.node.on_tick(now));
+                    // A snapshot invalidated by the applier (area full, log write error).
+                    if let Some(volume) = self.volume() {
+                        for event in volume.take_snapshot_events() {
+                            self.emit(&event);
+                        }
+                    }
+                }
                 _ = self.completion_wake.notified() => {
                     if !self.completions.is_empty() {
                         self.step(|_, _| ());
@@ -734,6 +754,12 @@ impl Resource {
             // still answer pings and report what it can.
             commit_inline: false,
             checksum_cache_bytes: self.config.checksum_cache_bytes(),
+            snapshots: self.node_config.snapshot_dir.as_ref().map(|dir| {
+                engine::snapshot::SnapshotOptions {
+                    dir: dir.clone(),
+                    area_bytes: self.config.snapshot_area_bytes(),
+                }
+            }),
             ..VolumeOptions::default()
         };
         let opened = tokio::task::spawn_blocking(move || {
@@ -870,6 +896,28 @@ impl Resource {
     // ----- events and hooks -----
 
     /// Publishes an event line to `replctl events` subscribers and the log.
+    /// NBD clients reading snapshot `name` now.
+    pub fn snapshot_readers(&self, name: &str) -> usize {
+        let readers = self
+            .snapshot_readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        readers.get(name).copied().unwrap_or(0)
+    }
+
+    /// Counts a reader of snapshot `name` in (`+1`) or out (`-1`).
+    pub fn add_snapshot_reader(&self, name: &str, change: isize) {
+        let mut readers = self
+            .snapshot_readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let count = readers.entry(name.to_string()).or_default();
+        *count = count.saturating_add_signed(change);
+        if *count == 0 {
+            readers.remove(name);
+        }
+    }
+
     pub fn emit(&self, text: &str) {
         let line = format!("{} {} {text}", crate::now_rfc3339(), self.name);
         tracing::info!("{}: {text}", self.name);

@@ -305,6 +305,45 @@ fn toml_key_at(text: &str, line_number: usize) -> Option<String> {
     None
 }
 
+/// Renders the answer of a `replctl snapshot` command (`verb`: created, deleted, list).
+pub fn render_snapshots(verb: &str, value: &serde_json::Value) -> String {
+    let line = |s: &serde_json::Value| {
+        let state = match s["invalid_reason"].as_str() {
+            Some(reason) => format!("INVALID: {reason}"),
+            None => "valid".to_string(),
+        };
+        format!(
+            "{:<24} export {:<32} write {:>10}  changed {:>10}  {}  readers {}  {}\n",
+            s["name"].as_str().unwrap_or("?"),
+            s["export"].as_str().unwrap_or("?"),
+            s["point"].as_u64().unwrap_or(0),
+            human_bytes(s["changed_blocks"].as_u64().unwrap_or(0) * engine::BLOCK_BYTES),
+            human_bytes(s["bytes"].as_u64().unwrap_or(0)),
+            s["readers"].as_u64().unwrap_or(0),
+            state,
+        )
+    };
+    if verb != "list" {
+        return format!(
+            "snapshot {} {verb} (export {}, write {})\n",
+            value["name"].as_str().unwrap_or("?"),
+            value["export"].as_str().unwrap_or("?"),
+            value["point"].as_u64().unwrap_or(0)
+        );
+    }
+    let mut out = format!(
+        "{}: snapshot area {} of {} used\n",
+        value["resource"].as_str().unwrap_or("?"),
+        human_bytes(value["area_used_bytes"].as_u64().unwrap_or(0)),
+        human_bytes(value["area_bytes"].as_u64().unwrap_or(0)),
+    );
+    match value["snapshots"].as_array() {
+        Some(list) if !list.is_empty() => list.iter().for_each(|s| out.push_str(&line(s))),
+        _ => out.push_str("  (no snapshots)\n"),
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

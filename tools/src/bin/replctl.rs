@@ -147,6 +147,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         wait: u64,
     },
+    /// Point-in-time snapshots: create, list, delete (served read-only over NBD as
+    /// RESOURCE@NAME).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Print state changes as they happen, one line each.
     Events,
     /// Stop this node's daemon gracefully.
@@ -227,6 +231,82 @@ fn simple(cli: &Cli, request: Request) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot of this node's store: every write completed before it is in
+    /// it, none after. Needs `snapshot-dir` in the node's config.
+    Create {
+        resource: String,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the snapshots, their size and the snapshot area's use.
+    List {
+        resource: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (refused while an NBD client reads it).
+    Delete {
+        resource: String,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn snapshot(cli: &Cli, command: &SnapshotCommand) -> anyhow::Result<()> {
+    let (request, json) = match command {
+        SnapshotCommand::Create {
+            resource,
+            name,
+            json,
+        } => (
+            Request::SnapshotCreate {
+                resource: resource.clone(),
+                name: name.clone(),
+            },
+            *json,
+        ),
+        SnapshotCommand::List { resource, json } => (
+            Request::SnapshotList {
+                resource: resource.clone(),
+            },
+            *json,
+        ),
+        SnapshotCommand::Delete {
+            resource,
+            name,
+            json,
+        } => (
+            Request::SnapshotDelete {
+                resource: resource.clone(),
+                name: name.clone(),
+            },
+            *json,
+        ),
+    };
+    let value = client(cli)?.call(&request)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    print!(
+        "{}",
+        tools::admin::render_snapshots(command_verb(command), &value)
+    );
+    Ok(())
+}
+
+fn command_verb(command: &SnapshotCommand) -> &'static str {
+    match command {
+        SnapshotCommand::Create { .. } => "created",
+        SnapshotCommand::List { .. } => "list",
+        SnapshotCommand::Delete { .. } => "deleted",
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::CreateMd {
@@ -246,6 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resource,
             *json,
         ),
+        Command::Snapshot(command) => snapshot(&cli, command),
         Command::Status { resource, json } => {
             let statuses = client(&cli)?.status(resource.as_deref())?;
             if *json {

@@ -142,6 +142,8 @@ pub struct ClusterOptions {
     pub proxy: bool,
     /// Serve Prometheus metrics on each node's `metrics_port`.
     pub metrics: bool,
+    /// Give each node a snapshot area (`snapshot-dir`, `NAME.snap` in the test dir).
+    pub snapshots: bool,
 }
 
 impl Default for ClusterOptions {
@@ -157,6 +159,7 @@ impl Default for ClusterOptions {
             unix_nbd: false,
             proxy: false,
             metrics: false,
+            snapshots: false,
         }
     }
 }
@@ -278,6 +281,12 @@ impl Cluster {
             ));
             if o.metrics {
                 text.push_str(&format!("metrics = \"127.0.0.1:{}\"\n", node.metrics_port));
+            }
+            if o.snapshots {
+                text.push_str(&format!(
+                    "snapshot-dir = \"{}\"\n",
+                    self.dir.join(format!("{}.snap", node.name)).display()
+                ));
             }
         }
         std::fs::write(&self.config, text).expect("write config");

@@ -1,0 +1,276 @@
+//! Snapshots in the daemon: the operator's commands, and the read-only NBD exports
+//! `RESOURCE@NAME` that serve them (see `engine::snapshot` for the mechanism).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use engine::snapshot::{SnapshotError, SnapshotInfo};
+use serde::Serialize;
+
+use crate::nbd::{Errno, Export};
+use crate::resource::{Resource, ResourceError};
+
+/// One snapshot as `replctl snapshot list --json` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotStatus {
+    pub name: String,
+    /// NBD export name of its read-only image.
+    pub export: String,
+    /// Sequence number of the last write it includes.
+    pub point: u64,
+    pub created_unix: u64,
+    /// Blocks changed since (copied to its log).
+    pub changed_blocks: u64,
+    pub bytes: u64,
+    pub valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalid_reason: Option<String>,
+    /// NBD clients reading it now.
+    pub readers: usize,
+}
+
+/// `replctl snapshot list --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotList {
+    pub resource: String,
+    pub area_used_bytes: u64,
+    pub area_bytes: u64,
+    pub snapshots: Vec<SnapshotStatus>,
+}
+
+fn status(resource: &Resource, info: SnapshotInfo) -> SnapshotStatus {
+    SnapshotStatus {
+        export: format!("{}@{}", resource.name, info.name),
+        readers: resource.snapshot_readers(&info.name),
+        name: info.name,
+        point: info.point,
+        created_unix: info.created_unix,
+        changed_blocks: info.preserved_blocks,
+        bytes: info.bytes,
+        valid: info.invalid.is_none(),
+        invalid_reason: info.invalid,
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Resource {
+    /// `replctl snapshot create`: a snapshot of this node's store as of the last write
+    /// sequenced here (every write completed before the command is in it), made
+    /// durable (journal flushed) before the answer.
+    pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotStatus, ResourceError> {
+        let volume = self.volume().ok_or(ResourceError::NoDisk)?;
+        let created = volume.create_snapshot(name, None, now_unix())?;
+        let flushed = volume.clone();
+        tokio::task::spawn_blocking(move || flushed.flush_blocking())
+            .await
+            .map_err(|e| ResourceError::Open(e.to_string()))?
+            .map_err(|e| ResourceError::Snapshot(SnapshotError::Io(e.to_string())))?;
+        self.emit(&format!(
+            "snapshot {} created at write {} (export {}@{})",
+            created.name, created.point, self.name, created.name
+        ));
+        Ok(status(self, created))
+    }
+
+    /// `replctl snapshot delete`: refused while an NBD client reads it.
+    pub fn snapshot_delete(&self, name: &str) -> Result<SnapshotStatus, ResourceError> {
+        let volume = self.volume().ok_or(ResourceError::NoDisk)?;
+        volume.snapshot_info(name)?;
+        let readers = self.snapshot_readers(name);
+        if readers > 0 {
+            return Err(ResourceError::SnapshotInUse {
+                name: name.to_string(),
+                readers,
+            });
+        }
+        let deleted = volume.delete_snapshot(name)?;
+        self.emit(&format!("snapshot {} deleted", deleted.name));
+        Ok(status(self, deleted))
+    }
+
+    /// `replctl snapshot list`.
+    pub fn snapshot_list(&self) -> Result<SnapshotList, ResourceError> {
+        let volume = self.volume().ok_or(ResourceError::NoDisk)?;
+        let (list, used, limit) = volume.list_snapshots()?;
+        Ok(SnapshotList {
+            resource: self.name.clone(),
+            area_used_bytes: used,
+            area_bytes: limit,
+            snapshots: list.into_iter().map(|info| status(self, info)).collect(),
+        })
+    }
+
+    /// Names of the valid snapshots (for `NBD_OPT_LIST`).
+    pub fn snapshot_names(&self) -> Vec<String> {
+        self.volume()
+            .and_then(|v| v.list_snapshots().ok())
+            .map(|(list, _, _)| {
+                list.into_iter()
+                    .filter(|s| s.invalid.is_none())
+                    .map(|s| s.name)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The read-only export of one snapshot. Counts as a reader while it lives (the NBD
+/// server holds it for the connection's lifetime).
+pub struct SnapshotExport {
+    resource: Arc<Resource>,
+    name: String,
+}
+
+impl SnapshotExport {
+    /// The export of `resource`'s snapshot `name`, if it exists and is valid.
+    pub fn open(resource: Arc<Resource>, name: &str) -> Option<SnapshotExport> {
+        let info = resource.volume()?.snapshot_info(name).ok()?;
+        if info.invalid.is_some() {
+            return None;
+        }
+        resource.add_snapshot_reader(name, 1);
+        Some(SnapshotExport {
+            resource,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for SnapshotExport {
+    fn drop(&mut self) {
+        self.resource.add_snapshot_reader(&self.name, -1);
+    }
+}
+
+impl Export for SnapshotExport {
+    fn size_bytes(&self) -> u64 {
+        self.resource.size_bytes()
+    }
+
+    fn is_writable(&self) -> bool {
+        false
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> Result<Bytes, Errno> {
+        let volume = self.resource.volume().ok_or(Errno::EIO)?;
+        let name = self.name.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            volume.read_snapshot(&name, offset, u64::from(length))
+        })
+        .await
+        .map_err(|_| Errno::EIO)?;
+        read.map_err(|error| {
+            tracing::warn!(snapshot = %self.name, "snapshot read failed: {error}");
+            Errno::EIO
+        })
+    }
+
+    async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<(), Errno> {
+        Err(Errno::EPERM)
+    }
+
+    async fn flush(&self) -> Result<(), Errno> {
+        Ok(())
+    }
+
+    async fn trim(&self, _offset: u64, _length: u32, _fua: bool) -> Result<(), Errno> {
+        Err(Errno::EPERM)
+    }
+
+    async fn write_zeroes(&self, _offset: u64, _length: u32, _fua: bool) -> Result<(), Errno> {
+        Err(Errno::EPERM)
+    }
+}
+
+/// What one NBD export name leads to: the live volume or a snapshot of it.
+pub enum VolumeExport {
+    Live(Arc<Resource>),
+    Snapshot(SnapshotExport),
+}
+
+impl Export for VolumeExport {
+    fn size_bytes(&self) -> u64 {
+        match self {
+            VolumeExport::Live(r) => r.size_bytes(),
+            VolumeExport::Snapshot(s) => s.size_bytes(),
+        }
+    }
+
+    fn is_writable(&self) -> bool {
+        match self {
+            VolumeExport::Live(r) => r.is_writable(),
+            VolumeExport::Snapshot(s) => s.is_writable(),
+        }
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        match self {
+            VolumeExport::Live(r) => r.can_multi_conn(),
+            VolumeExport::Snapshot(s) => s.can_multi_conn(),
+        }
+    }
+
+    fn unservable(&self) -> impl std::future::Future<Output = ()> + Send {
+        let live = match self {
+            VolumeExport::Live(r) => Some(r.clone()),
+            VolumeExport::Snapshot(_) => None,
+        };
+        async move {
+            match live {
+                Some(resource) => resource.unservable().await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn minimum_block_size(&self) -> u32 {
+        match self {
+            VolumeExport::Live(r) => r.minimum_block_size(),
+            VolumeExport::Snapshot(s) => s.minimum_block_size(),
+        }
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> Result<Bytes, Errno> {
+        match self {
+            VolumeExport::Live(r) => r.read(offset, length).await,
+            VolumeExport::Snapshot(s) => s.read(offset, length).await,
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
+        match self {
+            VolumeExport::Live(r) => r.write(offset, data, fua).await,
+            VolumeExport::Snapshot(s) => s.write(offset, data, fua).await,
+        }
+    }
+
+    async fn flush(&self) -> Result<(), Errno> {
+        match self {
+            VolumeExport::Live(r) => r.flush().await,
+            VolumeExport::Snapshot(s) => s.flush().await,
+        }
+    }
+
+    async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), Errno> {
+        match self {
+            VolumeExport::Live(r) => r.trim(offset, length, fua).await,
+            VolumeExport::Snapshot(s) => s.trim(offset, length, fua).await,
+        }
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u32, fua: bool) -> Result<(), Errno> {
+        match self {
+            VolumeExport::Live(r) => r.write_zeroes(offset, length, fua).await,
+            VolumeExport::Snapshot(s) => s.write_zeroes(offset, length, fua).await,
+        }
+    }
+}
