@@ -192,8 +192,8 @@ pub(crate) struct Snapshots {
     events: Vec<String>,
 }
 
-/// Encodes a COW log entry.
-fn encode_entry(block: u64, trigger: u64, data: &[u8]) -> Vec<u8> {
+/// Encodes a COW log entry (`docs/FORMAT.md` §15).
+pub fn encode_entry(block: u64, trigger: u64, data: &[u8]) -> Vec<u8> {
     let mut entry = vec![0u8; ENTRY_BYTES as usize];
     entry[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
     entry[8..16].copy_from_slice(&block.to_le_bytes());

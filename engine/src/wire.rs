@@ -31,7 +31,7 @@ pub const FRAME_HEADER_BYTES: usize = 24;
 /// Largest body: a 32 MiB record plus its header, with room to spare.
 pub const MAX_BODY_BYTES: u32 = 33 << 20;
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Most blocks in one RESYNC_DATA, READ_REPLY or VERIFY frame.
 pub const MAX_FRAME_BLOCKS: u32 = 256;
 
@@ -175,6 +175,17 @@ pub enum Frame {
         ok: bool,
         reason: String,
     },
+    /// Take snapshot `name` as of record `point` (every record up to it, none after).
+    /// Travels on the data channel behind the records up to `point`, ahead of the rest.
+    Snapshot {
+        name: String,
+        point: u64,
+    },
+    /// The answer to a SNAPSHOT: taken, or why not.
+    SnapshotReply {
+        name: String,
+        error: Option<String>,
+    },
 }
 
 /// A journal record carried on the wire (its bytes are exactly the journal's).
@@ -250,6 +261,8 @@ const T_PROMOTE_REQUEST: u16 = 24;
 const T_PROMOTE_REPLY: u16 = 25;
 const T_AUTH: u16 = 26;
 const T_BITMAP_RUN: u16 = 27;
+const T_SNAPSHOT: u16 = 28;
+const T_SNAPSHOT_REPLY: u16 = 29;
 
 /// Decodes a frame header. Never panics.
 pub fn decode_header(buf: &[u8; FRAME_HEADER_BYTES]) -> Result<FrameHeader, WireError> {
@@ -330,6 +343,7 @@ impl Frame {
             | Frame::Pong(_)
             | Frame::ResyncCheckReply { .. }
             | Frame::PromoteReply { .. }
+            | Frame::SnapshotReply { .. }
             | Frame::Durable(_) => Channel::Meta,
             Frame::Hello(_)
             | Frame::Reject(_)
@@ -348,6 +362,7 @@ impl Frame {
             | Frame::VerifyReply { .. }
             | Frame::NewGeneration { .. }
             | Frame::PromoteRequest { .. }
+            | Frame::Snapshot { .. }
             | Frame::ResyncCheck { .. } => Channel::Data,
         }
     }
@@ -546,6 +561,17 @@ impl Frame {
                 put_string(&mut body, reason);
                 T_PROMOTE_REPLY
             }
+            Frame::Snapshot { name, point } => {
+                body.put_u64_le(*point);
+                put_string(&mut body, name);
+                T_SNAPSHOT
+            }
+            Frame::SnapshotReply { name, error } => {
+                body.put_u8(u8::from(error.is_none()));
+                put_string(&mut body, name);
+                put_string(&mut body, error.as_deref().unwrap_or(""));
+                T_SNAPSHOT_REPLY
+            }
             Frame::ResyncCheckReply {
                 first_block,
                 blocks,
@@ -611,6 +637,8 @@ impl Frame {
             Frame::Durable(_) => "DURABLE",
             Frame::PromoteRequest { .. } => "PROMOTE_REQUEST",
             Frame::PromoteReply { .. } => "PROMOTE_REPLY",
+            Frame::Snapshot { .. } => "SNAPSHOT",
+            Frame::SnapshotReply { .. } => "SNAPSHOT_REPLY",
         }
     }
 }
@@ -983,6 +1011,23 @@ pub fn decode_body(header: &FrameHeader, body_bytes: Bytes) -> Result<Frame, Wir
             },
             reason: body.string()?,
         },
+        T_SNAPSHOT => Frame::Snapshot {
+            point: body.u64()?,
+            name: body.string()?,
+        },
+        T_SNAPSHOT_REPLY => {
+            let ok = match body.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(body.malformed("outcome is neither 0 nor 1")),
+            };
+            let name = body.string()?;
+            let error = body.string()?;
+            Frame::SnapshotReply {
+                name,
+                error: (!ok).then_some(error),
+            }
+        }
         T_NEW_GENERATION => Frame::NewGeneration {
             current: body.u64()?,
         },
@@ -1161,6 +1206,18 @@ mod tests {
                 id: 2,
                 data: None,
                 error: Some("checksum mismatch".into()),
+            },
+            Frame::Snapshot {
+                name: "nightly-1".into(),
+                point: 812,
+            },
+            Frame::SnapshotReply {
+                name: "nightly-1".into(),
+                error: None,
+            },
+            Frame::SnapshotReply {
+                name: "x".into(),
+                error: Some("no snapshot area".into()),
             },
             Frame::VerifyRequest {
                 id: 3,

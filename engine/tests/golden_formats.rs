@@ -548,7 +548,7 @@ fn auth_frame() {
     use hmac::{Hmac, Mac};
     let mut message = Vec::new();
     message.extend_from_slice(b"replicad peer authentication\0");
-    message.extend_from_slice(&5u32.to_le_bytes());
+    message.extend_from_slice(&6u32.to_le_bytes());
     message.extend_from_slice(&[1, 1]);
     message.extend_from_slice(&RESOURCE_UUID);
     message.extend_from_slice(&2u64.to_le_bytes());
@@ -675,4 +675,59 @@ fn bitmap_run_frame() {
     table.uint(16, 4, "last", 1);
     table.finish();
     decodes_to("frame-bitmap-run.bin", &fixture, &frame);
+}
+
+#[test]
+fn snapshot_frame() {
+    let frame = Frame::Snapshot {
+        name: "nightly".into(),
+        point: 812,
+    };
+    let fixture = golden("frame-snapshot.bin", &frame.encode_to_vec());
+    let body = frame_header("frame-snapshot.bin", &fixture, 28, fixture.len() - 24);
+    let mut table = ByteTable::new("frame-snapshot.bin body", body);
+    table.uint(0, 8, "point (sequence number)", 812);
+    table.uint(8, 2, "name length", 7);
+    table.bytes(10, "name", b"nightly");
+    table.finish();
+    decodes_to("frame-snapshot.bin", &fixture, &frame);
+}
+
+#[test]
+fn snapshot_reply_frame() {
+    let frame = Frame::SnapshotReply {
+        name: "nightly".into(),
+        error: Some("full".into()),
+    };
+    let fixture = golden("frame-snapshot-reply.bin", &frame.encode_to_vec());
+    let body = frame_header("frame-snapshot-reply.bin", &fixture, 29, fixture.len() - 24);
+    let mut table = ByteTable::new("frame-snapshot-reply.bin body", body);
+    table.uint(0, 1, "taken (1) or not (0)", 0);
+    table.uint(1, 2, "name length", 7);
+    table.bytes(3, "name", b"nightly");
+    table.uint(10, 2, "error length", 4);
+    table.bytes(12, "error", b"full");
+    table.finish();
+    decodes_to("frame-snapshot-reply.bin", &fixture, &frame);
+}
+
+#[test]
+fn snapshot_cow_entry() {
+    let data = [BLOCK_0_BYTE; 4096];
+    let entry = engine::snapshot::encode_entry(10, 812, &data);
+    let fixture = golden("snapshot-cow-entry.bin", &entry);
+    let mut table = ByteTable::new("snapshot-cow-entry.bin", &fixture);
+    table.bytes(0, "magic", b"RSNP");
+    table.uint(
+        4,
+        4,
+        "CRC32 of bytes 8..32",
+        u64::from(crc(&fixture[8..32])),
+    );
+    table.uint(8, 8, "block", 10);
+    table.uint(16, 8, "trigger (sequence number that overwrote it)", 812);
+    table.uint(24, 4, "CRC32 of the block", u64::from(BLOCK_0_CRC));
+    table.zeros(28, 4, "reserved");
+    table.bytes(32, "the block as of the snapshot", &data);
+    table.finish();
 }

@@ -74,6 +74,9 @@ pub enum Request {
     SnapshotCreate {
         resource: String,
         name: String,
+        /// At the same point of the write order on every connected node (Primary only).
+        #[serde(default)]
+        all: bool,
     },
     SnapshotList {
         resource: String,

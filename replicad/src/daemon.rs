@@ -142,8 +142,15 @@ impl Daemon {
                     .new_current_uuid(clear_bitmap)
                     .await?,
             )),
-            Request::SnapshotCreate { resource, name } => {
-                let status = self.resource(&resource)?.snapshot_create(&name).await?;
+            Request::SnapshotCreate {
+                resource,
+                name,
+                all,
+            } => {
+                let status = self
+                    .resource(&resource)?
+                    .snapshot_create(&name, all)
+                    .await?;
                 Ok(serde_json::to_value(status).unwrap_or_default())
             }
             Request::SnapshotList { resource } => {

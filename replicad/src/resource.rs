@@ -545,7 +545,7 @@ impl Resource {
         Ok(receiver.await.map_err(|_| ResourceError::ShuttingDown)??)
     }
 
-    async fn admin_message(
+    pub(crate) async fn admin_message(
         &self,
         command: impl FnOnce(&mut Node<VolumeStorage>, Time, AdminId),
     ) -> Result<String, ResourceError> {

@@ -27,6 +27,9 @@ pub struct SnapshotStatus {
     pub invalid_reason: Option<String>,
     /// NBD clients reading it now.
     pub readers: usize,
+    /// What `--all` did on every node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// `replctl snapshot list --json`.
@@ -49,6 +52,7 @@ fn status(resource: &Resource, info: SnapshotInfo) -> SnapshotStatus {
         bytes: info.bytes,
         valid: info.invalid.is_none(),
         invalid_reason: info.invalid,
+        message: None,
     }
 }
 
@@ -61,20 +65,37 @@ fn now_unix() -> u64 {
 impl Resource {
     /// `replctl snapshot create`: a snapshot of this node's store as of the last write
     /// sequenced here (every write completed before the command is in it), made
-    /// durable (journal flushed) before the answer.
-    pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotStatus, ResourceError> {
+    /// durable (journal flushed) before the answer. With `all` (on the Primary), at the
+    /// same point of the write order on every connected node.
+    pub async fn snapshot_create(
+        &self,
+        name: &str,
+        all: bool,
+    ) -> Result<SnapshotStatus, ResourceError> {
         let volume = self.volume().ok_or(ResourceError::NoDisk)?;
-        let created = volume.create_snapshot(name, None, now_unix())?;
+        let message = if all {
+            let name = name.to_string();
+            Some(
+                self.admin_message(move |node, now, id| node.snapshot_all(now, id, name))
+                    .await?,
+            )
+        } else {
+            volume.create_snapshot(name, None, now_unix())?;
+            None
+        };
         let flushed = volume.clone();
         tokio::task::spawn_blocking(move || flushed.flush_blocking())
             .await
             .map_err(|e| ResourceError::Open(e.to_string()))?
             .map_err(|e| ResourceError::Snapshot(SnapshotError::Io(e.to_string())))?;
+        let created = volume.snapshot_info(name)?;
         self.emit(&format!(
             "snapshot {} created at write {} (export {}@{})",
             created.name, created.point, self.name, created.name
         ));
-        Ok(status(self, created))
+        let mut status = status(self, created);
+        status.message = message;
+        Ok(status)
     }
 
     /// `replctl snapshot delete`: refused while an NBD client reads it.

@@ -323,6 +323,9 @@ pub fn render_snapshots(verb: &str, value: &serde_json::Value) -> String {
             state,
         )
     };
+    if let Some(message) = value["message"].as_str() {
+        return format!("{message}\n");
+    }
     if verb != "list" {
         return format!(
             "snapshot {} {verb} (export {}, write {})\n",

@@ -183,3 +183,45 @@ fn p5_snapshot_commands_refuse_bad_input_and_change_nothing() {
     let error = plain.replctl_refused("alpha", &["snapshot", "create", RESOURCE, "x"]);
     assert!(error.contains("snapshot-dir"), "{error}");
 }
+
+#[test]
+fn p8_snapshot_all_takes_one_point_of_the_write_order_on_both_nodes_under_load() {
+    let cluster = Cluster::pair("snap-all", snapshot_options());
+    let dir = cluster.dir.clone();
+    let uri = cluster.uri("alpha");
+    let writes_before = cluster.status("alpha").io.writes;
+    let writer = std::thread::spawn(move || {
+        checker_write(
+            &dir,
+            &uri,
+            &["--qd", "32", "--seconds", "4", "--blocks", "0..4096"],
+        )
+    });
+    cluster.wait_writes_beyond("alpha", writes_before + 500, Duration::from_secs(30));
+    let text = cluster.replctl_ok("alpha", &["snapshot", "create", RESOURCE, "both", "--all"]);
+    assert!(text.contains("taken on alpha, beta"), "{text}");
+    let (log, output) = writer.join().expect("checker thread");
+    assert!(
+        output.status.success(),
+        "checker: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The same point on both: byte-identical images, a prefix of the write order.
+    let on_alpha = uri_bytes(&cluster, &snapshot_uri(&cluster, "alpha", "both"));
+    let on_beta = uri_bytes(&cluster, &snapshot_uri(&cluster, "beta", "both"));
+    assert_same_bytes(&on_alpha, &on_beta, "snapshot 'both' on alpha and beta");
+    let (passed, report) = checker_verify(&snapshot_uri(&cluster, "beta", "both"), &log, "prefix");
+    assert!(passed, "{report}");
+    let points: Vec<u64> = ["alpha", "beta"]
+        .iter()
+        .map(|node| {
+            snapshot_list(&cluster, node)["snapshots"][0]["point"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(points[0], points[1], "the nodes' points differ");
+    // On a Secondary, --all is refused (the Primary's write order is the one).
+    let error = cluster.replctl_refused("beta", &["snapshot", "create", RESOURCE, "x", "--all"]);
+    assert!(error.contains("Primary"), "{error}");
+}

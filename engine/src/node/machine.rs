@@ -126,6 +126,14 @@ pub(super) enum Purpose {
     },
     /// Operator commands that persist something.
     Admin(AdminId, AdminStep),
+    /// This node's part of a `--all` snapshot.
+    LocalSnapshot { id: AdminId },
+    /// A snapshot a peer's SNAPSHOT asked for.
+    PeerSnapshot {
+        peer: PeerId,
+        session: SessionId,
+        name: String,
+    },
 }
 
 /// Which step of an operator command a completion belongs to.
@@ -306,6 +314,8 @@ pub struct Node<S: Storage> {
     pub(super) local_reads: super::ReplicaLoad,
     /// Read-balancing decisions made (turns and probes follow it).
     pub(super) read_decisions: u64,
+    /// `--all` snapshots waiting for the nodes' answers.
+    pub(super) pending_snapshots: Vec<super::snapshot::PendingSnapshot>,
     pub(super) now: Time,
 }
 
@@ -381,6 +391,7 @@ impl<S: Storage> Node<S> {
             next_internal: RequestId::INTERNAL,
             local_reads: Default::default(),
             read_decisions: 0,
+            pending_snapshots: Vec::new(),
             now,
         }
     }
@@ -1476,6 +1487,7 @@ impl<S: Storage> Node<S> {
                 session: session_id,
                 linger: false,
             });
+            self.snapshot_peer_gone(peer, session_id);
         }
         if let Conn::Connected(session) = conn {
             let session = *session;
@@ -1755,6 +1767,14 @@ impl<S: Storage> Node<S> {
             Frame::PromoteRequest { id } => self.on_promote_request(peer, session, id),
             Frame::PromoteReply { id, ok, reason } => {
                 self.on_promote_reply(peer, session, id, ok, reason)
+            }
+            Frame::Snapshot { name, point } => {
+                self.on_snapshot_frame(peer, session, name, point);
+                Ok(())
+            }
+            Frame::SnapshotReply { name, error } => {
+                self.on_snapshot_reply(peer, session, &name, error);
+                Ok(())
             }
         }
     }
@@ -2121,6 +2141,17 @@ impl<S: Storage> Node<S> {
                 self.try_complete_all();
             }
             (Purpose::Rotation, Completion::Persisted(result)) => self.rotation_done(result),
+            (Purpose::LocalSnapshot { id }, Completion::Persisted(result)) => {
+                self.local_snapshot_stored(id, result)
+            }
+            (
+                Purpose::PeerSnapshot {
+                    peer,
+                    session,
+                    name,
+                },
+                Completion::Persisted(result),
+            ) => self.peer_snapshot_stored(peer, session, name, result),
             (Purpose::Replicated { peer, session, seq }, Completion::Journaled(result)) => {
                 match result {
                     Ok(_) => {

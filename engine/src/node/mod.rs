@@ -33,6 +33,7 @@ mod machine;
 pub mod peer;
 mod reads;
 mod resync;
+mod snapshot;
 pub mod storage;
 #[cfg(test)]
 mod tests;

@@ -201,6 +201,10 @@ pub trait Storage {
     fn persist_bitmap(&mut self, token: Token);
     /// Sync target at the end: every queued resync write applied and checkpointed.
     fn make_resync_durable(&mut self, token: Token);
+    /// Takes snapshot `name` as of record `point`: reserves the point at once (no
+    /// record after it is applied until the snapshot is made), then completes with
+    /// [`Completion::Persisted`] once it is durable (or with why not).
+    fn create_snapshot(&mut self, name: &str, point: u64, token: Token);
 }
 
 /// Completions waiting for the driver, with a wake-up for it.
@@ -478,6 +482,26 @@ impl Storage for VolumeStorage {
         self.slow(move || {
             let result = volume
                 .update_superblock(|sb| change.apply(sb))
+                .map(drop)
+                .map_err(|error| error.to_string());
+            done(Completion::Persisted(result));
+        });
+    }
+
+    fn create_snapshot(&mut self, name: &str, point: u64, token: Token) {
+        let done = self.done(token);
+        if let Err(error) = self.volume.reserve_snapshot_point(point) {
+            done(Completion::Persisted(Err(error.to_string())));
+            return;
+        }
+        let volume = self.volume.clone();
+        let name = name.to_string();
+        self.slow(move || {
+            let created_unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let result = volume
+                .create_snapshot(&name, Some(point), created_unix)
                 .map(drop)
                 .map_err(|error| error.to_string());
             done(Completion::Persisted(result));

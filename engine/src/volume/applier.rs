@@ -37,7 +37,13 @@ const APPLY_DELAY: Duration = Duration::from_millis(10);
 
 fn item_ready(state: &State, item: &ApplyItem) -> bool {
     match item {
-        ApplyItem::Record { record, .. } => record.header.seq <= state.durable_seq,
+        ApplyItem::Record { record, .. } => {
+            record.header.seq <= state.durable_seq
+                && state
+                    .apply_holds
+                    .iter()
+                    .all(|&hold| record.header.seq <= hold)
+        }
         ApplyItem::Resync { .. } => true,
     }
 }
@@ -111,6 +117,14 @@ pub(super) fn step<'a>(
         .apply_queue
         .front()
         .is_some_and(|item| item_ready(&state, item));
+    // A durable record held back for a snapshot being made: nothing to sync for it.
+    let front_held = !front_ready
+        && state.apply_queue.front().is_some_and(|item| {
+            matches!(item, ApplyItem::Record { record, .. } if record.header.seq <= state.durable_seq)
+        });
+    if front_held && !state.closing {
+        return Step::Idle(state);
+    }
     if !front_ready && !state.apply_queue.is_empty() {
         if !sync_now(&state) {
             return Step::WaitsForSync(state);

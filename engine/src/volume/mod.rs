@@ -295,6 +295,8 @@ struct State {
     /// The highest sequence number the applier has taken off the queue: a snapshot at
     /// an older point can no longer be made.
     taken_seq: u64,
+    /// Points the applier must not pass yet (snapshots being made durable).
+    apply_holds: Vec<u64>,
 }
 
 impl State {
@@ -337,6 +339,14 @@ struct ReadJob {
     offset: u64,
     length: u64,
     done: ReadDone,
+}
+
+/// Drops one hold at `point` and lets the applier go on.
+fn release_hold(shared: &Shared, state: &mut State, point: u64) {
+    if let Some(index) = state.apply_holds.iter().position(|&p| p == point) {
+        state.apply_holds.swap_remove(index);
+    }
+    shared.wake_applier(state);
 }
 
 /// Reads whole blocks in place (what copy-on-write preserves).
@@ -1433,32 +1443,82 @@ impl Volume {
     /// to it included, none after), or — `None` — as of the last record sequenced here,
     /// so every write completed before this call is in it. `at` serves a Secondary
     /// taking a snapshot at a point of the Primary's write order: it fails once a record
-    /// after `at` has been taken for applying. Refused on an Inconsistent store.
+    /// after `at` has been taken for applying, unless the point was reserved with
+    /// [`Volume::reserve_snapshot_point`]. Refused on an Inconsistent store.
+    ///
+    /// The applier does not pass the point while the snapshot is being made durable
+    /// (its catalog entry is written without the engine lock held).
     pub fn create_snapshot(
         &self,
         name: &str,
         at: Option<u64>,
         created_unix: u64,
     ) -> Result<SnapshotInfo, SnapshotError> {
-        let snapshots = self.snapshots()?;
-        crate::snapshot::check_name(name)?;
+        let point = {
+            let mut state = self.shared.lock();
+            let point = at.unwrap_or(state.last_sequenced);
+            let reserved = at.is_some() && state.apply_holds.contains(&point);
+            let checked = self.snapshots().and_then(|_| {
+                crate::snapshot::check_name(name)?;
+                if state.resync_written.is_some()
+                    || state.superblock.disk_state
+                        == crate::superblock::StoredDiskState::Inconsistent
+                {
+                    return Err(SnapshotError::Inconsistent);
+                }
+                if !reserved && point < state.taken_seq {
+                    return Err(SnapshotError::PointPassed {
+                        point,
+                        applied: state.taken_seq,
+                    });
+                }
+                Ok(())
+            });
+            if let Err(error) = checked {
+                if reserved {
+                    release_hold(&self.shared, &mut state, point);
+                }
+                return Err(error);
+            }
+            if !reserved {
+                state.apply_holds.push(point);
+            }
+            point
+        };
+        // The catalog's fsync without the engine lock: writers go on meanwhile.
+        let created = match self.snapshots() {
+            Ok(snapshots) => snapshots.lock().unwrap_or_else(|p| p.into_inner()).create(
+                name,
+                point,
+                created_unix,
+            ),
+            Err(error) => Err(error),
+        };
         let mut state = self.shared.lock();
-        if state.resync_written.is_some()
-            || state.superblock.disk_state == crate::superblock::StoredDiskState::Inconsistent
-        {
-            return Err(SnapshotError::Inconsistent);
+        if created.is_ok() {
+            if let Ok(snapshots) = self.snapshots() {
+                state.snapshot_points =
+                    snapshots.lock().unwrap_or_else(|p| p.into_inner()).points();
+            }
         }
-        let point = at.unwrap_or(state.last_sequenced);
+        release_hold(&self.shared, &mut state, point);
+        created
+    }
+
+    /// Keeps the applier from taking any record after `point` until a
+    /// [`Volume::create_snapshot`] at `point` (which must follow) is done: the
+    /// synchronous half of taking a snapshot at a point of the replicated write order
+    /// whose durable half runs on another thread.
+    pub fn reserve_snapshot_point(&self, point: u64) -> Result<(), SnapshotError> {
+        let mut state = self.shared.lock();
         if point < state.taken_seq {
             return Err(SnapshotError::PointPassed {
                 point,
                 applied: state.taken_seq,
             });
         }
-        let mut snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
-        let info = snaps.create(name, point, created_unix)?;
-        state.snapshot_points = snaps.points();
-        Ok(info)
+        state.apply_holds.push(point);
+        Ok(())
     }
 
     /// Deletes snapshot `name` (its log goes; the volume is untouched).

@@ -404,6 +404,7 @@ impl Volume {
                 .map(crate::snapshot::Snapshots::points)
                 .unwrap_or_default(),
             taken_seq: scan.last_seq,
+            apply_holds: Vec::new(),
         };
         let reader_threads = options.reader_threads.max(1);
         let shared = Arc::new(Shared {

@@ -238,6 +238,10 @@ enum SnapshotCommand {
     Create {
         resource: String,
         name: String,
+        /// On the Primary: at the same point of the write order on every connected
+        /// node (each answers; the command fails if one could not take it).
+        #[arg(long)]
+        all: bool,
         #[arg(long)]
         json: bool,
     },
@@ -261,11 +265,13 @@ fn snapshot(cli: &Cli, command: &SnapshotCommand) -> anyhow::Result<()> {
         SnapshotCommand::Create {
             resource,
             name,
+            all,
             json,
         } => (
             Request::SnapshotCreate {
                 resource: resource.clone(),
                 name: name.clone(),
+                all: *all,
             },
             *json,
         ),
