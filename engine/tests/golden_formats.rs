@@ -718,12 +718,7 @@ fn snapshot_cow_entry() {
     let fixture = golden("snapshot-cow-entry.bin", &entry);
     let mut table = ByteTable::new("snapshot-cow-entry.bin", &fixture);
     table.bytes(0, "magic", b"RSNP");
-    table.uint(
-        4,
-        4,
-        "CRC32 of bytes 8..32",
-        u64::from(crc(&fixture[8..32])),
-    );
+    table.uint(4, 4, "CRC32 of bytes 8..32", crc(&fixture[8..32]));
     table.uint(8, 8, "block", 10);
     table.uint(16, 8, "trigger (sequence number that overwrote it)", 812);
     table.uint(24, 4, "CRC32 of the block", u64::from(BLOCK_0_CRC));
