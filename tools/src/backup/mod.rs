@@ -418,8 +418,38 @@ where
             .step_by(MAX_DATA_EXTENT_BLOCKS as usize)
             .map(move |block| (block, (end - block).min(u64::from(MAX_DATA_EXTENT_BLOCKS))))
     });
-    let mut chunks = chunks.peekable();
+    let mut chunks = chunks;
     let mut window: VecDeque<(u64, u64, JoinHandle<anyhow::Result<Bytes>>)> = VecDeque::new();
+    let outcome = read_window(
+        &source,
+        &mut chunks,
+        &mut window,
+        to,
+        pieces,
+        total_bytes,
+        progress,
+    )
+    .await;
+    // On an error, the reads still in flight are of no use.
+    for (_, _, read) in window {
+        read.abort();
+    }
+    outcome
+}
+
+/// The loop of [`read_into`]; `window` holds the reads in flight, in order.
+async fn read_window<S>(
+    source: &S,
+    chunks: &mut impl Iterator<Item = (u64, u64)>,
+    window: &mut VecDeque<(u64, u64, JoinHandle<anyhow::Result<Bytes>>)>,
+    to: &Path,
+    pieces: &mpsc::Sender<Piece>,
+    total_bytes: u64,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<(), BackupError>
+where
+    S: BackupSource + Clone + 'static,
+{
     let mut pending_zero: Option<(u64, u64)> = None;
     let mut done_bytes = 0;
     let writer_gone = || BackupError::Internal("the file writer stopped".into());
