@@ -875,6 +875,54 @@ mod tests {
         );
     }
 
+    /// The byte tables and the worked example of docs/FORMAT.md §15, field by field.
+    #[test]
+    fn the_documented_layout_holds() {
+        let bytes = small_full();
+        assert_eq!(bytes.len(), 12_507, "the worked example's size");
+        let header = &bytes[..83];
+        assert_eq!(&header[..8], b"RPLCD-BK");
+        assert_eq!(u32_at(header, 8), 1);
+        assert_eq!(u32_at(header, 12), 83);
+        assert_eq!(u32_at(header, 16), 4096);
+        assert_eq!(u32_at(header, 20), 0);
+        assert_eq!(u64_at(header, 24), 64 * 4096);
+        assert_eq!(u64_at(header, 32), 812);
+        assert_eq!(u64_at(header, 40), 0);
+        assert_eq!(u64_at(header, 48), 1_764_000_000);
+        assert_eq!(
+            (u16_at(header, 56), u16_at(header, 58), u16_at(header, 60)),
+            (6, 9, 0)
+        );
+        assert_eq!(&header[64..70], "vol-Ω".as_bytes());
+        assert_eq!(&header[70..79], b"nightly-1");
+        assert_eq!(u32_at(header, 79), crc32fast::hash(&header[..79]));
+        let extent = &bytes[83..];
+        assert_eq!(&extent[..4], b"BKDX");
+        assert_eq!((u32_at(extent, 4), u64_at(extent, 8)), (2, 0));
+        assert_eq!(u32_at(extent, 16), crc32fast::hash(&block(1)));
+        assert_eq!(u32_at(extent, 24), crc32fast::hash(&extent[..24]));
+        let zero = &bytes[83 + 28 + 8192..];
+        assert_eq!(&zero[..4], b"BKZX");
+        assert_eq!((u32_at(zero, 4), u64_at(zero, 8)), (5, 2 * 4096));
+        assert_eq!(u32_at(zero, 16), crc32fast::hash(&zero[..16]));
+        let trailer = &bytes[bytes.len() - TRAILER_BYTES..];
+        assert_eq!(&trailer[..4], b"BKTR");
+        assert_eq!(
+            (
+                u64_at(trailer, 8),
+                u64_at(trailer, 16),
+                u64_at(trailer, 24),
+                u64_at(trailer, 32)
+            ),
+            (4, 3, 61, 12_507)
+        );
+        assert_eq!(
+            u32_at(trailer, 40),
+            crc32fast::hash(&bytes[..bytes.len() - 4])
+        );
+    }
+
     #[test]
     fn truncation_at_every_offset_is_detected() {
         let bytes = small_full();
