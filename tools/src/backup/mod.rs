@@ -24,6 +24,7 @@
 //! - Within one file, extents never overlap, so its writes may complete in any order;
 //!   between files, every write of one file completes before the next file starts.
 
+pub mod cli;
 pub mod format;
 
 use std::collections::VecDeque;
