@@ -256,16 +256,21 @@ pub fn encode_header(meta: &BackupMeta) -> Vec<u8> {
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` when the file ends first.
 fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    Ok(read_up_to(input, buf)? == buf.len())
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_up_to(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match input.read(&mut buf[filled..]) {
-            Ok(0) => return Ok(false),
+            Ok(0) => break,
             Ok(read) => filled += read,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => return Err(error),
         }
     }
-    Ok(true)
+    Ok(filled)
 }
 
 /// A writer of one backup file, in one pass. Extents must come in ascending,
@@ -463,12 +468,12 @@ impl<R: Read> Decoder<R> {
     }
 
     fn read_exact(&mut self, buf: &mut [u8], inside: &'static str) -> Result<(), BackupError> {
-        let complete = read_full(&mut self.input, buf)
+        let read = read_up_to(&mut self.input, buf)
             .map_err(BackupError::io(&self.path, "cannot read the backup"))?;
-        if !complete {
+        if read < buf.len() {
             return Err(BackupError::Truncated {
                 path: self.path.clone(),
-                at: self.position,
+                at: self.position + read as u64,
                 inside,
             });
         }
@@ -609,12 +614,12 @@ impl<R: Read> Decoder<R> {
         self.read_exact(&mut rest, "the trailer")?;
         let computed = self.hasher.clone().finalize();
         let mut stored = [0u8; 4];
-        if !read_full(&mut self.input, &mut stored)
-            .map_err(BackupError::io(&self.path, "cannot read the backup"))?
-        {
+        let read = read_up_to(&mut self.input, &mut stored)
+            .map_err(BackupError::io(&self.path, "cannot read the backup"))?;
+        if read < stored.len() {
             return Err(BackupError::Truncated {
                 path: self.path.clone(),
-                at: self.position,
+                at: self.position + read as u64,
                 inside: "the trailer",
             });
         }
@@ -693,10 +698,10 @@ fn decode_header(input: &mut impl Read, path: &Path) -> Result<(BackupMeta, Vec<
             path: path.to_owned(),
         });
     }
-    if !read_full(input, &mut fixed[8..])
-        .map_err(BackupError::io(path, "cannot read the backup"))?
-    {
-        return Err(truncated(8));
+    let read = read_up_to(input, &mut fixed[8..])
+        .map_err(BackupError::io(path, "cannot read the backup"))?;
+    if read < HEADER_FIXED_BYTES - 8 {
+        return Err(truncated(8 + read as u64));
     }
     // The version before the CRC: a newer file is reported as newer, not as corrupt.
     let version = u32_at(&fixed, 8);
@@ -723,8 +728,10 @@ fn decode_header(input: &mut impl Read, path: &Path) -> Result<(BackupMeta, Vec<
         )));
     }
     let mut rest = vec![0u8; header_bytes - HEADER_FIXED_BYTES];
-    if !read_full(input, &mut rest).map_err(BackupError::io(path, "cannot read the backup"))? {
-        return Err(truncated(HEADER_FIXED_BYTES as u64));
+    let read =
+        read_up_to(input, &mut rest).map_err(BackupError::io(path, "cannot read the backup"))?;
+    if read < rest.len() {
+        return Err(truncated((HEADER_FIXED_BYTES + read) as u64));
     }
     let names_end = rest.len() - 4;
     let mut hasher = crc32fast::Hasher::new();
@@ -928,7 +935,7 @@ mod tests {
         let bytes = small_full();
         for length in 0..bytes.len() {
             match decode_all(&bytes[..length]) {
-                Err(BackupError::Truncated { .. }) => {}
+                Err(BackupError::Truncated { at, .. }) if at == length as u64 => {}
                 Err(BackupError::NotABackup { .. }) if length < MAGIC.len() => {}
                 other => panic!("truncated to {length} of {}: {other:?}", bytes.len()),
             }
