@@ -125,7 +125,7 @@ fn describe(summary: &BackupSummary) -> String {
     };
     let totals = &summary.totals;
     format!(
-        "{}: {kind} of volume '{}' ({}), snapshot '{}' (seq {}), created {}\n  {} extents: {} data, {} zero; file {}",
+        "{}: {kind} of volume '{}' ({}), snapshot '{}' (seq {}), created at unix time {}\n  {} extents: {} data, {} zero; file {}",
         summary.path.display(),
         meta.volume_id,
         human_bytes(meta.volume_bytes),
@@ -229,12 +229,13 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "restored volume '{}' to snapshot '{}' (seq {}) on {} from {} files: {} written, {} zeroed",
+            "restored volume '{}' to snapshot '{}' (seq {}) on {} from {} file{}: {} written, {} zeroed",
             summary.volume_id,
             summary.snapshot,
             summary.snapshot_seq,
             args.to,
             summary.files.len(),
+            if summary.files.len() == 1 { "" } else { "s" },
             human_bytes(summary.data_bytes),
             human_bytes(summary.zero_bytes),
         );
