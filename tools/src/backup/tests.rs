@@ -502,3 +502,115 @@ fn ranges_are_widened_to_blocks_sorted_and_merged() {
         Ok(vec![(99, 100)])
     );
 }
+
+mod model {
+    //! A chain of random backups against a `Vec<u8>` model: after restoring every
+    //! prefix of the chain, the target is the volume as it was at that snapshot.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One write to the volume: byte offset (scaled to the volume), length, fill byte
+    /// (0 makes all-zero blocks, stored as zero extents).
+    type Write = (u64, u64, u8);
+
+    fn check(blocks: u64, initial: &[Write], steps: &[Vec<Write>]) -> Result<(), TestCaseError> {
+        let size = blocks * BLOCK_BYTES;
+        let apply = |volume: &mut Vec<u8>, writes: &[Write]| -> Vec<(u64, u64)> {
+            writes
+                .iter()
+                .map(|&(offset, length, fill)| {
+                    let offset = offset % size;
+                    let length = length.min(size - offset);
+                    volume[offset as usize..(offset + length) as usize].fill(fill);
+                    (offset, length)
+                })
+                .collect()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = TempDir::new("backup-model").expect("temp dir");
+        let mut volume = vec![0u8; size as usize];
+        apply(&mut volume, initial);
+        let mut snapshots = vec![volume.clone()];
+        let mut chain = vec![dir.path().join("backup.0")];
+        let mut previous = meta("model", size, "snap-0", 10);
+        runtime.block_on(async {
+            write_backup(
+                MemVolume(Arc::new(volume.clone())),
+                &previous,
+                None,
+                &chain[0],
+                |_, _| {},
+            )
+            .await
+            .expect("full backup");
+            for (index, writes) in steps.iter().enumerate() {
+                let ranges = apply(&mut volume, writes);
+                let next = incremental(
+                    &previous,
+                    &format!("snap-{}", index + 1),
+                    10 + index as u64 + 1,
+                );
+                let to = dir.path().join(format!("backup.{}", index + 1));
+                write_backup(
+                    MemVolume(Arc::new(volume.clone())),
+                    &next,
+                    Some(&ranges),
+                    &to,
+                    |_, _| {},
+                )
+                .await
+                .expect("incremental backup");
+                chain.push(to);
+                snapshots.push(volume.clone());
+                previous = next;
+            }
+        });
+        for (length, expected) in snapshots.iter().enumerate() {
+            let target = RecordingTarget::new(size);
+            let summary = runtime
+                .block_on(restore(
+                    &chain[..=length],
+                    target.clone(),
+                    Some("model"),
+                    |_, _| {},
+                ))
+                .map_err(|error| TestCaseError::fail(error.to_string()))?;
+            prop_assert_eq!(summary.files.len(), length + 1);
+            prop_assert!(
+                target.image() == *expected,
+                "prefix of {} files differs",
+                length + 1
+            );
+        }
+        Ok(())
+    }
+
+    fn writes(max: usize) -> impl Strategy<Value = Vec<Write>> {
+        proptest::collection::vec(
+            (
+                0u64..u64::MAX,
+                prop_oneof![1u64..5000, 1u64..(2 << 20)],
+                prop_oneof![Just(0u8), any::<u8>()],
+            ),
+            0..max,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_prefix_of_a_chain_restores_its_snapshot(
+            blocks in 1u64..700,
+            initial in writes(6),
+            steps in proptest::collection::vec(writes(5), 0..4),
+        ) {
+            check(blocks, &initial, &steps)?;
+        }
+    }
+}
