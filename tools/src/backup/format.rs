@@ -55,10 +55,28 @@ pub struct BackupMeta {
     /// The snapshot's sequence number.
     pub snapshot_seq: u64,
     /// For an incremental backup, the snapshot (name, sequence number) it is based on;
-    /// `None` for a full backup.
+    /// `None` for a full backup. (JSON: `{"snapshot": NAME, "seq": N}` or `null`.)
+    #[serde(serialize_with = "serialize_base")]
     pub base: Option<(String, u64)>,
     /// Creation time, seconds since the Unix epoch (informational).
     pub created_unix: u64,
+}
+
+fn serialize_base<S: serde::Serializer>(
+    base: &Option<(String, u64)>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Base<'a> {
+        snapshot: &'a str,
+        seq: u64,
+    }
+    base.as_ref()
+        .map(|(snapshot, seq)| Base {
+            snapshot,
+            seq: *seq,
+        })
+        .serialize(serializer)
 }
 
 impl BackupMeta {
@@ -988,6 +1006,17 @@ mod tests {
             decode_all(&bytes),
             Err(BackupError::UnsupportedVersion { found: 2, .. })
         ));
+    }
+
+    #[test]
+    fn the_json_of_a_base_names_its_fields() {
+        let json = serde_json::to_value(meta(false)).expect("json");
+        assert_eq!(
+            json["base"],
+            serde_json::json!({"snapshot": "nightly-0", "seq": 700})
+        );
+        let json = serde_json::to_value(meta(true)).expect("json");
+        assert!(json["base"].is_null());
     }
 
     #[test]
