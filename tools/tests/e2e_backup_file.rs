@@ -119,8 +119,9 @@ fn full_and_incremental_backups_restore_into_a_fresh_image() {
         "[[1049088, 66560], [12582912, 262144], [2097152, 131072]]",
     )
     .expect("ranges file");
-    replctl_ok(&[
+    let output = replctl_ok(&[
         "backup-file",
+        "--json",
         "--from",
         &source_uri,
         "--to",
@@ -138,6 +139,15 @@ fn full_and_incremental_backups_restore_into_a_fresh_image() {
         "--ranges-from",
         ranges_s,
     ]);
+    let summary: serde_json::Value = serde_json::from_str(&output).expect("JSON summary");
+    assert_eq!(
+        summary["meta"]["base"],
+        serde_json::json!({"snapshot": "nightly-0", "seq": 700})
+    );
+    // 1 MiB + 512 for 65 KiB: blocks 256..=272; 12 MiB for 256 KiB: 64 blocks; the
+    // zeroed 128 KiB: 32 zero blocks.
+    assert_eq!(summary["data_blocks"], 17 + 64, "{summary}");
+    assert_eq!(summary["zero_blocks"], 32, "{summary}");
     let verified = replctl_ok(&["backup-verify", incr_s]);
     assert!(
         verified.contains("incremental backup since 'nightly-0' (seq 700)"),
