@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
-use super::{BackupMeta, BackupSummary, RawFileTarget, RestoreSummary};
+use super::{BackupMeta, BackupSummary, RawFileTarget, RestorePhase, RestoreSummary};
 use crate::admin::human_bytes;
 use crate::nbd_client::NbdClient;
 
@@ -200,8 +200,16 @@ pub fn backup_verify(args: &BackupVerifyArgs) -> anyhow::Result<()> {
 
 /// `replctl restore`.
 pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
-    let bar = progress_bar("restore")?;
-    let progress = |done, total| {
+    let bar = progress_bar("verify")?;
+    let progress = |phase, done, total| {
+        let prefix = match phase {
+            RestorePhase::Verify => "verify",
+            RestorePhase::Write => "restore",
+        };
+        if bar.prefix() != prefix {
+            bar.set_prefix(prefix);
+            bar.reset();
+        }
         bar.set_length(total);
         bar.set_position(done);
     };

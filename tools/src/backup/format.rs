@@ -480,6 +480,11 @@ impl<R: Read> Decoder<R> {
         &self.meta
     }
 
+    /// File bytes read and checked so far.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
     /// What the file holds; complete once [`Decoder::next_extent`] returned `None`.
     pub fn totals(&self) -> &Totals {
         &self.totals
@@ -811,14 +816,6 @@ pub fn read_header(path: &Path) -> Result<BackupMeta, BackupError> {
     let file =
         std::fs::File::open(path).map_err(BackupError::io(path, "cannot open the backup"))?;
     decode_header(&mut io::BufReader::new(file), path).map(|(meta, _)| meta)
-}
-
-/// Reads the whole file at `path` and checks every CRC, the extents' order and the
-/// trailer; returns the header and what the file holds.
-pub fn verify_file(path: &Path) -> Result<(BackupMeta, Totals), BackupError> {
-    let mut decoder = Decoder::open_path(path)?;
-    while decoder.next_extent()?.is_some() {}
-    Ok((decoder.meta().clone(), decoder.totals().clone()))
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use format::{read_header, BackupError, BackupMeta, Totals, BLOCK_BYTES};
@@ -561,11 +561,23 @@ where
 /// Reads the whole backup file at `path` and checks every CRC, the order of the
 /// extents and the trailer.
 pub fn verify(path: &Path) -> Result<BackupSummary, BackupError> {
-    let (meta, totals) = format::verify_file(path)?;
+    verify_with(path, |_| {})
+}
+
+/// [`verify`], calling `progress(bytes)` with the file bytes checked so far after
+/// each extent.
+pub fn verify_with(
+    path: &Path,
+    mut progress: impl FnMut(u64),
+) -> Result<BackupSummary, BackupError> {
+    let mut decoder = Decoder::open_path(path)?;
+    while decoder.next_extent()?.is_some() {
+        progress(decoder.position());
+    }
     Ok(BackupSummary {
         path: path.to_owned(),
-        meta,
-        totals,
+        meta: decoder.meta().clone(),
+        totals: decoder.totals().clone(),
     })
 }
 
@@ -729,30 +741,50 @@ pub struct RestoreSummary {
     pub zero_bytes: u64,
 }
 
+/// The two passes of a restore, for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RestorePhase {
+    /// Reading every file and checking every CRC; counted in file bytes.
+    Verify,
+    /// Writing to the target; counted in volume bytes.
+    Write,
+}
+
 /// Restores `chain` (a full backup, then incrementals each based on the previous
 /// file) to `target`. Everything is checked before the first write (see the module
 /// documentation): the chain, the target's size, `expected_volume` when given, and
-/// every CRC of every file. `progress(done, total)` is called in bytes.
+/// every CRC of every file. `progress(phase, done, total)` reports each pass.
 pub async fn restore<T>(
     chain: &[PathBuf],
     target: T,
     expected_volume: Option<&str>,
-    mut progress: impl FnMut(u64, u64),
+    mut progress: impl FnMut(RestorePhase, u64, u64),
 ) -> Result<RestoreSummary, RestoreError>
 where
     T: RestoreTarget + Clone + 'static,
 {
     let mut headers = Vec::with_capacity(chain.len());
+    let mut verify_total = 0;
     for path in chain {
         headers.push((path.clone(), read_header(path)?));
+        verify_total += std::fs::metadata(path)
+            .map_err(|source| BackupError::Io {
+                path: path.clone(),
+                what: "cannot stat the backup",
+                source,
+            })?
+            .len();
     }
     check_chain(&headers, expected_volume, target.size())?;
     let mut files = Vec::with_capacity(chain.len());
+    let mut verified_bytes = 0;
+    progress(RestorePhase::Verify, 0, verify_total);
     for path in chain {
-        let path = path.clone();
-        let summary = tokio::task::spawn_blocking(move || verify(&path))
-            .await
-            .map_err(|error| RestoreError::Internal(error.to_string()))??;
+        let summary = verify_reporting(path, &mut |done| {
+            progress(RestorePhase::Verify, verified_bytes + done, verify_total)
+        })
+        .await?;
+        verified_bytes += summary.totals.file_bytes;
         files.push(summary);
     }
     // The headers read in full must still be the ones checked above.
@@ -769,7 +801,7 @@ where
     let mut done_bytes = 0;
     let mut data_bytes = 0;
     let mut zero_bytes = 0;
-    progress(0, total_bytes);
+    progress(RestorePhase::Write, 0, total_bytes);
     for path in chain {
         let (extents, receiver) = mpsc::channel(IN_FLIGHT);
         let reader = {
@@ -783,7 +815,7 @@ where
             } else {
                 data_bytes += bytes;
             }
-            progress(done_bytes, total_bytes);
+            progress(RestorePhase::Write, done_bytes, total_bytes);
         })
         .await;
         let read = reader
@@ -812,6 +844,35 @@ where
         data_bytes,
         zero_bytes,
     })
+}
+
+/// [`verify`] on a blocking thread, reporting the file bytes checked so far.
+async fn verify_reporting(
+    path: &Path,
+    progress: &mut impl FnMut(u64),
+) -> Result<BackupSummary, RestoreError> {
+    let (position, mut checked) = watch::channel(0);
+    let mut verifier = {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            verify_with(&path, |bytes| {
+                position.send_replace(bytes);
+            })
+        })
+    };
+    let joined = loop {
+        tokio::select! {
+            joined = &mut verifier => break joined,
+            changed = checked.changed() => match changed {
+                Ok(()) => progress(*checked.borrow_and_update()),
+                // The thread has finished: only its result is left.
+                Err(_) => break (&mut verifier).await,
+            },
+        }
+    };
+    let summary = joined.map_err(|error| RestoreError::Internal(error.to_string()))??;
+    progress(summary.totals.file_bytes);
+    Ok(summary)
 }
 
 /// The file-reading thread of a restore: decodes (checking every CRC again) and

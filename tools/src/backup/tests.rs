@@ -211,16 +211,22 @@ async fn full_and_incremental_backups_round_trip() {
 
     let target = RecordingTarget::new(size);
     let mut last = (0, 0);
+    let mut verified = (0, 0);
     let summary = restore(
         std::slice::from_ref(&f.full),
         target.clone(),
         Some("vol-1"),
-        |done, total| last = (done, total),
+        |phase, done, total| match phase {
+            RestorePhase::Verify => verified = (done, total),
+            RestorePhase::Write => last = (done, total),
+        },
     )
     .await
     .expect("restore full");
     assert!(target.image() == f.volume_a, "full restore differs");
     assert_eq!(last, (size, size));
+    let file_bytes = full.totals.file_bytes;
+    assert_eq!(verified, (file_bytes, file_bytes));
     assert_eq!(summary.data_bytes + summary.zero_bytes, size);
     assert_eq!(summary.snapshot, "nightly-0");
 
@@ -229,7 +235,7 @@ async fn full_and_incremental_backups_round_trip() {
         &[f.full.clone(), f.incr.clone()],
         target.clone(),
         None,
-        |_, _| {},
+        |_, _, _| {},
     )
     .await
     .expect("restore chain");
@@ -247,9 +253,14 @@ async fn a_raw_file_target_restores_the_chain() {
     let image = f.dir.path().join("target.img");
     std::fs::write(&image, vec![0x5a; f.volume_a.len()]).expect("image");
     let target = RawFileTarget::open(&image).expect("open target");
-    restore(&[f.full.clone(), f.incr.clone()], target, None, |_, _| {})
-        .await
-        .expect("restore");
+    restore(
+        &[f.full.clone(), f.incr.clone()],
+        target,
+        None,
+        |_, _, _| {},
+    )
+    .await
+    .expect("restore");
     assert!(std::fs::read(&image).expect("read image") == f.volume_b);
 }
 
@@ -257,7 +268,7 @@ async fn a_raw_file_target_restores_the_chain() {
 async fn refused(chain: &[&Path], target_bytes: u64, expected: Option<&str>) -> RestoreError {
     let target = RecordingTarget::new(target_bytes);
     let chain: Vec<PathBuf> = chain.iter().map(|path| path.to_path_buf()).collect();
-    let outcome = restore(&chain, target.clone(), expected, |_, _| {}).await;
+    let outcome = restore(&chain, target.clone(), expected, |_, _, _| {}).await;
     assert_eq!(target.requests(), 0, "{chain:?} wrote to the target");
     assert!(target.image().iter().all(|&byte| byte == 0xEE));
     match outcome {
@@ -577,7 +588,7 @@ mod model {
                     &chain[..=length],
                     target.clone(),
                     Some("model"),
-                    |_, _| {},
+                    |_, _, _| {},
                 ))
                 .map_err(|error| TestCaseError::fail(error.to_string()))?;
             prop_assert_eq!(summary.files.len(), length + 1);
