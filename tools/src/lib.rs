@@ -2,6 +2,7 @@
 //! (`replcheck`), with the async NBD client both use.
 
 pub mod admin;
+pub mod backup;
 pub mod bench;
 pub mod checker;
 pub mod demo;

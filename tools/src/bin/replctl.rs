@@ -164,6 +164,14 @@ enum Command {
     Serve(tools::serve::ServeArgs),
     /// Run this node's daemon in the foreground: the same daemon as `replicad`.
     Daemon(tools::node::DaemonArgs),
+    /// Write a backup file of an NBD export (a snapshot): full, or incremental with the
+    /// changed ranges given.
+    BackupFile(tools::backup::cli::BackupFileArgs),
+    /// Read a backup file to its end, check every CRC, and show what it holds.
+    BackupVerify(tools::backup::cli::BackupVerifyArgs),
+    /// Restore a chain of backup files (full, then incrementals) to an NBD export or an
+    /// image file; everything is checked before the first write.
+    Restore(tools::backup::cli::RestoreArgs),
     /// Print the shell completion script of replctl (or of replicad, replcheck).
     Completions {
         /// The shell to complete in.
@@ -463,6 +471,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => tools::bench::run(args),
         Command::Serve(args) => tools::serve::run(args),
         Command::Daemon(args) => tools::node::run(&cli.config, cli.node.as_deref(), args),
+        Command::BackupFile(args) => tools::backup::cli::backup_file(args),
+        Command::BackupVerify(args) => tools::backup::cli::backup_verify(args),
+        Command::Restore(args) => tools::backup::cli::restore(args),
         Command::Completions { shell, program } => {
             let script = tools::manual::completion_script(*shell, program.command(&Cli::command()));
             let mut out = std::io::stdout().lock();
