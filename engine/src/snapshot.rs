@@ -16,7 +16,7 @@
 //! write that caused it (its *trigger*), so "changed between snapshot A and a later
 //! snapshot B" is "entries of A with trigger ≤ B's point".
 //!
-//! Formats and the crash analysis: `docs/FORMAT.md` §15.
+//! Formats and the crash analysis: `docs/FORMAT.md` §16.
 //!
 //! Locking: `Snapshots` sits behind its own mutex. Lock order: the volume's state lock
 //! (if held) before the snapshots lock, never the other way round. A reader of a
@@ -192,7 +192,7 @@ pub(crate) struct Snapshots {
     events: Vec<String>,
 }
 
-/// Encodes a COW log entry (`docs/FORMAT.md` §15).
+/// Encodes a COW log entry (`docs/FORMAT.md` §16).
 pub fn encode_entry(block: u64, trigger: u64, data: &[u8]) -> Vec<u8> {
     let mut entry = vec![0u8; ENTRY_BYTES as usize];
     entry[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());

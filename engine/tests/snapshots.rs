@@ -1,6 +1,6 @@
 //! Snapshots on one node: copy-on-write images at a point of the write order, the
 //! changed-block sets an incremental backup reads, and both across power cuts
-//! (`engine::snapshot`, `docs/FORMAT.md` §15).
+//! (`engine::snapshot`, `docs/FORMAT.md` §16).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1646,7 +1646,7 @@ impl Volume {
     /// Blocks of `[first_block, first_block+blocks)` changed since snapshot `since`:
     /// with `until`, up to that (later) snapshot's point — what an incremental backup
     /// from `until` must copy; without, up to now (unapplied writes included). Never
-    /// fewer than the truth, also after a crash (see `docs/FORMAT.md` §15).
+    /// fewer than the truth, also after a crash (see `docs/FORMAT.md` §16).
     pub fn changed_blocks(
         &self,
         since: &str,
