@@ -175,6 +175,67 @@ pub trait Export: Send + Sync + 'static {
         length: u32,
         fua: bool,
     ) -> impl Future<Output = Result<(), Errno>> + Send;
+
+    /// Whether the export is read-only for its whole life. The server advertises
+    /// `NBD_FLAG_READ_ONLY` and refuses writes, trims and write-zeroes with `EPERM` without
+    /// calling the export. Unlike [`Export::is_writable`] this is read once per
+    /// connection, at the end of the handshake. False by default.
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    /// The metadata contexts this export answers besides [`BASE_ALLOCATION`] (which every
+    /// export answers), e.g. `"qemu:dirty-bitmap:nightly"`. Each name is a namespace, a
+    /// colon and a leaf name, at most 4096 bytes without NUL; the server ignores names
+    /// that are not. Read during the handshake, so the list may change between
+    /// connections. None by default.
+    fn meta_contexts(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The block status of `[offset, offset + length)` in `context`, which is
+    /// [`BASE_ALLOCATION`] or a name from [`Export::meta_contexts`]. `length` is at least 1
+    /// and the range is in bounds and aligned like every request.
+    ///
+    /// Returns extents that cover a non-empty prefix of the range, in order, each of
+    /// non-zero length and a multiple of [`Export::minimum_block_size`]. The server merges
+    /// neighbours with equal flags, cuts the answer at the end of the range (and at the
+    /// first extent with `NBD_CMD_FLAG_REQ_ONE`), stops at the first misaligned or empty
+    /// extent, and fails the request with `EIO` if nothing valid is left.
+    ///
+    /// By default `base:allocation` is one extent of the whole range with flags 0 (data,
+    /// contents unknown), which is always true; any other context is `EINVAL`.
+    fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        length: u32,
+    ) -> impl Future<Output = Result<Vec<Extent>, Errno>> + Send {
+        let _ = offset;
+        let answer = if context == BASE_ALLOCATION {
+            Ok(vec![Extent { length, flags: 0 }])
+        } else {
+            Err(Errno::EINVAL)
+        };
+        std::future::ready(answer)
+    }
+}
+
+/// The metadata context every export answers (`NBD_STATE_HOLE`, `NBD_STATE_ZERO`).
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// `base:allocation`: the extent is not allocated (`NBD_STATE_HOLE`).
+pub const STATE_HOLE: u32 = 1;
+/// `base:allocation`: the extent reads as zeroes (`NBD_STATE_ZERO`).
+pub const STATE_ZERO: u32 = 2;
+/// `qemu:dirty-bitmap:*`: the extent is dirty in the bitmap.
+pub const STATE_DIRTY: u32 = 1;
+
+/// One extent of a block-status answer: `length` bytes sharing `flags`, whose meaning
+/// depends on the metadata context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u32,
+    pub flags: u32,
 }
 
 /// The exports a server offers, looked up by name during the handshake.
