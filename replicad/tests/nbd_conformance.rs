@@ -1383,7 +1383,9 @@ async fn meta_context_options_follow_the_spec() {
 
     // Queries: namespaces as wildcards when listing, unknown names ignored; garbage,
     // a query without a namespace and an unknown export are refused.
-    let cases: &[(&[&str], Result<Vec<(u32, String)>, u32>)] = &[
+    /// (queries, expected contexts or error reply)
+    type Case<'a> = (&'a [&'a str], Result<Vec<(u32, String)>, u32>);
+    let cases: &[Case] = &[
         (&["base:"], Ok(vec![everything[0].clone()])),
         (&["qemu:"], Ok(vec![everything[1].clone()])),
         (&["x-unknown:", "base:nothing"], Ok(vec![])),
@@ -1531,7 +1533,9 @@ async fn structured_replies_for_reads_errors_and_block_status() {
     assert_eq!(tail[&id], [(1, nbd::STATE_ZERO)]);
 
     // Errors are ERROR chunks, READ included, and the connection goes on.
-    let cases: &[(u16, u16, u64, u32, &[u8], u32)] = &[
+    /// (command, flags, offset, length, payload, expected error)
+    type Case<'a> = (u16, u16, u64, u32, &'a [u8], u32);
+    let cases: &[Case] = &[
         (proto::CMD_READ, 0, size, 1, &[], proto::NBD_EINVAL),
         (
             proto::CMD_READ,

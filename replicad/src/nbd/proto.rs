@@ -839,7 +839,7 @@ pub fn encode_offset_data_prefix(
     offset: u64,
     data_bytes: u32,
 ) {
-    debug_assert!(data_bytes >= 1 && data_bytes <= u32::MAX - 8);
+    debug_assert!((1..=u32::MAX - 8).contains(&data_bytes));
     StructuredReplyHeader {
         flags,
         reply_type: REPLY_TYPE_OFFSET_DATA,
