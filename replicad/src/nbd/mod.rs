@@ -9,6 +9,17 @@
 //! - [`server`]: the tokio driver. [`server::serve`] accepts connections, runs the fixed
 //!   newstyle handshake and then the transmission phase, one reader task and one writer
 //!   task per connection, with one task per request in flight.
+//!
+//! # What is supported
+//!
+//! Options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
+//! `LIST_META_CONTEXT` and `SET_META_CONTEXT`; commands `READ`, `WRITE`, `FLUSH`, `TRIM`,
+//! `WRITE_ZEROES`, `BLOCK_STATUS` and `DISC`. Without structured replies every reply is a
+//! simple reply; with them, reads are one `OFFSET_DATA` chunk (still zero-copy), errors
+//! are `ERROR` chunks, and `BLOCK_STATUS` answers one chunk per selected metadata context:
+//! `base:allocation` on every export, plus whatever [`Export::meta_contexts`] lists
+//! (e.g. `qemu:dirty-bitmap:NAME`). The query syntax is documented in `handshake.rs`. No
+//! TLS, no extended headers, no `NBD_CMD_FLAG_DF`, no `CACHE`.
 //! - [`Export`] / [`ExportSet`]: the boundary to the storage behind the server (the
 //!   replicated volume). [`MemoryExport`] is a RAM-backed implementation for tests and
 //!   demos.
@@ -16,7 +27,7 @@
 //! # The export boundary
 //!
 //! The server knows nothing of replication, journals or disks: it sees an [`Export`] with a
-//! size and five asynchronous operations. In return it promises the export:
+//! size and six asynchronous operations (five of them required). In return it promises the export:
 //!
 //! - **Every request is in range.** Offsets and lengths are checked against
 //!   [`Export::size_bytes`] with checked arithmetic before the export is called, so
@@ -28,7 +39,12 @@
 //!   payload never reaches [`Export::write`].
 //! - **Writes are checked against [`Export::is_writable`] per request**, and refused with
 //!   `EPERM` when it is false. The check races with a demotion, so an export must still
-//!   refuse writes itself once it is no longer writable.
+//!   refuse writes itself once it is no longer writable. An export whose
+//!   [`Export::read_only`] is true (read once per connection) never sees a write, trim or
+//!   write-zeroes, and clients see `NBD_FLAG_READ_ONLY`.
+//! - **Block status is asked only for contexts the export offered** (`base:allocation`
+//!   or a name from [`Export::meta_contexts`] at handshake time), with `length >= 1`,
+//!   and the server cleans the answer (see [`Export::block_status`]).
 //! - **Alignment.** Offsets and lengths are multiples of [`Export::minimum_block_size`].
 //! - **Requests run concurrently and complete in any order.** The server calls the export
 //!   from many tasks at once; replies go out in completion order. Overlapping requests in
