@@ -2015,6 +2015,213 @@ mod tests {
         }
     }
 
+    /// A client on one end of a pipe whose other end plays the server: for each request,
+    /// `answer` gets its cookie and returns the bytes to send back.
+    fn scripted(
+        contexts: &[(u32, &str)],
+        answer: impl Fn(u64) -> Vec<u8> + Send + 'static,
+    ) -> NbdClient {
+        let (client_side, mut server_side) = tokio::io::duplex(1 << 20);
+        let (read_half, write_half) = tokio::io::split(client_side);
+        let info = ExportInfo {
+            export: "scripted".to_owned(),
+            size_bytes: 1 << 20,
+            flags: TransmissionFlags(TransmissionFlags::HAS_FLAGS),
+            block_size: None,
+            opened_with_go: true,
+            structured_replies: true,
+            meta_contexts: contexts
+                .iter()
+                .map(|&(id, name)| MetaContext {
+                    id,
+                    name: name.to_owned(),
+                })
+                .collect(),
+        };
+        tokio::spawn(async move {
+            let mut header = [0u8; REQUEST_HEADER_BYTES];
+            while server_side.read_exact(&mut header).await.is_ok() {
+                let cookie = u64::from_be_bytes(array_at(&header, 8));
+                if server_side.write_all(&answer(cookie)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        NbdClient::start(
+            info,
+            Box::new(read_half),
+            Box::new(write_half),
+            ConnectOptions::default(),
+        )
+    }
+
+    fn data_chunk(out: &mut Vec<u8>, cookie: u64, flags: u16, offset: u64, data: &[u8]) {
+        wire::encode_offset_data_prefix(out, cookie, flags, offset, data.len() as u32);
+        out.extend_from_slice(data);
+    }
+
+    fn hole_chunk(out: &mut Vec<u8>, cookie: u64, flags: u16, offset: u64, length: u32) {
+        StructuredReplyHeader {
+            flags,
+            reply_type: wire::REPLY_TYPE_OFFSET_HOLE,
+            cookie,
+            length: 12,
+        }
+        .encode(out);
+        out.put_u64(offset);
+        out.put_u32(length);
+    }
+
+    const DONE: u16 = wire::REPLY_FLAG_DONE;
+
+    #[tokio::test]
+    async fn reassembles_reads_from_data_and_hole_chunks_in_any_order() {
+        let client = scripted(&[], |cookie| {
+            let mut out = Vec::new();
+            hole_chunk(&mut out, cookie, 0, 1050, 30);
+            data_chunk(&mut out, cookie, 0, 1080, &[2; 20]);
+            data_chunk(&mut out, cookie, DONE, 1000, &[1; 50]);
+            out
+        });
+        let data = client.read(1000, 100).await.expect("read");
+        let expected: Vec<u8> = [vec![1; 50], vec![0; 30], vec![2; 20]].concat();
+        assert_eq!(data, expected);
+        // The same answer serves the next read: the stream stayed in step.
+        assert_eq!(client.read(1000, 100).await.expect("read"), expected);
+    }
+
+    #[tokio::test]
+    async fn an_error_chunk_fails_only_its_request() {
+        let client = scripted(&[], |cookie| {
+            let mut out = Vec::new();
+            if cookie == 0 {
+                data_chunk(&mut out, cookie, 0, 0, &[9; 4]);
+                wire::encode_error_chunk(&mut out, cookie, DONE, 5, "disk on fire");
+            } else {
+                data_chunk(&mut out, cookie, DONE, 0, &[7; 4]);
+            }
+            out
+        });
+        let failed = client.read(0, 4).await;
+        assert!(
+            matches!(failed, Err(NbdError::Server { errno: 5, .. })),
+            "{failed:?}"
+        );
+        assert_eq!(&client.read(0, 4).await.expect("read")[..], [7; 4]);
+    }
+
+    #[tokio::test]
+    async fn broken_structured_replies_close_the_connection() {
+        type Script = fn(u64) -> Vec<u8>;
+        let cases: [(&str, Script); 6] = [
+            ("overlapping chunks", |cookie| {
+                let mut out = Vec::new();
+                data_chunk(&mut out, cookie, 0, 0, &[1; 60]);
+                hole_chunk(&mut out, cookie, DONE, 50, 50);
+                out
+            }),
+            ("missing bytes", |cookie| {
+                let mut out = Vec::new();
+                data_chunk(&mut out, cookie, DONE, 0, &[1; 99]);
+                out
+            }),
+            ("chunk outside the request", |cookie| {
+                let mut out = Vec::new();
+                data_chunk(&mut out, cookie, DONE, 1, &[1; 100]);
+                out
+            }),
+            ("simple reply with data to a read", |cookie| {
+                let mut out = Vec::new();
+                out.put_u32(SIMPLE_REPLY_MAGIC);
+                out.put_u32(0);
+                out.put_u64(cookie);
+                out.extend_from_slice(&[0; 100]);
+                out
+            }),
+            ("unknown chunk type", |cookie| {
+                let mut out = Vec::new();
+                StructuredReplyHeader {
+                    flags: DONE,
+                    reply_type: 77,
+                    cookie,
+                    length: 0,
+                }
+                .encode(&mut out);
+                out
+            }),
+            ("unknown cookie", |cookie| {
+                let mut out = Vec::new();
+                data_chunk(&mut out, cookie + 1, DONE, 0, &[1; 100]);
+                out
+            }),
+        ];
+        for (what, script) in cases {
+            let client = scripted(&[], script);
+            let read = client.read(0, 100).await;
+            assert!(
+                matches!(
+                    read,
+                    Err(NbdError::Disconnected {
+                        reason: CloseReason::Protocol(_)
+                    })
+                ),
+                "{what}: {read:?}"
+            );
+            assert!(client.closed().is_some(), "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn block_status_is_returned_per_context_in_negotiated_order() {
+        let contexts = [(9, "base:allocation"), (4, "qemu:dirty-bitmap:x")];
+        let client = scripted(&contexts, |cookie| {
+            let extent = |length, flags| replicad::nbd::Extent { length, flags };
+            let mut out = Vec::new();
+            // The server may answer the contexts in any order.
+            wire::encode_block_status_chunk(&mut out, cookie, 0, 4, &[extent(512, 1)]);
+            wire::encode_block_status_chunk(
+                &mut out,
+                cookie,
+                DONE,
+                9,
+                &[extent(256, 0), extent(256, 3)],
+            );
+            out
+        });
+        let answer = client.block_status(0, 512).await.expect("block status");
+        assert_eq!(
+            answer,
+            [
+                ContextStatus {
+                    context: "base:allocation".to_owned(),
+                    extents: vec![
+                        Extent {
+                            length: 256,
+                            flags: 0
+                        },
+                        Extent {
+                            length: 256,
+                            flags: 3
+                        }
+                    ],
+                },
+                ContextStatus {
+                    context: "qemu:dirty-bitmap:x".to_owned(),
+                    extents: vec![Extent {
+                        length: 512,
+                        flags: 1
+                    }],
+                },
+            ]
+        );
+        // REQ_ONE answered with two extents breaks the protocol.
+        let broken = client.block_status_req_one(0, 512).await;
+        assert!(
+            matches!(broken, Err(NbdError::Disconnected { .. })),
+            "{broken:?}"
+        );
+    }
+
     /// Plays a scripted fixed-newstyle server that answers NBD_OPT_GO with
     /// NBD_REP_ERR_UNSUP, to check the fallback to NBD_OPT_EXPORT_NAME.
     #[tokio::test]
