@@ -29,8 +29,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::proto::OptionHeader;
-use super::proto::{self, ClientFlags, Greeting, Info, InfoRequest, MetaContextRequest};
+use super::proto::{
+    self, ClientFlags, Greeting, Info, InfoRequest, MetaContextRequest, OptionHeader,
+};
 use super::server::stopped;
 use super::{Export, ExportSet, BASE_ALLOCATION};
 
