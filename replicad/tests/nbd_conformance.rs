@@ -150,8 +150,10 @@ struct Client<S> {
     size_bytes: u64,
     transmission_flags: u16,
     next_cookie: u64,
-    /// Lengths of reads in flight, whose successful replies carry data.
-    pending_reads: HashMap<u64, u32>,
+    /// Offsets and lengths of reads in flight, whose successful replies carry data.
+    pending_reads: HashMap<u64, (u64, u32)>,
+    /// Whether structured replies were negotiated (then [`Client::receive`] reads chunks).
+    structured: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
@@ -182,6 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             transmission_flags,
             next_cookie: 1,
             pending_reads: HashMap::new(),
+            structured: false,
         }
     }
 
@@ -201,25 +204,99 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .await
             .expect("send request");
         if command == proto::CMD_READ {
-            self.pending_reads.insert(cookie, length);
+            self.pending_reads.insert(cookie, (offset, length));
         }
         cookie
     }
 
     async fn receive(&mut self) -> Reply {
         let mut raw = [0u8; proto::SIMPLE_REPLY_HEADER_BYTES];
-        within("reply header", self.stream.read_exact(&mut raw))
+        within("reply magic", self.stream.read_exact(&mut raw[..4]))
+            .await
+            .expect("read reply magic");
+        if u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) == proto::STRUCTURED_REPLY_MAGIC {
+            assert!(self.structured, "structured reply without negotiation");
+            return self.receive_structured().await;
+        }
+        within("reply header", self.stream.read_exact(&mut raw[4..]))
             .await
             .expect("read reply header");
         let SimpleReplyHeader { error, cookie } =
             SimpleReplyHeader::parse(&raw).expect("valid reply header");
-        let read_length = self.pending_reads.remove(&cookie);
+        let read_length = self.pending_reads.remove(&cookie).map(|(_, length)| length);
+        assert!(
+            !(self.structured && read_length.is_some()),
+            "simple reply to a READ after structured replies were negotiated"
+        );
         let mut data = Vec::new();
         if let (0, Some(length)) = (error, read_length) {
             data.resize(length as usize, 0);
             within("read reply data", self.stream.read_exact(&mut data))
                 .await
                 .expect("read reply data");
+        }
+        Reply {
+            cookie,
+            error,
+            data,
+        }
+    }
+
+    /// The rest of a structured reply whose first chunk's magic was read: its chunks up to
+    /// the one marked done (this server never interleaves the chunks of two replies), with
+    /// read data reassembled at the offsets the chunks name.
+    async fn receive_structured(&mut self) -> Reply {
+        let mut raw = [0u8; proto::STRUCTURED_REPLY_HEADER_BYTES];
+        raw[..4].copy_from_slice(&proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        within("chunk header", self.stream.read_exact(&mut raw[4..]))
+            .await
+            .expect("read chunk header");
+        let mut header = proto::StructuredReplyHeader::parse(&raw).expect("valid chunk header");
+        let cookie = header.cookie;
+        let read = self.pending_reads.remove(&cookie);
+        let mut data = vec![0u8; read.map_or(0, |(_, length)| length as usize)];
+        let mut covered = 0usize;
+        let mut error = 0;
+        loop {
+            assert_eq!(header.cookie, cookie, "chunks of two replies interleaved");
+            assert!(header.length <= 33 << 20, "chunk too long: {header:?}");
+            let mut payload = vec![0u8; header.length as usize];
+            within("chunk payload", self.stream.read_exact(&mut payload))
+                .await
+                .expect("read chunk payload");
+            match header.reply_type {
+                proto::REPLY_TYPE_OFFSET_DATA => {
+                    let (offset, length) = read.expect("data chunk for a READ");
+                    let chunk_offset = u64::from_be_bytes(payload[..8].try_into().expect("8"));
+                    let start = (chunk_offset - offset) as usize;
+                    let bytes = &payload[8..];
+                    assert!(
+                        start + bytes.len() <= length as usize,
+                        "chunk beyond the read"
+                    );
+                    data[start..start + bytes.len()].copy_from_slice(bytes);
+                    covered += bytes.len();
+                }
+                proto::REPLY_TYPE_NONE => assert_eq!(header.length, 0),
+                reply_type if header.is_error() => {
+                    error = proto::ChunkError::parse(reply_type, &payload)
+                        .expect("valid error chunk")
+                        .error;
+                }
+                reply_type => panic!("unexpected chunk type {reply_type}"),
+            }
+            if header.is_done() {
+                break;
+            }
+            within("chunk header", self.stream.read_exact(&mut raw))
+                .await
+                .expect("read chunk header");
+            header = proto::StructuredReplyHeader::parse(&raw).expect("valid chunk header");
+        }
+        if error == 0 {
+            assert_eq!(covered, data.len(), "read not covered");
+        } else {
+            data.clear();
         }
         Reply {
             cookie,
@@ -459,11 +536,24 @@ fn model_strategy() -> impl Strategy<Value = (u64, usize, Vec<Op>)> {
 
 /// Runs `ops` pipelined up to `queue_depth` deep (never two conflicting operations in
 /// flight), checking every reply against the reference, then reads the whole export
-/// back and compares the server's memory too.
-async fn run_model(size_bytes: u64, queue_depth: usize, ops: Vec<Op>) {
+/// back and compares the server's memory too. With `structured`, every reply comes as
+/// structured reply chunks (reads reassembled from them).
+async fn run_model(size_bytes: u64, queue_depth: usize, ops: Vec<Op>, structured: bool) {
     let export = Arc::new(MemoryExport::new(size_bytes as usize));
     let server = TestServer::start(Arc::clone(&export), ServerConfig::default()).await;
-    let mut client = server.client().await;
+    let mut client = if structured {
+        let mut stream = connect(server.address).await;
+        greet(&mut stream, true).await;
+        assert_eq!(
+            structured_reply_option(&mut stream, b"").await,
+            proto::REP_ACK
+        );
+        let mut client = Client::enter(stream, EXPORT_NAME).await;
+        client.structured = true;
+        client
+    } else {
+        server.client().await
+    };
     assert_eq!(client.size_bytes, size_bytes);
     let mut reference = Reference {
         bytes: vec![0; size_bytes as usize],
@@ -549,13 +639,14 @@ proptest! {
     })]
 
     #[test]
-    fn transmission_matches_a_vec_reference((size_bytes, queue_depth, ops) in model_strategy()) {
+    fn transmission_matches_a_vec_reference((size_bytes, queue_depth, ops) in model_strategy(),
+                                            structured in any::<bool>()) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("tokio runtime");
-        runtime.block_on(run_model(size_bytes, queue_depth, ops));
+        runtime.block_on(run_model(size_bytes, queue_depth, ops, structured));
     }
 }
 
@@ -630,6 +721,7 @@ async fn go_honours_the_requested_information() {
         transmission_flags: flags,
         next_cookie: 1,
         pending_reads: HashMap::new(),
+        structured: false,
     };
     assert_eq!(client.write(0, b"hello").await, 0);
     assert_eq!(client.read(0, 5).await, Ok(b"hello".to_vec()));
@@ -704,6 +796,7 @@ async fn export_name_with_and_without_zeroes() {
             transmission_flags: 0,
             next_cookie: 1,
             pending_reads: HashMap::new(),
+            structured: false,
         };
         assert_eq!(client.read(123_000, 456).await, Ok(vec![0; 456]));
         client.disconnect().await;
