@@ -1,4 +1,6 @@
-//! Interoperability of the NBD server with real clients: nbdinfo, qemu-io, nbdcopy, fio.
+//! Interoperability of the NBD server with real clients: nbdinfo, qemu-io, qemu-img,
+//! nbdcopy, fio, nbdfuse; with structured replies, metadata contexts (`nbdinfo --map`,
+//! `qemu-img map`) and read-only exports.
 //!
 //! The server runs in-process on a memory export: these tests prove protocol
 //! conformance, not the replicated volume behind it. Every client is a real process,

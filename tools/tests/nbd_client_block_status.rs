@@ -1,6 +1,7 @@
 //! The NBD client with structured replies and metadata contexts: against replicad's own
-//! server (a memory export with a dirty bitmap) and against qemu-nbd, which answers
-//! sparse reads with `OFFSET_HOLE` chunks. Every wait is bounded.
+//! server (a memory export with a dirty bitmap), qemu-nbd (which answers sparse reads
+//! with `OFFSET_HOLE` chunks and serves qcow2 dirty bitmaps) and nbdkit. A missing server
+//! binary fails its test. Every wait is bounded.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -270,5 +271,41 @@ async fn dirty_bitmap_of_qemu_nbd() {
         }
     }
     assert_eq!(dirty, [(1 << 20, 64 << 10)]);
+    within(client.disconnect()).await.expect("disconnect");
+}
+
+#[tokio::test]
+async fn structured_reads_errors_and_block_status_from_nbdkit() {
+    let server = ServerProcess::nbdkit(&["memory", "1M"], Listen::Unix)
+        .unwrap_or_else(|error| panic!("cannot start nbdkit: {error}"));
+    let client = connect(server.uri(), &["base:allocation"]).await;
+    assert!(client.info().structured_replies);
+    let data = Bytes::from(vec![0xc3; 4096]);
+    within(client.write(64 << 10, data.clone(), false))
+        .await
+        .expect("write");
+    assert_eq!(
+        within(client.read(64 << 10, 4096)).await.expect("read"),
+        data
+    );
+    // nbdkit answers an out-of-range read with an error chunk; the connection goes on.
+    let beyond = within(client.read(u64::from(MIB) - 1, 2)).await;
+    assert!(matches!(beyond, Err(NbdError::Server { .. })), "{beyond:?}");
+    let answer = within(client.block_status(0, MIB))
+        .await
+        .expect("block status");
+    let mut offset = 0u64;
+    let mut written_flags = None;
+    for extent in &answer[0].extents {
+        if (offset..offset + u64::from(extent.length)).contains(&(64 << 10)) {
+            written_flags = Some(extent.flags);
+        }
+        offset += u64::from(extent.length);
+    }
+    assert_eq!(
+        written_flags.map(|flags| flags & nbd::STATE_HOLE),
+        Some(0),
+        "{answer:?}"
+    );
     within(client.disconnect()).await.expect("disconnect");
 }
