@@ -150,14 +150,21 @@ struct Client<S> {
     size_bytes: u64,
     transmission_flags: u16,
     next_cookie: u64,
-    /// Lengths of reads in flight, whose successful replies carry data.
-    pending_reads: HashMap<u64, u32>,
+    /// Offsets and lengths of reads in flight, whose successful replies carry data.
+    pending_reads: HashMap<u64, (u64, u32)>,
+    /// Whether structured replies were negotiated (then [`Client::receive`] reads chunks).
+    structured: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Negotiates `name` with `NBD_OPT_GO`, asking for block size constraints.
     async fn go(mut stream: S, name: &str) -> Client<S> {
         greet(&mut stream, true).await;
+        Client::enter(stream, name).await
+    }
+
+    /// [`Client::go`] on a stream past the greeting (and maybe other options).
+    async fn enter(mut stream: S, name: &str) -> Client<S> {
         let infos = info_option(&mut stream, proto::OPT_GO, name, &[proto::INFO_BLOCK_SIZE])
             .await
             .unwrap_or_else(|error| panic!("NBD_OPT_GO refused with {error:#x}"));
@@ -177,6 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             transmission_flags,
             next_cookie: 1,
             pending_reads: HashMap::new(),
+            structured: false,
         }
     }
 
@@ -196,25 +204,99 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .await
             .expect("send request");
         if command == proto::CMD_READ {
-            self.pending_reads.insert(cookie, length);
+            self.pending_reads.insert(cookie, (offset, length));
         }
         cookie
     }
 
     async fn receive(&mut self) -> Reply {
         let mut raw = [0u8; proto::SIMPLE_REPLY_HEADER_BYTES];
-        within("reply header", self.stream.read_exact(&mut raw))
+        within("reply magic", self.stream.read_exact(&mut raw[..4]))
+            .await
+            .expect("read reply magic");
+        if u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) == proto::STRUCTURED_REPLY_MAGIC {
+            assert!(self.structured, "structured reply without negotiation");
+            return self.receive_structured().await;
+        }
+        within("reply header", self.stream.read_exact(&mut raw[4..]))
             .await
             .expect("read reply header");
         let SimpleReplyHeader { error, cookie } =
             SimpleReplyHeader::parse(&raw).expect("valid reply header");
-        let read_length = self.pending_reads.remove(&cookie);
+        let read_length = self.pending_reads.remove(&cookie).map(|(_, length)| length);
+        assert!(
+            !(self.structured && read_length.is_some()),
+            "simple reply to a READ after structured replies were negotiated"
+        );
         let mut data = Vec::new();
         if let (0, Some(length)) = (error, read_length) {
             data.resize(length as usize, 0);
             within("read reply data", self.stream.read_exact(&mut data))
                 .await
                 .expect("read reply data");
+        }
+        Reply {
+            cookie,
+            error,
+            data,
+        }
+    }
+
+    /// The rest of a structured reply whose first chunk's magic was read: its chunks up to
+    /// the one marked done (this server never interleaves the chunks of two replies), with
+    /// read data reassembled at the offsets the chunks name.
+    async fn receive_structured(&mut self) -> Reply {
+        let mut raw = [0u8; proto::STRUCTURED_REPLY_HEADER_BYTES];
+        raw[..4].copy_from_slice(&proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        within("chunk header", self.stream.read_exact(&mut raw[4..]))
+            .await
+            .expect("read chunk header");
+        let mut header = proto::StructuredReplyHeader::parse(&raw).expect("valid chunk header");
+        let cookie = header.cookie;
+        let read = self.pending_reads.remove(&cookie);
+        let mut data = vec![0u8; read.map_or(0, |(_, length)| length as usize)];
+        let mut covered = 0usize;
+        let mut error = 0;
+        loop {
+            assert_eq!(header.cookie, cookie, "chunks of two replies interleaved");
+            assert!(header.length <= 33 << 20, "chunk too long: {header:?}");
+            let mut payload = vec![0u8; header.length as usize];
+            within("chunk payload", self.stream.read_exact(&mut payload))
+                .await
+                .expect("read chunk payload");
+            match header.reply_type {
+                proto::REPLY_TYPE_OFFSET_DATA => {
+                    let (offset, length) = read.expect("data chunk for a READ");
+                    let chunk_offset = u64::from_be_bytes(payload[..8].try_into().expect("8"));
+                    let start = (chunk_offset - offset) as usize;
+                    let bytes = &payload[8..];
+                    assert!(
+                        start + bytes.len() <= length as usize,
+                        "chunk beyond the read"
+                    );
+                    data[start..start + bytes.len()].copy_from_slice(bytes);
+                    covered += bytes.len();
+                }
+                proto::REPLY_TYPE_NONE => assert_eq!(header.length, 0),
+                reply_type if header.is_error() => {
+                    error = proto::ChunkError::parse(reply_type, &payload)
+                        .expect("valid error chunk")
+                        .error;
+                }
+                reply_type => panic!("unexpected chunk type {reply_type}"),
+            }
+            if header.is_done() {
+                break;
+            }
+            within("chunk header", self.stream.read_exact(&mut raw))
+                .await
+                .expect("read chunk header");
+            header = proto::StructuredReplyHeader::parse(&raw).expect("valid chunk header");
+        }
+        if error == 0 {
+            assert_eq!(covered, data.len(), "read not covered");
+        } else {
+            data.clear();
         }
         Reply {
             cookie,
@@ -454,11 +536,24 @@ fn model_strategy() -> impl Strategy<Value = (u64, usize, Vec<Op>)> {
 
 /// Runs `ops` pipelined up to `queue_depth` deep (never two conflicting operations in
 /// flight), checking every reply against the reference, then reads the whole export
-/// back and compares the server's memory too.
-async fn run_model(size_bytes: u64, queue_depth: usize, ops: Vec<Op>) {
+/// back and compares the server's memory too. With `structured`, every reply comes as
+/// structured reply chunks (reads reassembled from them).
+async fn run_model(size_bytes: u64, queue_depth: usize, ops: Vec<Op>, structured: bool) {
     let export = Arc::new(MemoryExport::new(size_bytes as usize));
     let server = TestServer::start(Arc::clone(&export), ServerConfig::default()).await;
-    let mut client = server.client().await;
+    let mut client = if structured {
+        let mut stream = connect(server.address).await;
+        greet(&mut stream, true).await;
+        assert_eq!(
+            structured_reply_option(&mut stream, b"").await,
+            proto::REP_ACK
+        );
+        let mut client = Client::enter(stream, EXPORT_NAME).await;
+        client.structured = true;
+        client
+    } else {
+        server.client().await
+    };
     assert_eq!(client.size_bytes, size_bytes);
     let mut reference = Reference {
         bytes: vec![0; size_bytes as usize],
@@ -544,13 +639,14 @@ proptest! {
     })]
 
     #[test]
-    fn transmission_matches_a_vec_reference((size_bytes, queue_depth, ops) in model_strategy()) {
+    fn transmission_matches_a_vec_reference((size_bytes, queue_depth, ops) in model_strategy(),
+                                            structured in any::<bool>()) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("tokio runtime");
-        runtime.block_on(run_model(size_bytes, queue_depth, ops));
+        runtime.block_on(run_model(size_bytes, queue_depth, ops, structured));
     }
 }
 
@@ -625,6 +721,7 @@ async fn go_honours_the_requested_information() {
         transmission_flags: flags,
         next_cookie: 1,
         pending_reads: HashMap::new(),
+        structured: false,
     };
     assert_eq!(client.write(0, b"hello").await, 0);
     assert_eq!(client.read(0, 5).await, Ok(b"hello".to_vec()));
@@ -650,13 +747,7 @@ async fn list_unsupported_options_and_abort() {
     assert_eq!(header.reply_type, proto::REP_ERR_INVALID);
 
     // Options this server does not implement are refused and haggling goes on.
-    for option in [
-        proto::OPT_STARTTLS,
-        proto::OPT_STRUCTURED_REPLY,
-        proto::OPT_SET_META_CONTEXT,
-        4,
-        0xDEAD_BEEF,
-    ] {
+    for option in [proto::OPT_STARTTLS, 4, 11, 0xDEAD_BEEF] {
         send_option(&mut stream, option, &[1, 2, 3]).await;
         let (header, message) = read_option_reply(&mut stream).await;
         assert_eq!(
@@ -705,6 +796,7 @@ async fn export_name_with_and_without_zeroes() {
             transmission_flags: 0,
             next_cookie: 1,
             pending_reads: HashMap::new(),
+            structured: false,
         };
         assert_eq!(client.read(123_000, 456).await, Ok(vec![0; 456]));
         client.disconnect().await;
@@ -1189,6 +1281,482 @@ async fn a_panicking_export_operation_gets_eio_and_the_connection_goes_on() {
     assert_eq!(client.write(4096, b"boom").await, proto::NBD_EIO);
     assert_eq!(client.write(0, b"fine").await, 0);
     assert_eq!(client.read(0, 4).await, Ok(b"fine".to_vec()));
+    client.disconnect().await;
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Structured replies, metadata contexts, block status, read-only exports
+// ---------------------------------------------------------------------------------------
+
+const BITMAP_CONTEXT: &str = "qemu:dirty-bitmap:nightly";
+
+/// A 1 MiB export with data in [0, 8 KiB) and a bitmap dirty in [64 KiB, 128 KiB).
+fn mapped_export() -> MemoryExport {
+    let export =
+        MemoryExport::new(1 << 20).with_dirty_bitmap("nightly", vec![(64 << 10, 64 << 10)]);
+    export.fill(0, &[0x77; 8 << 10]);
+    export
+}
+
+fn meta_context_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut data = Vec::new();
+    proto::MetaContextRequest {
+        name,
+        queries: queries.to_vec(),
+    }
+    .encode(&mut data);
+    data
+}
+
+/// Sends a metadata context option and collects `(context id, name)` replies up to
+/// `NBD_REP_ACK`, or returns the error reply type.
+async fn meta_context_option<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    option: u32,
+    data: &[u8],
+) -> Result<Vec<(u32, String)>, u32> {
+    send_option(stream, option, data).await;
+    let mut contexts = Vec::new();
+    loop {
+        let (header, data) = read_option_reply(stream).await;
+        assert_eq!(header.option, option);
+        match header.reply_type {
+            proto::REP_META_CONTEXT => {
+                let (id, name) = proto::parse_rep_meta_context(&data).expect("valid context");
+                contexts.push((id, name.to_owned()));
+            }
+            proto::REP_ACK => return Ok(contexts),
+            error => return Err(error),
+        }
+    }
+}
+
+/// Sends `NBD_OPT_STRUCTURED_REPLY` with `data` and returns the reply type.
+async fn structured_reply_option<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    data: &[u8],
+) -> u32 {
+    send_option(stream, proto::OPT_STRUCTURED_REPLY, data).await;
+    let (header, _) = read_option_reply(stream).await;
+    assert_eq!(header.option, proto::OPT_STRUCTURED_REPLY);
+    header.reply_type
+}
+
+/// Reads one structured reply chunk (and fails on a simple reply).
+async fn read_chunk<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> (proto::StructuredReplyHeader, Vec<u8>) {
+    let mut raw = [0u8; proto::STRUCTURED_REPLY_HEADER_BYTES];
+    within("chunk header", stream.read_exact(&mut raw))
+        .await
+        .expect("read chunk header");
+    let header = proto::StructuredReplyHeader::parse(&raw).expect("a structured reply chunk");
+    assert!(header.length <= 33 << 20, "chunk too long: {header:?}");
+    let mut payload = vec![0u8; header.length as usize];
+    within("chunk payload", stream.read_exact(&mut payload))
+        .await
+        .expect("read chunk payload");
+    (header, payload)
+}
+
+/// Sends one request on a connection with structured replies and collects its chunks up
+/// to the one marked done. A simple reply (allowed for commands other than READ) is
+/// returned as an empty chunk list with its error.
+async fn structured_call(
+    client: &mut Client<TcpStream>,
+    command: u16,
+    flags: u16,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+) -> Result<Vec<(proto::StructuredReplyHeader, Vec<u8>)>, u32> {
+    let cookie = client.send(command, flags, offset, length, payload).await;
+    client.pending_reads.remove(&cookie);
+    let mut magic = [0u8; 4];
+    within("reply magic", client.stream.read_exact(&mut magic))
+        .await
+        .expect("read reply magic");
+    if u32::from_be_bytes(magic) == proto::SIMPLE_REPLY_MAGIC {
+        assert_ne!(command, proto::CMD_READ, "simple reply to a READ");
+        let mut rest = [0u8; proto::SIMPLE_REPLY_HEADER_BYTES - 4];
+        within("simple reply", client.stream.read_exact(&mut rest))
+            .await
+            .expect("read simple reply");
+        let header = SimpleReplyHeader::parse(&[&magic[..], &rest].concat()).expect("header");
+        assert_eq!(header.cookie, cookie);
+        return match header.error {
+            0 => Ok(Vec::new()),
+            error => Err(error),
+        };
+    }
+    // Put the magic back in front of the rest of the chunk header.
+    let mut rest = [0u8; proto::STRUCTURED_REPLY_HEADER_BYTES - 4];
+    within("chunk header", client.stream.read_exact(&mut rest))
+        .await
+        .expect("read chunk header");
+    let header = proto::StructuredReplyHeader::parse(&[&magic[..], &rest].concat())
+        .expect("a structured reply chunk");
+    let mut payload = vec![0u8; header.length as usize];
+    within("chunk payload", client.stream.read_exact(&mut payload))
+        .await
+        .expect("read chunk payload");
+    let mut chunks = vec![(header, payload)];
+    while !chunks.last().is_some_and(|(header, _)| header.is_done()) {
+        chunks.push(read_chunk(&mut client.stream).await);
+    }
+    for (header, payload) in &chunks {
+        assert_eq!(header.cookie, cookie, "chunk of another request");
+        if header.is_error() {
+            assert!(header.is_done(), "the error chunk is the only and last one");
+            let error = proto::ChunkError::parse(header.reply_type, payload).expect("error chunk");
+            return Err(error.error);
+        }
+    }
+    Ok(chunks)
+}
+
+/// The extents of a successful BLOCK_STATUS reply, by context id.
+fn block_status_extents(
+    chunks: &[(proto::StructuredReplyHeader, Vec<u8>)],
+) -> HashMap<u32, Vec<(u32, u32)>> {
+    let mut by_context = HashMap::new();
+    for (index, (header, payload)) in chunks.iter().enumerate() {
+        assert_eq!(header.reply_type, proto::REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(
+            header.is_done(),
+            index + 1 == chunks.len(),
+            "DONE on the last chunk only"
+        );
+        let (id, extents) = proto::parse_block_status(payload).expect("valid block status");
+        let extents = extents.iter().map(|e| (e.length, e.flags)).collect();
+        assert!(
+            by_context.insert(id, extents).is_none(),
+            "one chunk per context"
+        );
+    }
+    by_context
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_context_options_follow_the_spec() {
+    let export = Arc::new(mapped_export());
+    let server = TestServer::start(Arc::clone(&export), ServerConfig::default()).await;
+    let mut stream = connect(server.address).await;
+    greet(&mut stream, true).await;
+    let set = proto::OPT_SET_META_CONTEXT;
+    let list = proto::OPT_LIST_META_CONTEXT;
+    let both = [nbd::BASE_ALLOCATION, BITMAP_CONTEXT];
+
+    // SET before structured replies is refused; LIST is allowed (ids are zero).
+    let request = meta_context_request(EXPORT_NAME, &both);
+    assert_eq!(
+        meta_context_option(&mut stream, set, &request).await,
+        Err(proto::REP_ERR_INVALID)
+    );
+    let everything = vec![
+        (0, nbd::BASE_ALLOCATION.to_owned()),
+        (0, BITMAP_CONTEXT.to_owned()),
+    ];
+    let all = meta_context_request(EXPORT_NAME, &[]);
+    assert_eq!(
+        meta_context_option(&mut stream, list, &all).await,
+        Ok(everything.clone())
+    );
+
+    // NBD_OPT_STRUCTURED_REPLY takes no data.
+    assert_eq!(
+        structured_reply_option(&mut stream, b"x").await,
+        proto::REP_ERR_INVALID
+    );
+    assert_eq!(
+        structured_reply_option(&mut stream, b"").await,
+        proto::REP_ACK
+    );
+
+    // Queries: namespaces as wildcards when listing, unknown names ignored; garbage,
+    // a query without a namespace and an unknown export are refused.
+    /// (queries, expected contexts or error reply)
+    type Case<'a> = (&'a [&'a str], Result<Vec<(u32, String)>, u32>);
+    let cases: &[Case] = &[
+        (&["base:"], Ok(vec![everything[0].clone()])),
+        (&["qemu:"], Ok(vec![everything[1].clone()])),
+        (&["x-unknown:", "base:nothing"], Ok(vec![])),
+        (&["allocation"], Err(proto::REP_ERR_INVALID)),
+    ];
+    for (queries, expected) in cases {
+        let request = meta_context_request(EXPORT_NAME, queries);
+        assert_eq!(
+            &meta_context_option(&mut stream, list, &request).await,
+            expected,
+            "{queries:?}"
+        );
+    }
+    for option in [list, set] {
+        let garbage = [0, 0, 0, 9, b'r'];
+        assert_eq!(
+            meta_context_option(&mut stream, option, &garbage).await,
+            Err(proto::REP_ERR_INVALID)
+        );
+        let unknown = meta_context_request("nope", &both);
+        assert_eq!(
+            meta_context_option(&mut stream, option, &unknown).await,
+            Err(proto::REP_ERR_UNKNOWN)
+        );
+    }
+
+    // SET selects exact names only, with ids unique on the connection.
+    let first = meta_context_option(
+        &mut stream,
+        set,
+        &meta_context_request(EXPORT_NAME, &[nbd::BASE_ALLOCATION]),
+    )
+    .await
+    .expect("set");
+    assert_eq!(first.len(), 1);
+    let request = meta_context_request(
+        EXPORT_NAME,
+        &[
+            BITMAP_CONTEXT,
+            "base:",
+            "qemu:dirty-bitmap:nope",
+            nbd::BASE_ALLOCATION,
+        ],
+    );
+    let selected = meta_context_option(&mut stream, set, &request)
+        .await
+        .expect("set");
+    let names: Vec<&str> = selected.iter().map(|(_, name)| name.as_str()).collect();
+    assert_eq!(names, both);
+    let ids: Vec<u32> = selected.iter().map(|(id, _)| *id).collect();
+    assert!(
+        ids[0] != ids[1] && !ids.contains(&first[0].0),
+        "ids {ids:?} after {first:?}"
+    );
+
+    // The last selection is the one used: one chunk per context, by those ids (the
+    // contexts come in the export's order, base:allocation first).
+    let mut client = Client::enter(stream, EXPORT_NAME).await;
+    let chunks = structured_call(&mut client, proto::CMD_BLOCK_STATUS, 0, 0, 256 << 10, &[])
+        .await
+        .expect("block status");
+    let extents = block_status_extents(&chunks);
+    assert_eq!(
+        extents[&ids[1]],
+        [(64 << 10, 0), (64 << 10, 1), (128 << 10, 0)]
+    );
+    assert_eq!(
+        extents[&ids[0]],
+        [(8 << 10, 0), (248 << 10, nbd::STATE_ZERO)]
+    );
+    client.disconnect().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_replies_for_reads_errors_and_block_status() {
+    let export = Arc::new(mapped_export());
+    let server = TestServer::start(Arc::clone(&export), ServerConfig::default()).await;
+    let mut stream = connect(server.address).await;
+    greet(&mut stream, true).await;
+    assert_eq!(
+        structured_reply_option(&mut stream, b"").await,
+        proto::REP_ACK
+    );
+    let request = meta_context_request(EXPORT_NAME, &[nbd::BASE_ALLOCATION]);
+    let selected = meta_context_option(&mut stream, proto::OPT_SET_META_CONTEXT, &request)
+        .await
+        .expect("set");
+    let id = selected[0].0;
+    let mut client = Client::enter(stream, EXPORT_NAME).await;
+    // Nothing new is advertised: in particular no NBD_FLAG_SEND_DF.
+    assert_eq!(client.transmission_flags & proto::FLAG_SEND_DF, 0);
+    let size = client.size_bytes;
+
+    // A read is one OFFSET_DATA chunk marked done; an empty read is a NONE chunk.
+    let chunks = structured_call(&mut client, proto::CMD_READ, 0, 4096, 8192, &[])
+        .await
+        .expect("read");
+    assert_eq!(chunks.len(), 1);
+    let (header, payload) = &chunks[0];
+    assert_eq!(
+        (header.reply_type, header.is_done()),
+        (proto::REPLY_TYPE_OFFSET_DATA, true)
+    );
+    assert_eq!(&payload[..8], &4096u64.to_be_bytes());
+    assert_eq!(&payload[8..], &export.snapshot()[4096..4096 + 8192]);
+    let chunks = structured_call(&mut client, proto::CMD_READ, 0, 0, 0, &[])
+        .await
+        .expect("empty read");
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(
+        (chunks[0].0.reply_type, chunks[0].0.length),
+        (proto::REPLY_TYPE_NONE, 0)
+    );
+    assert!(chunks[0].0.is_done());
+
+    // Block status, with REQ_ONE, from an unaligned offset to the very end.
+    let whole = block_status_extents(
+        &structured_call(&mut client, proto::CMD_BLOCK_STATUS, 0, 0, size as u32, &[])
+            .await
+            .expect("status"),
+    );
+    assert_eq!(
+        whole[&id],
+        [(8 << 10, 0), ((1 << 20) - (8 << 10), nbd::STATE_ZERO)]
+    );
+    let one = block_status_extents(
+        &structured_call(
+            &mut client,
+            proto::CMD_BLOCK_STATUS,
+            proto::CMD_FLAG_REQ_ONE,
+            0,
+            size as u32,
+            &[],
+        )
+        .await
+        .expect("status"),
+    );
+    assert_eq!(one[&id], [(8 << 10, 0)]);
+    let tail = block_status_extents(
+        &structured_call(&mut client, proto::CMD_BLOCK_STATUS, 0, size - 1, 1, &[])
+            .await
+            .expect("status"),
+    );
+    assert_eq!(tail[&id], [(1, nbd::STATE_ZERO)]);
+
+    // Errors are ERROR chunks, READ included, and the connection goes on.
+    /// (command, flags, offset, length, payload, expected error)
+    type Case<'a> = (u16, u16, u64, u32, &'a [u8], u32);
+    let cases: &[Case] = &[
+        (proto::CMD_READ, 0, size, 1, &[], proto::NBD_EINVAL),
+        (
+            proto::CMD_READ,
+            proto::CMD_FLAG_DF,
+            0,
+            512,
+            &[],
+            proto::NBD_EINVAL,
+        ),
+        (proto::CMD_BLOCK_STATUS, 0, size, 1, &[], proto::NBD_EINVAL),
+        (
+            proto::CMD_BLOCK_STATUS,
+            0,
+            size - 1,
+            2,
+            &[],
+            proto::NBD_EINVAL,
+        ),
+        (proto::CMD_BLOCK_STATUS, 0, 0, 0, &[], proto::NBD_EINVAL),
+        (
+            proto::CMD_BLOCK_STATUS,
+            proto::CMD_FLAG_NO_HOLE,
+            0,
+            512,
+            &[],
+            proto::NBD_EINVAL,
+        ),
+        (proto::CMD_WRITE, 0, size - 2, 4, b"evil", proto::NBD_ENOSPC),
+        (0x99, 0, 0, 0, &[], proto::NBD_EINVAL),
+    ];
+    for &(command, flags, offset, length, payload, expected) in cases {
+        let reply = structured_call(&mut client, command, flags, offset, length, payload).await;
+        assert_eq!(
+            reply.map(|_| ()),
+            Err(expected),
+            "command {command} flags {flags:#x} {offset}+{length}"
+        );
+        let read = structured_call(&mut client, proto::CMD_READ, 0, 0, 16, &[]).await;
+        assert_eq!(
+            read.map(|chunks| chunks[0].1.len()),
+            Ok(8 + 16),
+            "in step after {command}"
+        );
+    }
+    // Writes and flushes still succeed (with simple replies, which the spec allows).
+    assert_eq!(
+        structured_call(&mut client, proto::CMD_WRITE, 0, 0, 4, b"abcd").await,
+        Ok(vec![])
+    );
+    assert_eq!(
+        structured_call(&mut client, proto::CMD_FLUSH, 0, 0, 0, &[]).await,
+        Ok(vec![])
+    );
+    assert_eq!(&export.snapshot()[..4], b"abcd");
+    client.disconnect().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_status_without_a_selected_context_is_einval() {
+    let mut exports = ExportMap::new();
+    exports.insert("r0", Arc::new(mapped_export()));
+    exports.insert("r1", Arc::new(mapped_export()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("local address");
+    let handle = nbd::spawn(listener, Arc::new(exports), ServerConfig::default());
+
+    // Structured replies but no SET; then contexts selected for another export.
+    for select_for in [None, Some("r1")] {
+        let mut stream = connect(address).await;
+        greet(&mut stream, true).await;
+        assert_eq!(
+            structured_reply_option(&mut stream, b"").await,
+            proto::REP_ACK
+        );
+        if let Some(name) = select_for {
+            let request = meta_context_request(name, &[nbd::BASE_ALLOCATION]);
+            let selected =
+                meta_context_option(&mut stream, proto::OPT_SET_META_CONTEXT, &request).await;
+            assert_eq!(selected.map(|contexts| contexts.len()), Ok(1));
+        }
+        let mut client = Client::enter(stream, "r0").await;
+        let reply = structured_call(&mut client, proto::CMD_BLOCK_STATUS, 0, 0, 4096, &[]).await;
+        assert_eq!(
+            reply,
+            Err(proto::NBD_EINVAL),
+            "contexts selected for {select_for:?}"
+        );
+        let read = structured_call(&mut client, proto::CMD_READ, 0, 0, 16, &[]).await;
+        assert!(read.is_ok(), "the connection goes on");
+        client.disconnect().await;
+    }
+    within("server shutdown", handle.shutdown())
+        .await
+        .expect("server shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_export_refuses_writes_with_eperm() {
+    let export = Arc::new(MemoryExport::new(1 << 20).with_read_only(true));
+    export.fill(0, b"keep");
+    let server = TestServer::start(Arc::clone(&export), ServerConfig::default()).await;
+
+    // Simple replies.
+    let mut client = server.client().await;
+    assert_ne!(client.transmission_flags & proto::FLAG_READ_ONLY, 0);
+    assert_eq!(client.write(0, b"evil").await, proto::NBD_EPERM);
+    for command in [proto::CMD_TRIM, proto::CMD_WRITE_ZEROES] {
+        let reply = client.call(command, 0, 0, 4096, &[]).await;
+        assert_eq!(reply.error, proto::NBD_EPERM, "command {command}");
+    }
+    assert_eq!(client.read(0, 4).await, Ok(b"keep".to_vec()));
+    client.disconnect().await;
+
+    // Structured replies: the same errors as ERROR chunks.
+    let mut stream = connect(server.address).await;
+    greet(&mut stream, true).await;
+    assert_eq!(
+        structured_reply_option(&mut stream, b"").await,
+        proto::REP_ACK
+    );
+    let mut client = Client::enter(stream, EXPORT_NAME).await;
+    assert_eq!(
+        structured_call(&mut client, proto::CMD_WRITE, 0, 0, 4, b"evil").await,
+        Err(proto::NBD_EPERM)
+    );
+    assert_eq!(export.mutation_count(), 0);
+    assert_eq!(&export.snapshot()[..4], b"keep");
     client.disconnect().await;
     server.stop().await;
 }

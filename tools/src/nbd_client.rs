@@ -8,13 +8,23 @@
 //! - A *writer task* owns the socket's write half. Requests reach it through a channel
 //!   and are written back to back; the buffer is flushed only when the channel is empty,
 //!   so a burst of small requests costs one system call.
-//! - A *reader task* owns the read half, parses simple replies and completes the waiter
+//! - A *reader task* owns the read half, parses replies and completes the waiter
 //!   registered under the reply's cookie. Replies may arrive in any order.
 //!
 //! Handshake: fixed newstyle with `NBD_OPT_GO` (asking for `NBD_INFO_BLOCK_SIZE`), falling
 //! back to `NBD_OPT_EXPORT_NAME` when the server answers `NBD_REP_ERR_UNSUP` or does not
-//! speak fixed newstyle. Structured replies are not negotiated, so every reply is a
-//! simple reply and a read's payload length is the length the client asked for.
+//! speak fixed newstyle.
+//!
+//! Structured replies and metadata contexts are negotiated only when asked for
+//! ([`ConnectOptions::structured_replies`], or a non-empty
+//! [`ConnectOptions::meta_contexts`]): then `NBD_OPT_STRUCTURED_REPLY` and
+//! `NBD_OPT_SET_META_CONTEXT` precede `NBD_OPT_GO`. A server that refuses either is still
+//! used, without them; [`ExportInfo`] says what was negotiated. With structured replies,
+//! reads are reassembled from `OFFSET_DATA` and `OFFSET_HOLE` chunks (overlaps, chunks
+//! outside the request and missing bytes are protocol violations), error chunks fail the
+//! request with their errno, and [`NbdClient::block_status`] answers one list of extents
+//! per selected context. Without them every reply is a simple reply and a read's payload
+//! length is the length the client asked for.
 //!
 //! Fault model and invariants:
 //!
@@ -33,7 +43,7 @@
 //! - A server error reply fails only its own request, with the errno in
 //!   [`NbdError::Server`]; the connection stays usable.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
@@ -45,6 +55,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
+
+use replicad::nbd::proto::{self as wire, ChunkError, StructuredReplyHeader};
+pub use replicad::nbd::Extent;
 
 /// The IANA-assigned NBD port, used when a `nbd://` URI names none.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -67,9 +80,15 @@ const CLIENT_FLAG_FIXED_NEWSTYLE: u32 = 1 << 0;
 const CLIENT_FLAG_NO_ZEROES: u32 = 1 << 1;
 
 const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
 const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_SET_META_CONTEXT: u32 = 10;
 const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_FLAG_ERROR: u32 = 1 << 31;
 const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
 const INFO_EXPORT: u16 = 0;
@@ -79,9 +98,15 @@ const INFO_BLOCK_SIZE: u16 = 3;
 const MAX_OPTION_REPLY_BYTES: u32 = 64 * 1024;
 /// Bound on an export name, from the spec's limit on strings.
 const MAX_EXPORT_NAME_BYTES: usize = 4096;
+/// Bound on the replies to one option (exports listed, contexts selected).
+const MAX_OPTION_REPLIES: usize = 4096;
+/// Bound on the payload of a structured reply chunk that is not read data: block status
+/// descriptors or an error message.
+const MAX_CHUNK_PAYLOAD_BYTES: u32 = 8 * 1024 * 1024;
 
 const CMD_FLAG_FUA: u16 = 1 << 0;
 const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 const REQUEST_HEADER_BYTES: usize = 28;
 const SIMPLE_REPLY_HEADER_BYTES: usize = 16;
@@ -330,6 +355,27 @@ pub struct ExportInfo {
     pub block_size: Option<BlockSizeConstraints>,
     /// Whether the export was opened with `NBD_OPT_GO` (false: `NBD_OPT_EXPORT_NAME`).
     pub opened_with_go: bool,
+    /// Whether the server acknowledged `NBD_OPT_STRUCTURED_REPLY`.
+    pub structured_replies: bool,
+    /// The metadata contexts the server selected, in the order it sent them; empty when
+    /// none were asked for or the server selected none.
+    pub meta_contexts: Vec<MetaContext>,
+}
+
+/// A metadata context selected for the connection: the server's id for it and its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContext {
+    pub id: u32,
+    pub name: String,
+}
+
+/// The answer of one metadata context to [`NbdClient::block_status`]: consecutive
+/// extents from the requested offset on. They may cover less than the requested length
+/// (ask again for the rest) and, without `REQ_ONE`, the last may reach beyond it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextStatus {
+    pub context: String,
+    pub extents: Vec<Extent>,
 }
 
 /// An NBD command, for error messages.
@@ -341,6 +387,7 @@ pub enum Command {
     Flush,
     Trim,
     WriteZeroes,
+    BlockStatus,
 }
 
 impl Command {
@@ -352,6 +399,7 @@ impl Command {
             Command::Flush => 3,
             Command::Trim => 4,
             Command::WriteZeroes => 6,
+            Command::BlockStatus => 7,
         }
     }
 }
@@ -365,6 +413,7 @@ impl fmt::Display for Command {
             Command::Flush => "NBD_CMD_FLUSH",
             Command::Trim => "NBD_CMD_TRIM",
             Command::WriteZeroes => "NBD_CMD_WRITE_ZEROES",
+            Command::BlockStatus => "NBD_CMD_BLOCK_STATUS",
         })
     }
 }
@@ -489,6 +538,12 @@ pub struct ConnectOptions {
     pub request_timeout: Option<Duration>,
     /// Most requests in flight at once; more wait for a slot.
     pub max_in_flight: usize,
+    /// Negotiate structured replies even without metadata contexts.
+    pub structured_replies: bool,
+    /// Metadata contexts to select (e.g. `base:allocation`,
+    /// `qemu:dirty-bitmap:NAME`) for [`NbdClient::block_status`]; non-empty implies
+    /// structured replies.
+    pub meta_contexts: Vec<String>,
 }
 
 impl Default for ConnectOptions {
@@ -497,7 +552,15 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Some(Duration::from_secs(60)),
             max_in_flight: 256,
+            structured_replies: false,
+            meta_contexts: Vec::new(),
         }
+    }
+}
+
+impl ConnectOptions {
+    fn wants_structured_replies(&self) -> bool {
+        self.structured_replies || !self.meta_contexts.is_empty()
     }
 }
 
@@ -520,12 +583,23 @@ struct Frame {
     is_disconnect: bool,
 }
 
+/// What a successful request answers.
+enum Answer {
+    /// Read data, or nothing for commands without a payload.
+    Data(Bytes),
+    /// Extents by context id, for `NBD_CMD_BLOCK_STATUS`.
+    Extents(Vec<(u32, Vec<Extent>)>),
+}
+
 /// A request waiting for its reply. Holding the permit keeps the in-flight slot taken
 /// until the reply arrives or the connection dies, even if the caller stopped waiting.
 struct Pending {
     command: Command,
-    read_length: u32,
-    reply: oneshot::Sender<Result<Bytes, NbdError>>,
+    flags: u16,
+    offset: u64,
+    /// The request's length (the bytes a READ expects).
+    length: u32,
+    reply: oneshot::Sender<Result<Answer, NbdError>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -663,7 +737,7 @@ impl NbdClient {
                         .await
                         .map_err(connect_error)?;
                     stream.set_nodelay(true).map_err(connect_error)?;
-                    let info = handshake(&mut stream, &uri.export, &endpoint).await?;
+                    let info = handshake(&mut stream, &uri.export, &endpoint, &options).await?;
                     let (read_half, write_half) = stream.into_split();
                     Ok((
                         info,
@@ -679,7 +753,7 @@ impl NbdClient {
                                 endpoint: endpoint.clone(),
                                 source,
                             })?;
-                    let info = handshake(&mut stream, &uri.export, &endpoint).await?;
+                    let info = handshake(&mut stream, &uri.export, &endpoint, &options).await?;
                     let (read_half, write_half) = stream.into_split();
                     Ok((
                         info,
@@ -715,6 +789,11 @@ impl NbdClient {
         let reader = tokio::spawn(reader_loop(
             BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half),
             shared.clone(),
+            info.structured_replies,
+            info.meta_contexts
+                .iter()
+                .map(|context| context.id)
+                .collect(),
         ));
         let writer = tokio::spawn(writer_loop(
             frames_rx,
@@ -758,7 +837,67 @@ impl NbdClient {
                 "read of {length} bytes exceeds {MAX_PAYLOAD_BYTES}"
             )));
         }
-        self.request(Command::Read, 0, offset, length, None).await
+        match self.request(Command::Read, 0, offset, length, None).await? {
+            Answer::Data(data) => Ok(data),
+            Answer::Extents(_) => Err(self.inner.shared.disconnected()),
+        }
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS` of `[offset, offset + length)`: one [`ContextStatus`] per
+    /// selected metadata context, in the order of [`ExportInfo::meta_contexts`]. Fails
+    /// with [`NbdError::Unsupported`] when no context was selected.
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<ContextStatus>, NbdError> {
+        self.block_status_with(offset, length, false).await
+    }
+
+    /// [`NbdClient::block_status`] with `NBD_CMD_FLAG_REQ_ONE`: exactly one extent per
+    /// context, no longer than `length`.
+    pub async fn block_status_req_one(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<ContextStatus>, NbdError> {
+        self.block_status_with(offset, length, true).await
+    }
+
+    async fn block_status_with(
+        &self,
+        offset: u64,
+        length: u32,
+        req_one: bool,
+    ) -> Result<Vec<ContextStatus>, NbdError> {
+        if self.inner.info.meta_contexts.is_empty() {
+            return Err(NbdError::Unsupported("NBD_CMD_BLOCK_STATUS"));
+        }
+        if length == 0 {
+            return Err(NbdError::InvalidRequest(
+                "block status of zero bytes".to_owned(),
+            ));
+        }
+        check_range(offset, u64::from(length))?;
+        let flags = if req_one { CMD_FLAG_REQ_ONE } else { 0 };
+        let answer = self
+            .request(Command::BlockStatus, flags, offset, length, None)
+            .await?;
+        let Answer::Extents(mut by_id) = answer else {
+            return Err(self.inner.shared.disconnected());
+        };
+        // The reader checked that every selected context answered exactly once.
+        let mut statuses = Vec::with_capacity(by_id.len());
+        for context in &self.inner.info.meta_contexts {
+            if let Some(index) = by_id.iter().position(|(id, _)| *id == context.id) {
+                let (_, extents) = by_id.swap_remove(index);
+                statuses.push(ContextStatus {
+                    context: context.name.clone(),
+                    extents,
+                });
+            }
+        }
+        Ok(statuses)
     }
 
     /// Writes `data` at `offset`; with `fua`, the reply waits until the data is on
@@ -883,7 +1022,7 @@ impl NbdClient {
         offset: u64,
         length: u32,
         payload: Option<Bytes>,
-    ) -> Result<Bytes, NbdError> {
+    ) -> Result<Answer, NbdError> {
         let shared = &self.inner.shared;
         let permit = shared
             .permits
@@ -901,12 +1040,13 @@ impl NbdClient {
             }
             let cookie = table.next_cookie;
             table.next_cookie = table.next_cookie.wrapping_add(1);
-            let read_length = if command == Command::Read { length } else { 0 };
             table.pending.insert(
                 cookie,
                 Pending {
                     command,
-                    read_length,
+                    flags,
+                    offset,
+                    length,
                     reply: reply_tx,
                     _permit: permit,
                 },
@@ -1000,50 +1140,357 @@ async fn writer_loop(
     }
 }
 
-async fn reader_loop(mut source: BufReader<BoxedReader>, shared: Arc<Shared>) {
+async fn reader_loop(
+    mut source: BufReader<BoxedReader>,
+    shared: Arc<Shared>,
+    structured: bool,
+    context_ids: Vec<u32>,
+) {
+    let mut assemblies: HashMap<u64, Assembly> = HashMap::new();
     let reason = loop {
-        let mut header = [0u8; SIMPLE_REPLY_HEADER_BYTES];
-        if let Err(error) = source.read_exact(&mut header).await {
+        let mut magic = [0u8; 4];
+        if let Err(error) = source.read_exact(&mut magic).await {
             break CloseReason::from_io(&error);
         }
-        let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        let errno = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        let mut cookie_bytes = [0u8; 8];
-        cookie_bytes.copy_from_slice(&header[8..16]);
-        let cookie = u64::from_be_bytes(cookie_bytes);
-        if magic != SIMPLE_REPLY_MAGIC {
-            break CloseReason::Protocol(if magic == STRUCTURED_REPLY_MAGIC {
-                "structured reply although none was negotiated".to_owned()
-            } else {
-                format!("bad reply magic {magic:#010x}")
-            });
-        }
-        let Some(pending) = shared.table().pending.remove(&cookie) else {
-            break CloseReason::Protocol(format!("reply for unknown cookie {cookie}"));
-        };
-        let result = if errno != 0 {
-            Err(NbdError::Server {
-                command: pending.command,
-                errno,
-            })
-        } else if pending.read_length > 0 {
-            match read_payload(&mut source, pending.read_length).await {
-                Ok(data) => Ok(data),
-                Err(error) => {
-                    let reason = CloseReason::from_io(&error);
-                    let _ = pending.reply.send(Err(NbdError::Disconnected {
-                        reason: reason.clone(),
-                    }));
-                    break reason;
-                }
+        let step = match u32::from_be_bytes(magic) {
+            SIMPLE_REPLY_MAGIC => simple_reply(&mut source, &shared, structured, &assemblies).await,
+            STRUCTURED_REPLY_MAGIC if structured => {
+                structured_chunk(&mut source, &shared, &context_ids, &mut assemblies).await
             }
-        } else {
-            Ok(Bytes::new())
+            STRUCTURED_REPLY_MAGIC => Err(CloseReason::Protocol(
+                "structured reply although none was negotiated".to_owned(),
+            )),
+            magic => Err(CloseReason::Protocol(format!(
+                "bad reply magic {magic:#010x}"
+            ))),
         };
-        // The waiter may have given up (timeout, cancelled future): nothing to do then.
-        let _ = pending.reply.send(result);
+        if let Err(reason) = step {
+            break reason;
+        }
     };
     shared.close(reason);
+}
+
+/// Handles a simple reply whose magic was read.
+async fn simple_reply(
+    source: &mut BufReader<BoxedReader>,
+    shared: &Shared,
+    structured: bool,
+    assemblies: &HashMap<u64, Assembly>,
+) -> Result<(), CloseReason> {
+    let mut rest = [0u8; SIMPLE_REPLY_HEADER_BYTES - 4];
+    source
+        .read_exact(&mut rest)
+        .await
+        .map_err(|error| CloseReason::from_io(&error))?;
+    let errno = u32::from_be_bytes(array_at(&rest, 0));
+    let cookie = u64::from_be_bytes(array_at(&rest, 4));
+    if assemblies.contains_key(&cookie) {
+        return Err(CloseReason::Protocol(format!(
+            "simple reply in the middle of the structured reply to cookie {cookie}"
+        )));
+    }
+    let Some(pending) = shared.table().pending.remove(&cookie) else {
+        return Err(CloseReason::Protocol(format!(
+            "reply for unknown cookie {cookie}"
+        )));
+    };
+    let result = if errno != 0 {
+        Err(NbdError::Server {
+            command: pending.command,
+            errno,
+        })
+    } else if structured && pending.command == Command::Read {
+        // Its data could not be told apart from the next reply.
+        let reason = CloseReason::Protocol(
+            "successful simple reply to a READ after structured replies were negotiated".to_owned(),
+        );
+        let _ = pending.reply.send(Err(NbdError::Disconnected {
+            reason: reason.clone(),
+        }));
+        return Err(reason);
+    } else if pending.command == Command::BlockStatus {
+        let reason =
+            CloseReason::Protocol("simple reply to a successful NBD_CMD_BLOCK_STATUS".to_owned());
+        let _ = pending.reply.send(Err(NbdError::Disconnected {
+            reason: reason.clone(),
+        }));
+        return Err(reason);
+    } else if pending.command == Command::Read && pending.length > 0 {
+        match read_payload(source, pending.length).await {
+            Ok(data) => Ok(Answer::Data(data)),
+            Err(error) => {
+                let reason = CloseReason::from_io(&error);
+                let _ = pending.reply.send(Err(NbdError::Disconnected {
+                    reason: reason.clone(),
+                }));
+                return Err(reason);
+            }
+        }
+    } else {
+        Ok(Answer::Data(Bytes::new()))
+    };
+    // The waiter may have given up (timeout, cancelled future): nothing to do then.
+    let _ = pending.reply.send(result);
+    Ok(())
+}
+
+/// The chunks of one structured reply received so far.
+#[derive(Default)]
+struct Assembly {
+    /// A read answered by one chunk covering it all, received without a copy.
+    whole: Option<Bytes>,
+    /// A read answered piecewise: zero-filled, so holes need no writing.
+    buffer: Option<BytesMut>,
+    /// Byte ranges of the read covered so far (start to end, relative to its offset).
+    covered: BTreeMap<u64, u64>,
+    covered_bytes: u64,
+    /// The first error chunk's errno.
+    error: Option<u32>,
+    /// Block status by context id.
+    extents: Vec<(u32, Vec<Extent>)>,
+}
+
+impl Assembly {
+    /// Records that `[start, end)` of the read is covered; refuses overlaps.
+    fn cover(&mut self, start: u64, end: u64) -> Result<(), CloseReason> {
+        let before = self.covered.range(..end).next_back();
+        if before.is_some_and(|(_, &before_end)| before_end > start) || self.whole.is_some() {
+            return Err(CloseReason::Protocol(format!(
+                "read chunk [{start}, {end}) overlaps an earlier one"
+            )));
+        }
+        self.covered.insert(start, end);
+        self.covered_bytes += end - start;
+        Ok(())
+    }
+}
+
+/// What the reader needs to know about a request while its chunks arrive.
+#[derive(Clone, Copy)]
+struct RequestShape {
+    command: Command,
+    flags: u16,
+    offset: u64,
+    length: u32,
+}
+
+/// Handles a structured reply chunk whose magic was read.
+async fn structured_chunk(
+    source: &mut BufReader<BoxedReader>,
+    shared: &Shared,
+    context_ids: &[u32],
+    assemblies: &mut HashMap<u64, Assembly>,
+) -> Result<(), CloseReason> {
+    let protocol = |message: String| CloseReason::Protocol(message);
+    let io = |error: io::Error| CloseReason::from_io(&error);
+    let mut raw = [0u8; wire::STRUCTURED_REPLY_HEADER_BYTES];
+    raw[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    source.read_exact(&mut raw[4..]).await.map_err(io)?;
+    let header = StructuredReplyHeader::parse(&raw)
+        .map_err(|error| protocol(format!("bad chunk header: {error}")))?;
+    let cookie = header.cookie;
+    let request = {
+        let table = shared.table();
+        let pending = table
+            .pending
+            .get(&cookie)
+            .ok_or_else(|| protocol(format!("chunk for unknown cookie {cookie}")))?;
+        RequestShape {
+            command: pending.command,
+            flags: pending.flags,
+            offset: pending.offset,
+            length: pending.length,
+        }
+    };
+    let assembly = assemblies.entry(cookie).or_default();
+    let wrong_command = || {
+        protocol(format!(
+            "chunk type {} in reply to {}",
+            header.reply_type, request.command
+        ))
+    };
+    match header.reply_type {
+        wire::REPLY_TYPE_OFFSET_DATA => {
+            if request.command != Command::Read {
+                return Err(wrong_command());
+            }
+            let mut prefix = [0u8; wire::OFFSET_DATA_PREFIX_BYTES];
+            if header.length as usize <= prefix.len() {
+                return Err(protocol(format!(
+                    "OFFSET_DATA chunk of {} bytes",
+                    header.length
+                )));
+            }
+            source.read_exact(&mut prefix).await.map_err(io)?;
+            let (offset, data_length) = wire::parse_offset_data_prefix(&prefix, header.length)
+                .map_err(|error| protocol(error.to_string()))?;
+            let (start, end) = chunk_range(request, offset, data_length)?;
+            if assembly.covered.is_empty() && start == 0 && end == u64::from(request.length) {
+                assembly.cover(start, end)?;
+                assembly.whole = Some(read_payload(source, data_length).await.map_err(io)?);
+            } else {
+                assembly.cover(start, end)?;
+                let buffer = read_buffer(assembly, request.length);
+                source
+                    .read_exact(&mut buffer[start as usize..end as usize])
+                    .await
+                    .map_err(io)?;
+            }
+        }
+        wire::REPLY_TYPE_OFFSET_HOLE => {
+            if request.command != Command::Read {
+                return Err(wrong_command());
+            }
+            let payload = read_chunk_payload(source, header.length).await?;
+            let (offset, hole_length) =
+                wire::parse_offset_hole(&payload).map_err(|error| protocol(error.to_string()))?;
+            let (start, end) = chunk_range(request, offset, hole_length)?;
+            assembly.cover(start, end)?;
+            // The buffer is zero-filled: a hole needs no writing.
+            read_buffer(assembly, request.length);
+        }
+        wire::REPLY_TYPE_BLOCK_STATUS => {
+            if request.command != Command::BlockStatus {
+                return Err(wrong_command());
+            }
+            let payload = read_chunk_payload(source, header.length).await?;
+            let (id, extents) =
+                wire::parse_block_status(&payload).map_err(|error| protocol(error.to_string()))?;
+            if !context_ids.contains(&id) {
+                return Err(protocol(format!(
+                    "block status for unselected context {id}"
+                )));
+            }
+            if assembly.extents.iter().any(|(seen, _)| *seen == id) {
+                return Err(protocol(format!(
+                    "two block status chunks for context {id}"
+                )));
+            }
+            if request.flags & CMD_FLAG_REQ_ONE != 0
+                && (extents.len() != 1 || extents[0].length > request.length)
+            {
+                return Err(protocol(
+                    "NBD_CMD_FLAG_REQ_ONE answered with more than one extent".to_owned(),
+                ));
+            }
+            assembly.extents.push((id, extents));
+        }
+        wire::REPLY_TYPE_NONE => {
+            if header.length != 0 || !header.is_done() {
+                return Err(protocol(
+                    "NONE chunk with a payload or without DONE".to_owned(),
+                ));
+            }
+        }
+        reply_type if header.is_error() => {
+            let payload = read_chunk_payload(source, header.length).await?;
+            let error = ChunkError::parse(reply_type, &payload)
+                .map_err(|error| protocol(format!("bad error chunk: {error}")))?;
+            assembly.error.get_or_insert(error.error);
+        }
+        reply_type => {
+            return Err(protocol(format!("unknown chunk type {reply_type}")));
+        }
+    }
+    if !header.is_done() {
+        return Ok(());
+    }
+    let assembly = assemblies.remove(&cookie).unwrap_or_default();
+    let Some(pending) = shared.table().pending.remove(&cookie) else {
+        // The connection is being closed; the waiter already has its answer.
+        return Ok(());
+    };
+    let result = finish(request, assembly, context_ids);
+    let reason = match &result {
+        Err(NbdError::Disconnected { reason }) => Some(reason.clone()),
+        _ => None,
+    };
+    let _ = pending.reply.send(result);
+    match reason {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    }
+}
+
+/// The answer of a structured reply once its last chunk arrived.
+fn finish(
+    request: RequestShape,
+    assembly: Assembly,
+    context_ids: &[u32],
+) -> Result<Answer, NbdError> {
+    let violation = |message: String| NbdError::Disconnected {
+        reason: CloseReason::Protocol(message),
+    };
+    if let Some(errno) = assembly.error {
+        return Err(NbdError::Server {
+            command: request.command,
+            errno,
+        });
+    }
+    match request.command {
+        Command::Read => {
+            if assembly.covered_bytes != u64::from(request.length) {
+                return Err(violation(format!(
+                    "read of {} bytes answered with {} bytes",
+                    request.length, assembly.covered_bytes
+                )));
+            }
+            Ok(Answer::Data(match (assembly.whole, assembly.buffer) {
+                (Some(whole), _) => whole,
+                (None, Some(buffer)) => buffer.freeze(),
+                (None, None) => Bytes::new(),
+            }))
+        }
+        Command::BlockStatus => {
+            if assembly.extents.len() != context_ids.len() {
+                return Err(violation(format!(
+                    "block status answered {} of {} contexts",
+                    assembly.extents.len(),
+                    context_ids.len()
+                )));
+            }
+            Ok(Answer::Extents(assembly.extents))
+        }
+        _ => Ok(Answer::Data(Bytes::new())),
+    }
+}
+
+/// The range, relative to the read's offset, of a content chunk; it must lie within the
+/// request.
+fn chunk_range(request: RequestShape, offset: u64, length: u32) -> Result<(u64, u64), CloseReason> {
+    let start = offset.checked_sub(request.offset);
+    let end = start.and_then(|start| start.checked_add(u64::from(length)));
+    match (start, end) {
+        (Some(start), Some(end)) if end <= u64::from(request.length) => Ok((start, end)),
+        _ => Err(CloseReason::Protocol(format!(
+            "read chunk at {offset}+{length} outside the request {}+{}",
+            request.offset, request.length
+        ))),
+    }
+}
+
+/// The zero-filled buffer of a piecewise read, allocated on first use.
+fn read_buffer(assembly: &mut Assembly, read_length: u32) -> &mut BytesMut {
+    assembly
+        .buffer
+        .get_or_insert_with(|| BytesMut::zeroed(read_length as usize))
+}
+
+/// Reads the payload of a chunk that is not read data, bounded by
+/// [`MAX_CHUNK_PAYLOAD_BYTES`].
+async fn read_chunk_payload(
+    source: &mut BufReader<BoxedReader>,
+    length: u32,
+) -> Result<Bytes, CloseReason> {
+    if length > MAX_CHUNK_PAYLOAD_BYTES {
+        return Err(CloseReason::Protocol(format!(
+            "chunk payload of {length} bytes"
+        )));
+    }
+    read_payload(source, length)
+        .await
+        .map_err(|error| CloseReason::from_io(&error))
 }
 
 async fn read_payload(source: &mut BufReader<BoxedReader>, length: u32) -> io::Result<Bytes> {
@@ -1073,11 +1520,16 @@ impl From<io::Error> for HandshakeFailure {
     }
 }
 
-async fn handshake<S>(stream: &mut S, export: &str, endpoint: &str) -> Result<ExportInfo, NbdError>
+async fn handshake<S>(
+    stream: &mut S,
+    export: &str,
+    endpoint: &str,
+    options: &ConnectOptions,
+) -> Result<ExportInfo, NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    negotiate(stream, export)
+    negotiate(stream, export, options)
         .await
         .map_err(|failure| match failure {
             HandshakeFailure::Io(source) => NbdError::HandshakeIo {
@@ -1097,7 +1549,39 @@ where
         })
 }
 
-async fn negotiate<S>(stream: &mut S, export: &str) -> Result<ExportInfo, HandshakeFailure>
+async fn negotiate<S>(
+    stream: &mut S,
+    export: &str,
+    options: &ConnectOptions,
+) -> Result<ExportInfo, HandshakeFailure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (fixed, no_zeroes) = greeting(stream).await?;
+    let mut structured_replies = false;
+    let mut meta_contexts = Vec::new();
+    if fixed && options.wants_structured_replies() {
+        structured_replies = option_structured_reply(stream).await?;
+        if structured_replies && !options.meta_contexts.is_empty() {
+            meta_contexts = option_set_meta_context(stream, export, &options.meta_contexts).await?;
+        }
+    }
+    let mut info = match fixed {
+        true => option_go(stream, export).await?,
+        false => None,
+    };
+    if info.is_none() {
+        info = Some(option_export_name(stream, export, no_zeroes).await?);
+    }
+    let mut info = info.ok_or_else(|| HandshakeFailure::Protocol("no export".to_owned()))?;
+    info.structured_replies = structured_replies;
+    info.meta_contexts = meta_contexts;
+    Ok(info)
+}
+
+/// Reads the greeting and sends the client flags; returns whether the server speaks
+/// fixed newstyle and whether it omits the zeroes after `NBD_OPT_EXPORT_NAME`.
+async fn greeting<S>(stream: &mut S) -> Result<(bool, bool), HandshakeFailure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -1130,12 +1614,100 @@ where
         client_flags |= CLIENT_FLAG_NO_ZEROES;
     }
     stream.write_u32(client_flags).await?;
-    if fixed {
-        if let Some(info) = option_go(stream, export).await? {
-            return Ok(info);
+    Ok((fixed, no_zeroes))
+}
+
+/// Reads one option reply to `option`: its type and payload (bounded).
+async fn read_option_reply<S>(
+    stream: &mut S,
+    option: u32,
+) -> Result<(u32, Vec<u8>), HandshakeFailure>
+where
+    S: AsyncRead + Unpin,
+{
+    if stream.read_u64().await? != OPTION_REPLY_MAGIC {
+        return Err(HandshakeFailure::Protocol(
+            "bad option reply magic".to_owned(),
+        ));
+    }
+    let replied = stream.read_u32().await?;
+    let reply = stream.read_u32().await?;
+    let length = stream.read_u32().await?;
+    if replied != option {
+        return Err(HandshakeFailure::Protocol(format!(
+            "reply to option {replied} while option {option} was sent"
+        )));
+    }
+    if length > MAX_OPTION_REPLY_BYTES {
+        return Err(HandshakeFailure::Protocol(format!(
+            "option reply of {length} bytes"
+        )));
+    }
+    let mut payload = vec![0u8; length as usize];
+    stream.read_exact(&mut payload).await?;
+    Ok((reply, payload))
+}
+
+/// `NBD_OPT_STRUCTURED_REPLY`; true when acknowledged. Any error reply leaves simple
+/// replies in place.
+async fn option_structured_reply<S>(stream: &mut S) -> Result<bool, HandshakeFailure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    send_option(stream, OPT_STRUCTURED_REPLY, &[]).await?;
+    match read_option_reply(stream, OPT_STRUCTURED_REPLY).await? {
+        (REP_ACK, _) => Ok(true),
+        (reply, _) if reply & REP_FLAG_ERROR != 0 => Ok(false),
+        (reply, _) => Err(HandshakeFailure::Protocol(format!(
+            "reply {reply:#x} to NBD_OPT_STRUCTURED_REPLY"
+        ))),
+    }
+}
+
+/// `NBD_OPT_SET_META_CONTEXT` for `export`; the contexts the server selected (none if it
+/// refused).
+async fn option_set_meta_context<S>(
+    stream: &mut S,
+    export: &str,
+    queries: &[String],
+) -> Result<Vec<MetaContext>, HandshakeFailure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut data = Vec::new();
+    wire::MetaContextRequest {
+        name: export,
+        queries: queries.iter().map(String::as_str).collect(),
+    }
+    .encode(&mut data);
+    send_option(stream, OPT_SET_META_CONTEXT, &data).await?;
+    let mut contexts: Vec<MetaContext> = Vec::new();
+    for _ in 0..MAX_OPTION_REPLIES {
+        match read_option_reply(stream, OPT_SET_META_CONTEXT).await? {
+            (REP_ACK, _) => return Ok(contexts),
+            (REP_META_CONTEXT, payload) => {
+                let (id, name) = wire::parse_rep_meta_context(&payload).map_err(|error| {
+                    HandshakeFailure::Protocol(format!("bad NBD_REP_META_CONTEXT: {error}"))
+                })?;
+                if contexts.iter().any(|context| context.id == id) {
+                    return Err(HandshakeFailure::Protocol(format!(
+                        "metadata context id {id} given twice"
+                    )));
+                }
+                contexts.push(MetaContext {
+                    id,
+                    name: name.to_owned(),
+                });
+            }
+            // The selection is void; the connection goes on without contexts.
+            (reply, _) if reply & REP_FLAG_ERROR != 0 => return Ok(Vec::new()),
+            // Unknown non-error replies are skipped, as the spec allows new ones.
+            _ => {}
         }
     }
-    option_export_name(stream, export, no_zeroes).await
+    Err(HandshakeFailure::Protocol(
+        "too many replies to NBD_OPT_SET_META_CONTEXT".to_owned(),
+    ))
 }
 
 async fn send_option<S>(stream: &mut S, option: u32, data: &[u8]) -> Result<(), HandshakeFailure>
@@ -1172,26 +1744,8 @@ where
     let mut size_and_flags = None;
     let mut block_size = None;
     loop {
-        if stream.read_u64().await? != OPTION_REPLY_MAGIC {
-            return Err(HandshakeFailure::Protocol(
-                "bad option reply magic".to_owned(),
-            ));
-        }
-        let option = stream.read_u32().await?;
-        let reply = stream.read_u32().await?;
-        let length = stream.read_u32().await?;
-        if option != OPT_GO {
-            return Err(HandshakeFailure::Protocol(format!(
-                "reply to option {option} while NBD_OPT_GO was sent"
-            )));
-        }
-        if length > MAX_OPTION_REPLY_BYTES {
-            return Err(HandshakeFailure::Protocol(format!(
-                "option reply of {length} bytes"
-            )));
-        }
-        let mut payload = vec![0u8; length as usize];
-        stream.read_exact(&mut payload).await?;
+        let (reply, payload) = read_option_reply(stream, OPT_GO).await?;
+        let length = payload.len();
         match reply {
             REP_ACK => break,
             REP_INFO => {
@@ -1287,7 +1841,100 @@ fn export_info(
         flags: TransmissionFlags(flags),
         block_size,
         opened_with_go,
+        structured_replies: false,
+        meta_contexts: Vec::new(),
     })
+}
+
+/// The names of the exports a server lists (`NBD_OPT_LIST`), asked on a connection of
+/// its own that ends with `NBD_OPT_ABORT`. The export part of `uri` is ignored. Bounded
+/// by the default connect timeout.
+pub async fn list_exports(uri: &str) -> Result<Vec<String>, NbdError> {
+    let uri: NbdUri = uri.parse()?;
+    let endpoint = uri.endpoint.to_string();
+    let timeout = ConnectOptions::default().connect_timeout;
+    let listing = async {
+        let connect_error = |source| NbdError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let failure = |failure| match failure {
+            HandshakeFailure::Io(source) => NbdError::HandshakeIo {
+                endpoint: endpoint.clone(),
+                source,
+            },
+            HandshakeFailure::Protocol(reason) => NbdError::Handshake {
+                endpoint: endpoint.clone(),
+                reason,
+            },
+            HandshakeFailure::Refused { reply, message } => NbdError::ExportRefused {
+                endpoint: endpoint.clone(),
+                export: String::new(),
+                reply,
+                message,
+            },
+        };
+        match &uri.endpoint {
+            Endpoint::Tcp { host, port } => {
+                let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(connect_error)?;
+                list_on(&mut stream).await.map_err(failure)
+            }
+            Endpoint::Unix { path } => {
+                let mut stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(connect_error)?;
+                list_on(&mut stream).await.map_err(failure)
+            }
+        }
+    };
+    tokio::time::timeout(timeout, listing)
+        .await
+        .map_err(|_| NbdError::ConnectTimeout {
+            endpoint: endpoint.clone(),
+            timeout,
+        })?
+}
+
+async fn list_on<S>(stream: &mut S) -> Result<Vec<String>, HandshakeFailure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (fixed, _) = greeting(stream).await?;
+    if !fixed {
+        return Err(HandshakeFailure::Protocol(
+            "the server does not speak fixed newstyle, so it cannot list exports".to_owned(),
+        ));
+    }
+    send_option(stream, OPT_LIST, &[]).await?;
+    let mut names = Vec::new();
+    for _ in 0..MAX_OPTION_REPLIES {
+        match read_option_reply(stream, OPT_LIST).await? {
+            (REP_SERVER, payload) => {
+                let name = wire::parse_rep_server(&payload).map_err(|error| {
+                    HandshakeFailure::Protocol(format!("bad NBD_REP_SERVER: {error}"))
+                })?;
+                names.push(name.to_owned());
+            }
+            (REP_ACK, _) => {
+                // A soft disconnect; the server may close without answering.
+                send_option(stream, OPT_ABORT, &[]).await?;
+                let _ = read_option_reply(stream, OPT_ABORT).await;
+                return Ok(names);
+            }
+            (reply, payload) if reply & REP_FLAG_ERROR != 0 => {
+                return Err(HandshakeFailure::Refused {
+                    reply,
+                    message: String::from_utf8_lossy(&payload).into_owned(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Err(HandshakeFailure::Protocol(
+        "too many replies to NBD_OPT_LIST".to_owned(),
+    ))
 }
 
 fn array_at<const N: usize>(bytes: &[u8], offset: usize) -> [u8; N] {
@@ -1368,6 +2015,213 @@ mod tests {
         }
     }
 
+    /// A client on one end of a pipe whose other end plays the server: for each request,
+    /// `answer` gets its cookie and returns the bytes to send back.
+    fn scripted(
+        contexts: &[(u32, &str)],
+        answer: impl Fn(u64) -> Vec<u8> + Send + 'static,
+    ) -> NbdClient {
+        let (client_side, mut server_side) = tokio::io::duplex(1 << 20);
+        let (read_half, write_half) = tokio::io::split(client_side);
+        let info = ExportInfo {
+            export: "scripted".to_owned(),
+            size_bytes: 1 << 20,
+            flags: TransmissionFlags(TransmissionFlags::HAS_FLAGS),
+            block_size: None,
+            opened_with_go: true,
+            structured_replies: true,
+            meta_contexts: contexts
+                .iter()
+                .map(|&(id, name)| MetaContext {
+                    id,
+                    name: name.to_owned(),
+                })
+                .collect(),
+        };
+        tokio::spawn(async move {
+            let mut header = [0u8; REQUEST_HEADER_BYTES];
+            while server_side.read_exact(&mut header).await.is_ok() {
+                let cookie = u64::from_be_bytes(array_at(&header, 8));
+                if server_side.write_all(&answer(cookie)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        NbdClient::start(
+            info,
+            Box::new(read_half),
+            Box::new(write_half),
+            ConnectOptions::default(),
+        )
+    }
+
+    fn data_chunk(out: &mut Vec<u8>, cookie: u64, flags: u16, offset: u64, data: &[u8]) {
+        wire::encode_offset_data_prefix(out, cookie, flags, offset, data.len() as u32);
+        out.extend_from_slice(data);
+    }
+
+    fn hole_chunk(out: &mut Vec<u8>, cookie: u64, flags: u16, offset: u64, length: u32) {
+        StructuredReplyHeader {
+            flags,
+            reply_type: wire::REPLY_TYPE_OFFSET_HOLE,
+            cookie,
+            length: 12,
+        }
+        .encode(out);
+        out.put_u64(offset);
+        out.put_u32(length);
+    }
+
+    const DONE: u16 = wire::REPLY_FLAG_DONE;
+
+    #[tokio::test]
+    async fn reassembles_reads_from_data_and_hole_chunks_in_any_order() {
+        let client = scripted(&[], |cookie| {
+            let mut out = Vec::new();
+            hole_chunk(&mut out, cookie, 0, 1050, 30);
+            data_chunk(&mut out, cookie, 0, 1080, &[2; 20]);
+            data_chunk(&mut out, cookie, DONE, 1000, &[1; 50]);
+            out
+        });
+        let data = client.read(1000, 100).await.expect("read");
+        let expected: Vec<u8> = [vec![1; 50], vec![0; 30], vec![2; 20]].concat();
+        assert_eq!(data, expected);
+        // The same answer serves the next read: the stream stayed in step.
+        assert_eq!(client.read(1000, 100).await.expect("read"), expected);
+    }
+
+    #[tokio::test]
+    async fn an_error_chunk_fails_only_its_request() {
+        let client = scripted(&[], |cookie| {
+            let mut out = Vec::new();
+            if cookie == 0 {
+                data_chunk(&mut out, cookie, 0, 0, &[9; 4]);
+                wire::encode_error_chunk(&mut out, cookie, DONE, 5, "disk on fire");
+            } else {
+                data_chunk(&mut out, cookie, DONE, 0, &[7; 4]);
+            }
+            out
+        });
+        let failed = client.read(0, 4).await;
+        assert!(
+            matches!(failed, Err(NbdError::Server { errno: 5, .. })),
+            "{failed:?}"
+        );
+        assert_eq!(&client.read(0, 4).await.expect("read")[..], [7; 4]);
+    }
+
+    #[tokio::test]
+    async fn broken_structured_replies_close_the_connection() {
+        type Script = fn(u64) -> Vec<u8>;
+        let cases: [(&str, Script); 6] = [
+            ("overlapping chunks", |cookie| {
+                let mut out = Vec::new();
+                data_chunk(&mut out, cookie, 0, 0, &[1; 60]);
+                hole_chunk(&mut out, cookie, DONE, 50, 50);
+                out
+            }),
+            ("missing bytes", |cookie| {
+                let mut out = Vec::new();
+                data_chunk(&mut out, cookie, DONE, 0, &[1; 99]);
+                out
+            }),
+            ("chunk outside the request", |cookie| {
+                let mut out = Vec::new();
+                data_chunk(&mut out, cookie, DONE, 1, &[1; 100]);
+                out
+            }),
+            ("simple reply with data to a read", |cookie| {
+                let mut out = Vec::new();
+                out.put_u32(SIMPLE_REPLY_MAGIC);
+                out.put_u32(0);
+                out.put_u64(cookie);
+                out.extend_from_slice(&[0; 100]);
+                out
+            }),
+            ("unknown chunk type", |cookie| {
+                let mut out = Vec::new();
+                StructuredReplyHeader {
+                    flags: DONE,
+                    reply_type: 77,
+                    cookie,
+                    length: 0,
+                }
+                .encode(&mut out);
+                out
+            }),
+            ("unknown cookie", |cookie| {
+                let mut out = Vec::new();
+                data_chunk(&mut out, cookie + 1, DONE, 0, &[1; 100]);
+                out
+            }),
+        ];
+        for (what, script) in cases {
+            let client = scripted(&[], script);
+            let read = client.read(0, 100).await;
+            assert!(
+                matches!(
+                    read,
+                    Err(NbdError::Disconnected {
+                        reason: CloseReason::Protocol(_)
+                    })
+                ),
+                "{what}: {read:?}"
+            );
+            assert!(client.closed().is_some(), "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn block_status_is_returned_per_context_in_negotiated_order() {
+        let contexts = [(9, "base:allocation"), (4, "qemu:dirty-bitmap:x")];
+        let client = scripted(&contexts, |cookie| {
+            let extent = |length, flags| replicad::nbd::Extent { length, flags };
+            let mut out = Vec::new();
+            // The server may answer the contexts in any order.
+            wire::encode_block_status_chunk(&mut out, cookie, 0, 4, &[extent(512, 1)]);
+            wire::encode_block_status_chunk(
+                &mut out,
+                cookie,
+                DONE,
+                9,
+                &[extent(256, 0), extent(256, 3)],
+            );
+            out
+        });
+        let answer = client.block_status(0, 512).await.expect("block status");
+        assert_eq!(
+            answer,
+            [
+                ContextStatus {
+                    context: "base:allocation".to_owned(),
+                    extents: vec![
+                        Extent {
+                            length: 256,
+                            flags: 0
+                        },
+                        Extent {
+                            length: 256,
+                            flags: 3
+                        }
+                    ],
+                },
+                ContextStatus {
+                    context: "qemu:dirty-bitmap:x".to_owned(),
+                    extents: vec![Extent {
+                        length: 512,
+                        flags: 1
+                    }],
+                },
+            ]
+        );
+        // REQ_ONE answered with two extents breaks the protocol.
+        let broken = client.block_status_req_one(0, 512).await;
+        assert!(
+            matches!(broken, Err(NbdError::Disconnected { .. })),
+            "{broken:?}"
+        );
+    }
+
     /// Plays a scripted fixed-newstyle server that answers NBD_OPT_GO with
     /// NBD_REP_ERR_UNSUP, to check the fallback to NBD_OPT_EXPORT_NAME.
     #[tokio::test]
@@ -1404,9 +2258,14 @@ mod tests {
             server_side.write_all(&answer).await?;
             io::Result::Ok(())
         });
-        let info = handshake(&mut client_side, "vol", "scripted")
-            .await
-            .expect("handshake");
+        let info = handshake(
+            &mut client_side,
+            "vol",
+            "scripted",
+            &ConnectOptions::default(),
+        )
+        .await
+        .expect("handshake");
         server.await.expect("server task").expect("server io");
         assert_eq!(info.size_bytes, 1 << 20);
         assert!(info.flags.read_only());

@@ -5,6 +5,23 @@
 //! ([`MAX_OPTIONS`]) and the whole handshake runs under a timeout set by the caller.
 //! Malformed framing (bad magic, absurd lengths, unknown client flags) ends the connection;
 //! malformed option *data* is answered with `NBD_REP_ERR_INVALID` and haggling goes on.
+//!
+//! Metadata contexts: every export answers `base:allocation`, plus the names its
+//! [`Export::meta_contexts`] lists. Query syntax (a namespace, a colon, a leaf name):
+//!
+//! - `NBD_OPT_LIST_META_CONTEXT`: no query lists every context; a query whose leaf name is
+//!   empty or ends with a colon (`base:`, `qemu:`, `qemu:dirty-bitmap:`) lists every
+//!   context it is a prefix of; any other query lists the context of exactly that name.
+//!   Allowed before structured replies are negotiated (the spec lets a server refuse it).
+//! - `NBD_OPT_SET_META_CONTEXT`: refused with `NBD_REP_ERR_INVALID` until structured
+//!   replies are negotiated; selects the contexts named exactly (wildcards select
+//!   nothing, unknown names are ignored) and gives each a context id unique on the
+//!   connection. Every SET replaces the previous selection, also when it fails.
+//! - A query without a colon is `NBD_REP_ERR_INVALID`; unknown export names are
+//!   `NBD_REP_ERR_UNKNOWN`.
+//!
+//! The selection is used in transmission only if the client enters it with the export
+//! it was made for.
 
 use std::sync::Arc;
 
@@ -12,9 +29,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::proto::{self, ClientFlags, Greeting, Info, InfoRequest, OptionHeader};
+use super::proto::{
+    self, ClientFlags, Greeting, Info, InfoRequest, MetaContextRequest, OptionHeader,
+};
 use super::server::stopped;
-use super::{Export, ExportSet};
+use super::{Export, ExportSet, BASE_ALLOCATION};
 
 /// The most options one connection may send before entering transmission. Real clients
 /// send a handful (nbdinfo `--list` sends two per export).
@@ -33,6 +52,26 @@ pub(crate) struct Session<E> {
     pub export: Arc<E>,
     pub name: String,
     pub transmission_flags: u16,
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    pub structured_replies: bool,
+    /// The metadata contexts selected for this export, in id order; empty if none.
+    pub contexts: Vec<MetaContext>,
+}
+
+/// A metadata context selected with `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MetaContext {
+    pub id: u32,
+    pub name: String,
+}
+
+/// What the options so far have negotiated.
+struct Negotiated<E> {
+    structured_replies: bool,
+    /// The export the last successful `NBD_OPT_SET_META_CONTEXT` named, and its contexts.
+    selection: Option<(Arc<E>, Vec<MetaContext>)>,
+    /// The next metadata context id to give out; ids are never reused on a connection.
+    next_context_id: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +96,7 @@ pub(crate) fn transmission_flags<E: Export>(export: &E) -> u16 {
         | proto::FLAG_SEND_FUA
         | proto::FLAG_SEND_TRIM
         | proto::FLAG_SEND_WRITE_ZEROES;
-    if !export.is_writable() {
+    if export.read_only() || !export.is_writable() {
         flags |= proto::FLAG_READ_ONLY;
     }
     if export.can_multi_conn() {
@@ -103,6 +142,11 @@ where
     reader.read_exact(&mut raw_flags).await?;
     let client_flags = ClientFlags::parse(&raw_flags)?;
 
+    let mut negotiated = Negotiated {
+        structured_replies: false,
+        selection: None,
+        next_context_id: 1,
+    };
     for _ in 0..MAX_OPTIONS {
         let mut raw_header = [0u8; proto::OPTION_HEADER_BYTES];
         tokio::select! {
@@ -126,7 +170,7 @@ where
                 let Some(export) = exports.get(name) else {
                     return Err(HandshakeError::UnknownExport(name.to_owned()));
                 };
-                let session = session(exports, name, export);
+                let session = session(exports, name, export, &negotiated);
                 proto::encode_export_name_reply(
                     &mut out,
                     session.export.size_bytes(),
@@ -149,8 +193,31 @@ where
                 "the server is shutting down",
             ),
             proto::OPT_LIST => list(&mut out, exports, &data),
+            proto::OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    // A repeated request is acknowledged again: it changes nothing.
+                    negotiated.structured_replies = true;
+                    proto::encode_option_reply(
+                        &mut out,
+                        proto::OPT_STRUCTURED_REPLY,
+                        proto::REP_ACK,
+                        &[],
+                    );
+                } else {
+                    proto::encode_option_error(
+                        &mut out,
+                        proto::OPT_STRUCTURED_REPLY,
+                        proto::REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                }
+            }
+            proto::OPT_LIST_META_CONTEXT => list_meta_contexts(&mut out, exports, &data),
+            proto::OPT_SET_META_CONTEXT => {
+                set_meta_contexts(&mut out, exports, &data, &mut negotiated)
+            }
             option @ (proto::OPT_INFO | proto::OPT_GO) => {
-                if let Some(session) = info(&mut out, exports, option, &data) {
+                if let Some(session) = info(&mut out, exports, option, &data, &negotiated) {
                     writer.write_all(&out).await?;
                     if option == proto::OPT_GO {
                         return Ok(Outcome::Transmission(session));
@@ -173,12 +240,182 @@ where
     Err(HandshakeError::TooManyOptions)
 }
 
-fn session<S: ExportSet>(exports: &S, name: &str, export: Arc<S::Export>) -> Session<S::Export> {
+fn session<S: ExportSet>(
+    exports: &S,
+    name: &str,
+    export: Arc<S::Export>,
+    negotiated: &Negotiated<S::Export>,
+) -> Session<S::Export> {
+    let contexts = match &negotiated.selection {
+        Some((selected, contexts)) if Arc::ptr_eq(selected, &export) => contexts.clone(),
+        _ => Vec::new(),
+    };
     Session {
         name: canonical_name(exports, name, &export),
         transmission_flags: transmission_flags(&*export),
+        structured_replies: negotiated.structured_replies,
+        contexts,
         export,
     }
+}
+
+/// The contexts `export` answers: `base:allocation` first, then the valid names of
+/// [`Export::meta_contexts`] in their order, each once.
+fn available_contexts<E: Export>(export: &E) -> Vec<String> {
+    let mut names = vec![BASE_ALLOCATION.to_owned()];
+    for name in export.meta_contexts() {
+        let valid = proto::parse_string(name.as_bytes()).is_ok()
+            && name
+                .split_once(':')
+                .is_some_and(|(namespace, _)| !namespace.is_empty());
+        if !valid {
+            warn!(
+                name,
+                "the export lists an invalid metadata context name; ignored"
+            );
+        } else if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// Whether `query` is well formed: a non-empty namespace and a colon.
+fn valid_query(query: &str) -> bool {
+    query
+        .split_once(':')
+        .is_some_and(|(namespace, _)| !namespace.is_empty())
+}
+
+/// The contexts a `NBD_OPT_LIST_META_CONTEXT` with `queries` lists: all without queries;
+/// for a query ending in a colon (an empty leaf name or a leaf-name prefix such as
+/// `qemu:dirty-bitmap:`), every context it is a prefix of; otherwise the exact name.
+pub(crate) fn list_matches(available: &[String], queries: &[&str]) -> Vec<String> {
+    available
+        .iter()
+        .filter(|name| {
+            queries.is_empty()
+                || queries.iter().any(|query| {
+                    if query.ends_with(':') {
+                        name.starts_with(query)
+                    } else {
+                        name == query
+                    }
+                })
+        })
+        .cloned()
+        .collect()
+}
+
+/// The contexts a `NBD_OPT_SET_META_CONTEXT` with `queries` selects: exact names only, so
+/// no query selects nothing and wildcards select nothing.
+pub(crate) fn set_matches(available: &[String], queries: &[&str]) -> Vec<String> {
+    available
+        .iter()
+        .filter(|name| queries.iter().any(|query| name == query))
+        .cloned()
+        .collect()
+}
+
+/// Parses and checks the data of a metadata context option; on failure writes the error
+/// reply and returns `None`.
+fn meta_context_request<'a, S: ExportSet>(
+    out: &mut Vec<u8>,
+    exports: &S,
+    option: u32,
+    data: &'a [u8],
+) -> Option<(MetaContextRequest<'a>, Arc<S::Export>)> {
+    let request = match MetaContextRequest::parse(data) {
+        Ok(request) => request,
+        Err(error) => {
+            warn!(option, %error, "malformed metadata context option data");
+            proto::encode_option_error(
+                out,
+                option,
+                proto::REP_ERR_INVALID,
+                &format!("malformed option data: {error}"),
+            );
+            return None;
+        }
+    };
+    if let Some(query) = request.queries.iter().find(|query| !valid_query(query)) {
+        debug!(option, query, "metadata context query without a namespace");
+        proto::encode_option_error(
+            out,
+            option,
+            proto::REP_ERR_INVALID,
+            &format!("query {query:?} does not start with a namespace and a colon"),
+        );
+        return None;
+    }
+    let Some(export) = exports.get(request.name) else {
+        proto::encode_option_error(
+            out,
+            option,
+            proto::REP_ERR_UNKNOWN,
+            &format!("no export named {:?}", request.name),
+        );
+        return None;
+    };
+    Some((request, export))
+}
+
+/// Answers `NBD_OPT_LIST_META_CONTEXT`: one `NBD_REP_META_CONTEXT` (id 0) per match, then
+/// `NBD_REP_ACK`.
+fn list_meta_contexts<S: ExportSet>(out: &mut Vec<u8>, exports: &S, data: &[u8]) {
+    let option = proto::OPT_LIST_META_CONTEXT;
+    let Some((request, export)) = meta_context_request(out, exports, option, data) else {
+        return;
+    };
+    for name in list_matches(&available_contexts(&*export), &request.queries) {
+        proto::encode_rep_meta_context(out, option, 0, &name);
+    }
+    proto::encode_option_reply(out, option, proto::REP_ACK, &[]);
+}
+
+/// Answers `NBD_OPT_SET_META_CONTEXT` and replaces the selection (with none on error).
+fn set_meta_contexts<S: ExportSet>(
+    out: &mut Vec<u8>,
+    exports: &S,
+    data: &[u8],
+    negotiated: &mut Negotiated<S::Export>,
+) {
+    let option = proto::OPT_SET_META_CONTEXT;
+    negotiated.selection = None;
+    if !negotiated.structured_replies {
+        proto::encode_option_error(
+            out,
+            option,
+            proto::REP_ERR_INVALID,
+            "NBD_OPT_SET_META_CONTEXT needs NBD_OPT_STRUCTURED_REPLY first",
+        );
+        return;
+    }
+    let Some((request, export)) = meta_context_request(out, exports, option, data) else {
+        return;
+    };
+    let names = set_matches(&available_contexts(&*export), &request.queries);
+    if names.len() > proto::MAX_SELECTED_CONTEXTS {
+        proto::encode_option_error(
+            out,
+            option,
+            proto::REP_ERR_TOO_BIG,
+            &format!(
+                "at most {} metadata contexts can be selected",
+                proto::MAX_SELECTED_CONTEXTS
+            ),
+        );
+        return;
+    }
+    let mut contexts = Vec::with_capacity(names.len());
+    for name in names {
+        let id = negotiated.next_context_id;
+        negotiated.next_context_id = negotiated.next_context_id.wrapping_add(1).max(1);
+        proto::encode_rep_meta_context(out, option, id, &name);
+        contexts.push(MetaContext { id, name });
+    }
+    proto::encode_option_reply(out, option, proto::REP_ACK, &[]);
+    negotiated.selection = Some((export, contexts));
 }
 
 /// The name under which `export` is listed: the requested name, unless the client asked
@@ -223,6 +460,7 @@ fn info<S: ExportSet>(
     exports: &S,
     option: u32,
     data: &[u8],
+    negotiated: &Negotiated<S::Export>,
 ) -> Option<Session<S::Export>> {
     let request = match InfoRequest::parse(data) {
         Ok(request) => request,
@@ -247,7 +485,7 @@ fn info<S: ExportSet>(
         );
         return None;
     };
-    let session = session(exports, request.name, export);
+    let session = session(exports, request.name, export, negotiated);
     Info::Export {
         size_bytes: session.export.size_bytes(),
         transmission_flags: session.transmission_flags,
@@ -269,4 +507,93 @@ fn info<S: ExportSet>(
     }
     proto::encode_option_reply(out, option, proto::REP_ACK, &[]);
     Some(session)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    #[test]
+    fn meta_context_queries() {
+        let available = names(&[
+            "base:allocation",
+            "qemu:dirty-bitmap:a",
+            "qemu:dirty-bitmap:b",
+        ]);
+        // (queries, listed, selected)
+        let rows: &[(&[&str], &[&str], &[&str])] = &[
+            (
+                &[],
+                &[
+                    "base:allocation",
+                    "qemu:dirty-bitmap:a",
+                    "qemu:dirty-bitmap:b",
+                ],
+                &[],
+            ),
+            (&["base:"], &["base:allocation"], &[]),
+            (
+                &["base:allocation"],
+                &["base:allocation"],
+                &["base:allocation"],
+            ),
+            (
+                &["qemu:"],
+                &["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"],
+                &[],
+            ),
+            (
+                &["qemu:dirty-bitmap:"],
+                &["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"],
+                &[],
+            ),
+            (
+                &["qemu:dirty-bitmap:b"],
+                &["qemu:dirty-bitmap:b"],
+                &["qemu:dirty-bitmap:b"],
+            ),
+            // Unknown namespaces and leaf names find nothing; duplicates are listed once.
+            (
+                &["x-other:", "base:nothing", "qemu:dirty-bitmap:c"],
+                &[],
+                &[],
+            ),
+            (
+                &[
+                    "qemu:dirty-bitmap:a",
+                    "base:allocation",
+                    "qemu:dirty-bitmap:a",
+                ],
+                &["base:allocation", "qemu:dirty-bitmap:a"],
+                &["base:allocation", "qemu:dirty-bitmap:a"],
+            ),
+            // A prefix that is not a whole namespace or ends in a colon matches exactly only.
+            (&["qemu:dirty"], &[], &[]),
+        ];
+        for (queries, listed, selected) in rows {
+            assert_eq!(
+                list_matches(&available, queries),
+                names(listed),
+                "list {queries:?}"
+            );
+            assert_eq!(
+                set_matches(&available, queries),
+                names(selected),
+                "set {queries:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn query_syntax() {
+        assert!(valid_query("base:"));
+        assert!(valid_query("x-a:b:c"));
+        assert!(!valid_query("allocation"));
+        assert!(!valid_query(":allocation"));
+        assert!(!valid_query(""));
+    }
 }

@@ -3,6 +3,11 @@
 //! [`MemoryExport`] exists for protocol tests, demos and benchmarks of the server alone:
 //! it has no durability (flush is a no-op) and checks its arguments with assertions,
 //! because the server promises in-range requests (a violation is a server bug).
+//!
+//! For block-status tests it answers `base:allocation` truthfully (every
+//! [`ZERO_SCAN_BYTES`]-aligned piece that holds only zeroes is `NBD_STATE_ZERO`, never a
+//! hole) and serves named dirty bitmaps set with [`MemoryExport::with_dirty_bitmap`] as
+//! `qemu:dirty-bitmap:NAME` contexts.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,7 +15,13 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 
-use super::{Errno, Export, ExportSet};
+use super::{Errno, Export, ExportSet, Extent, BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO};
+
+/// The granularity (and alignment) of the zero detection behind `base:allocation`, unless
+/// the minimum block size is larger.
+pub const ZERO_SCAN_BYTES: u64 = 4096;
+/// The prefix of the contexts that serve [`MemoryExport::with_dirty_bitmap`] bitmaps.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// An export held in memory.
 #[derive(Debug)]
@@ -22,6 +33,9 @@ pub struct MemoryExport {
     minimum_block_size: u32,
     /// Counts calls of `write`, `trim` and `write_zeroes` that reached the export.
     mutations: AtomicU64,
+    read_only: bool,
+    /// Dirty bitmaps by name: sorted, disjoint, non-empty `(offset, length)` ranges.
+    dirty_bitmaps: BTreeMap<String, Vec<(u64, u64)>>,
 }
 
 impl MemoryExport {
@@ -49,7 +63,41 @@ impl MemoryExport {
             multi_conn,
             minimum_block_size,
             mutations: AtomicU64::new(0),
+            read_only: false,
+            dirty_bitmaps: BTreeMap::new(),
         }
+    }
+
+    /// Makes the export read-only for its whole life ([`Export::read_only`]): clients see
+    /// `NBD_FLAG_READ_ONLY` and every write fails with `EPERM`.
+    pub fn with_read_only(mut self, read_only: bool) -> MemoryExport {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Adds a dirty bitmap served as the context `qemu:dirty-bitmap:NAME`, dirty exactly
+    /// in `ranges` (`(offset, length)` pairs, in any order, overlapping or not; empty ones
+    /// are ignored). Panics if a range ends beyond the export.
+    pub fn with_dirty_bitmap(mut self, name: &str, ranges: Vec<(u64, u64)>) -> MemoryExport {
+        let mut ranges: Vec<(u64, u64)> = ranges
+            .into_iter()
+            .filter(|&(_, length)| length > 0)
+            .map(|(offset, length)| {
+                let end = offset.checked_add(length).expect("dirty range overflows");
+                assert!(end <= self.size_bytes, "dirty range beyond the export");
+                (offset, end)
+            })
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        self.dirty_bitmaps.insert(name.to_owned(), merged);
+        self
     }
 
     /// Makes the export writable or read-only, e.g. to model a demotion.
@@ -99,7 +147,7 @@ impl MemoryExport {
     /// Applies a write-like operation, refusing it once the export is read-only: the
     /// server checks too, but its check can race with a demotion.
     fn mutate(&self, offset: u64, length: u64, apply: impl FnOnce(&mut [u8])) -> Result<(), Errno> {
-        if !self.writable.load(Ordering::SeqCst) {
+        if self.read_only || !self.writable.load(Ordering::SeqCst) {
             return Err(Errno::EPERM);
         }
         self.mutations.fetch_add(1, Ordering::SeqCst);
@@ -150,6 +198,96 @@ impl Export for MemoryExport {
 
     async fn write_zeroes(&self, offset: u64, length: u32, _fua: bool) -> Result<(), Errno> {
         self.mutate(offset, length.into(), |target| target.fill(0))
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn meta_contexts(&self) -> Vec<String> {
+        self.dirty_bitmaps
+            .keys()
+            .map(|name| format!("{DIRTY_BITMAP_PREFIX}{name}"))
+            .collect()
+    }
+
+    async fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<Extent>, Errno> {
+        let end = offset
+            .checked_add(length.into())
+            .expect("request range overflows");
+        assert!(end <= self.size_bytes, "block status beyond the export");
+        if context == BASE_ALLOCATION {
+            return Ok(self.allocation(offset, end));
+        }
+        let bitmap = context
+            .strip_prefix(DIRTY_BITMAP_PREFIX)
+            .and_then(|name| self.dirty_bitmaps.get(name))
+            .ok_or(Errno::EINVAL)?;
+        Ok(dirty_extents(bitmap, offset, end))
+    }
+}
+
+impl MemoryExport {
+    /// `base:allocation` of `[offset, end)`: zero pieces and data pieces, cut at multiples
+    /// of the scan granularity.
+    fn allocation(&self, offset: u64, end: u64) -> Vec<Extent> {
+        let granularity = ZERO_SCAN_BYTES.max(self.minimum_block_size.into());
+        let data = self.read_guard();
+        let mut extents = Vec::new();
+        let mut start = offset;
+        while start < end {
+            let piece_end = ((start / granularity + 1) * granularity).min(end);
+            let zero = data[start as usize..piece_end as usize]
+                .iter()
+                .all(|&byte| byte == 0);
+            push_extent(
+                &mut extents,
+                piece_end - start,
+                if zero { STATE_ZERO } else { 0 },
+            );
+            start = piece_end;
+        }
+        extents
+    }
+}
+
+/// The extents of a dirty bitmap (sorted, disjoint `(start, end)` ranges) over
+/// `[offset, end)`.
+fn dirty_extents(bitmap: &[(u64, u64)], offset: u64, end: u64) -> Vec<Extent> {
+    let mut extents = Vec::new();
+    let mut position = offset;
+    for &(dirty_start, dirty_end) in bitmap {
+        if dirty_end <= position {
+            continue;
+        }
+        if dirty_start >= end {
+            break;
+        }
+        if dirty_start > position {
+            push_extent(&mut extents, dirty_start - position, 0);
+        }
+        let stop = dirty_end.min(end);
+        push_extent(&mut extents, stop - position.max(dirty_start), STATE_DIRTY);
+        position = stop;
+    }
+    if position < end {
+        push_extent(&mut extents, end - position, 0);
+    }
+    extents
+}
+
+/// Appends an extent, merging it into the last one when the flags are equal. Lengths
+/// stay within the request's `u32` length.
+fn push_extent(extents: &mut Vec<Extent>, length: u64, flags: u32) {
+    let length = u32::try_from(length).expect("extent within a u32 request");
+    match extents.last_mut() {
+        Some(last) if last.flags == flags => last.length += length,
+        _ => extents.push(Extent { length, flags }),
     }
 }
 

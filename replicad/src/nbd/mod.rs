@@ -9,6 +9,17 @@
 //! - [`server`]: the tokio driver. [`server::serve`] accepts connections, runs the fixed
 //!   newstyle handshake and then the transmission phase, one reader task and one writer
 //!   task per connection, with one task per request in flight.
+//!
+//! # What is supported
+//!
+//! Options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
+//! `LIST_META_CONTEXT` and `SET_META_CONTEXT`; commands `READ`, `WRITE`, `FLUSH`, `TRIM`,
+//! `WRITE_ZEROES`, `BLOCK_STATUS` and `DISC`. Without structured replies every reply is a
+//! simple reply; with them, reads are one `OFFSET_DATA` chunk (still zero-copy), errors
+//! are `ERROR` chunks, and `BLOCK_STATUS` answers one chunk per selected metadata context:
+//! `base:allocation` on every export, plus whatever [`Export::meta_contexts`] lists
+//! (e.g. `qemu:dirty-bitmap:NAME`). The query syntax is documented in `handshake.rs`. No
+//! TLS, no extended headers, no `NBD_CMD_FLAG_DF`, no `CACHE`.
 //! - [`Export`] / [`ExportSet`]: the boundary to the storage behind the server (the
 //!   replicated volume). [`MemoryExport`] is a RAM-backed implementation for tests and
 //!   demos.
@@ -16,7 +27,7 @@
 //! # The export boundary
 //!
 //! The server knows nothing of replication, journals or disks: it sees an [`Export`] with a
-//! size and five asynchronous operations. In return it promises the export:
+//! size and six asynchronous operations (five of them required). In return it promises the export:
 //!
 //! - **Every request is in range.** Offsets and lengths are checked against
 //!   [`Export::size_bytes`] with checked arithmetic before the export is called, so
@@ -28,7 +39,12 @@
 //!   payload never reaches [`Export::write`].
 //! - **Writes are checked against [`Export::is_writable`] per request**, and refused with
 //!   `EPERM` when it is false. The check races with a demotion, so an export must still
-//!   refuse writes itself once it is no longer writable.
+//!   refuse writes itself once it is no longer writable. An export whose
+//!   [`Export::read_only`] is true (read once per connection) never sees a write, trim or
+//!   write-zeroes, and clients see `NBD_FLAG_READ_ONLY`.
+//! - **Block status is asked only for contexts the export offered** (`base:allocation`
+//!   or a name from [`Export::meta_contexts`] at handshake time), with `length >= 1`,
+//!   and the server cleans the answer (see [`Export::block_status`]).
 //! - **Alignment.** Offsets and lengths are multiples of [`Export::minimum_block_size`].
 //! - **Requests run concurrently and complete in any order.** The server calls the export
 //!   from many tasks at once; replies go out in completion order. Overlapping requests in
@@ -175,6 +191,67 @@ pub trait Export: Send + Sync + 'static {
         length: u32,
         fua: bool,
     ) -> impl Future<Output = Result<(), Errno>> + Send;
+
+    /// Whether the export is read-only for its whole life. The server advertises
+    /// `NBD_FLAG_READ_ONLY` and refuses writes, trims and write-zeroes with `EPERM` without
+    /// calling the export. Unlike [`Export::is_writable`] this is read once per
+    /// connection, at the end of the handshake. False by default.
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    /// The metadata contexts this export answers besides [`BASE_ALLOCATION`] (which every
+    /// export answers), e.g. `"qemu:dirty-bitmap:nightly"`. Each name is a namespace, a
+    /// colon and a leaf name, at most 4096 bytes without NUL; the server ignores names
+    /// that are not. Read during the handshake, so the list may change between
+    /// connections. None by default.
+    fn meta_contexts(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The block status of `[offset, offset + length)` in `context`, which is
+    /// [`BASE_ALLOCATION`] or a name from [`Export::meta_contexts`]. `length` is at least 1
+    /// and the range is in bounds and aligned like every request.
+    ///
+    /// Returns extents that cover a non-empty prefix of the range, in order, each of
+    /// non-zero length and a multiple of [`Export::minimum_block_size`]. The server merges
+    /// neighbours with equal flags, cuts the answer at the end of the range (and at the
+    /// first extent with `NBD_CMD_FLAG_REQ_ONE`), stops at the first misaligned or empty
+    /// extent, and fails the request with `EIO` if nothing valid is left.
+    ///
+    /// By default `base:allocation` is one extent of the whole range with flags 0 (data,
+    /// contents unknown), which is always true; any other context is `EINVAL`.
+    fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        length: u32,
+    ) -> impl Future<Output = Result<Vec<Extent>, Errno>> + Send {
+        let _ = offset;
+        let answer = if context == BASE_ALLOCATION {
+            Ok(vec![Extent { length, flags: 0 }])
+        } else {
+            Err(Errno::EINVAL)
+        };
+        std::future::ready(answer)
+    }
+}
+
+/// The metadata context every export answers (`NBD_STATE_HOLE`, `NBD_STATE_ZERO`).
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// `base:allocation`: the extent is not allocated (`NBD_STATE_HOLE`).
+pub const STATE_HOLE: u32 = 1;
+/// `base:allocation`: the extent reads as zeroes (`NBD_STATE_ZERO`).
+pub const STATE_ZERO: u32 = 2;
+/// `qemu:dirty-bitmap:*`: the extent is dirty in the bitmap.
+pub const STATE_DIRTY: u32 = 1;
+
+/// One extent of a block-status answer: `length` bytes sharing `flags`, whose meaning
+/// depends on the metadata context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u32,
+    pub flags: u32,
 }
 
 /// The exports a server offers, looked up by name during the handshake.

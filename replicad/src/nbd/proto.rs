@@ -5,8 +5,10 @@
 //! any input; every length read from the wire is checked against a limit before use.
 //!
 //! Covers the fixed newstyle handshake, the options `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`,
-//! `INFO` and `GO`, and simple replies in the transmission phase (no structured replies,
-//! no extended headers). Both directions are encoded and parsed, so the codec can be
+//! `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT`, simple
+//! replies and structured reply chunks (`NONE`, `OFFSET_DATA`, `OFFSET_HOLE`,
+//! `BLOCK_STATUS`, `ERROR`, `ERROR_OFFSET`) in the transmission phase. Not covered:
+//! extended headers, TLS. Both directions are encoded and parsed, so the codec can be
 //! round-tripped and tests can speak the client side.
 
 use bytes::BufMut;
@@ -21,6 +23,8 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flags (server, 16 bits).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -56,6 +60,7 @@ pub const OPT_SET_META_CONTEXT: u32 = 10;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
@@ -88,6 +93,17 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+/// Structured reply flags.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+
+/// Structured reply chunk types; error chunks have bit 15 set.
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
 /// Error values of the transmission phase (fixed by the protocol, not the platform).
 pub const NBD_EPERM: u32 = 1;
@@ -125,6 +141,21 @@ pub const OPTION_REPLY_HEADER_BYTES: usize = 20;
 pub const REQUEST_HEADER_BYTES: usize = 28;
 /// Bytes of a simple reply header.
 pub const SIMPLE_REPLY_HEADER_BYTES: usize = 16;
+/// Bytes of a structured reply chunk header: magic, flags, type, cookie, length.
+pub const STRUCTURED_REPLY_HEADER_BYTES: usize = 20;
+/// Bytes of the offset in front of the data of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk.
+pub const OFFSET_DATA_PREFIX_BYTES: usize = 8;
+/// Bytes of an `NBD_REPLY_TYPE_OFFSET_HOLE` payload: offset and hole size.
+pub const OFFSET_HOLE_BYTES: usize = 12;
+/// Bytes of one block status descriptor: length and flags.
+pub const BLOCK_DESCRIPTOR_BYTES: usize = 8;
+/// The most descriptors the server puts in one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (the
+/// client asks again for the rest), so that a chunk is at most 64 KiB.
+pub const MAX_BLOCK_DESCRIPTORS: usize = 8 * 1024 - 1;
+/// The most metadata contexts one `NBD_OPT_SET_META_CONTEXT` may select; more get
+/// `NBD_REP_ERR_TOO_BIG`. Bounds the block status reply of one request (one chunk per
+/// context).
+pub const MAX_SELECTED_CONTEXTS: usize = 64;
 /// Bytes of the reply to `NBD_OPT_EXPORT_NAME` without and with the 124 zero bytes.
 pub const EXPORT_NAME_REPLY_BYTES: usize = 10;
 pub const EXPORT_NAME_REPLY_ZEROES: usize = 124;
@@ -133,6 +164,10 @@ const _: () = assert!(MAX_PAYLOAD_BYTES.is_power_of_two());
 const _: () = assert!(PREFERRED_BLOCK_SIZE.is_power_of_two());
 const _: () = assert!(MAX_PAYLOAD_BYTES % MAX_MINIMUM_BLOCK_SIZE == 0);
 const _: () = assert!(MAX_OPTION_DATA_BYTES as usize >= 4 + MAX_STRING_BYTES + 2 + 2 * 64);
+const _: () = assert!(
+    MAX_SELECTED_CONTEXTS * (4 + MAX_BLOCK_DESCRIPTORS * BLOCK_DESCRIPTOR_BYTES)
+        <= MAX_PAYLOAD_BYTES as usize
+);
 
 /// Why a message could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -155,6 +190,12 @@ pub enum ProtocolError {
     TrailingData { length: usize },
     #[error("information reply of type {info_type} has a bad length {length}")]
     BadInfoLength { info_type: u16, length: usize },
+    #[error("structured reply chunk of type {reply_type} has a bad length {length}")]
+    BadChunkLength { reply_type: u16, length: usize },
+    #[error("block status descriptor of length zero")]
+    EmptyDescriptor,
+    #[error("error chunk with error value zero")]
+    ZeroError,
 }
 
 /// A bounds-checked big-endian reader over a byte slice.
@@ -665,6 +706,308 @@ impl SimpleReplyHeader {
     }
 }
 
+/// The data of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: an export name
+/// and the queries, each a namespace, a colon and an implementation-defined rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest<'a> {
+    pub name: &'a str,
+    pub queries: Vec<&'a str>,
+}
+
+impl MetaContextRequest<'_> {
+    pub fn encode(&self, out: &mut impl BufMut) {
+        put_length_prefixed(out, self.name);
+        out.put_u32(self.queries.len() as u32);
+        for query in &self.queries {
+            put_length_prefixed(out, query);
+        }
+    }
+
+    /// Parses option data. The data must be exactly as long as the name and the queries
+    /// say; the number of queries is checked against the bytes present before any list is
+    /// built, so the list never holds more than a quarter of the input's length.
+    pub fn parse(data: &[u8]) -> Result<MetaContextRequest<'_>, ProtocolError> {
+        let mut cursor = Cursor::new(data);
+        let name = take_length_prefixed(&mut cursor)?;
+        let count = cursor.u32()? as usize;
+        // Every query takes at least its 4-byte length.
+        let needed = count.saturating_mul(4);
+        if needed > cursor.bytes.len() {
+            return Err(ProtocolError::Truncated {
+                needed,
+                available: cursor.bytes.len(),
+            });
+        }
+        let mut queries = Vec::with_capacity(count);
+        for _ in 0..count {
+            queries.push(take_length_prefixed(&mut cursor)?);
+        }
+        cursor.finish()?;
+        Ok(MetaContextRequest { name, queries })
+    }
+}
+
+/// Appends a 32-bit length and a string cut to [`MAX_STRING_BYTES`].
+fn put_length_prefixed(out: &mut impl BufMut, text: &str) {
+    let mut bytes = Vec::with_capacity(text.len().min(MAX_STRING_BYTES));
+    put_string(&mut bytes, text);
+    out.put_u32(bytes.len() as u32);
+    out.put_slice(&bytes);
+}
+
+/// Takes a 32-bit length and a string of that length.
+fn take_length_prefixed<'a>(cursor: &mut Cursor<'a>) -> Result<&'a str, ProtocolError> {
+    let length = cursor.u32()? as usize;
+    if length > MAX_STRING_BYTES {
+        return Err(ProtocolError::StringTooLong {
+            length,
+            limit: MAX_STRING_BYTES,
+        });
+    }
+    parse_string(cursor.take(length)?)
+}
+
+/// Encodes a whole `NBD_REP_META_CONTEXT` option reply: a context id and its name.
+pub fn encode_rep_meta_context(out: &mut impl BufMut, option: u32, context_id: u32, name: &str) {
+    let mut data = Vec::with_capacity(4 + name.len().min(MAX_STRING_BYTES));
+    data.put_u32(context_id);
+    put_string(&mut data, name);
+    encode_option_reply(out, option, REP_META_CONTEXT, &data);
+}
+
+/// Parses the data of an `NBD_REP_META_CONTEXT` reply into the context id and name.
+pub fn parse_rep_meta_context(data: &[u8]) -> Result<(u32, &str), ProtocolError> {
+    let mut cursor = Cursor::new(data);
+    let context_id = cursor.u32()?;
+    let name = parse_string(cursor.rest())?;
+    Ok((context_id, name))
+}
+
+/// The header of a structured reply chunk; `length` bytes of payload follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StructuredReplyHeader {
+    pub flags: u16,
+    pub reply_type: u16,
+    pub cookie: u64,
+    pub length: u32,
+}
+
+impl StructuredReplyHeader {
+    pub fn encode(&self, out: &mut impl BufMut) {
+        out.put_u32(STRUCTURED_REPLY_MAGIC);
+        out.put_u16(self.flags);
+        out.put_u16(self.reply_type);
+        out.put_u64(self.cookie);
+        out.put_u32(self.length);
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<StructuredReplyHeader, ProtocolError> {
+        let mut cursor = Cursor::new(bytes);
+        let magic = cursor.u32()?;
+        if magic != STRUCTURED_REPLY_MAGIC {
+            return Err(ProtocolError::BadMagic {
+                expected: STRUCTURED_REPLY_MAGIC.into(),
+                found: magic.into(),
+            });
+        }
+        let header = StructuredReplyHeader {
+            flags: cursor.u16()?,
+            reply_type: cursor.u16()?,
+            cookie: cursor.u64()?,
+            length: cursor.u32()?,
+        };
+        cursor.finish()?;
+        Ok(header)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.flags & REPLY_FLAG_DONE != 0
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.reply_type & (1 << 15) != 0
+    }
+}
+
+/// Encodes the header and offset of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk carrying
+/// `data_bytes` bytes, which the caller writes next (so that they need not be copied).
+/// `data_bytes` is at least 1 and at most `u32::MAX - 8`.
+pub fn encode_offset_data_prefix(
+    out: &mut impl BufMut,
+    cookie: u64,
+    flags: u16,
+    offset: u64,
+    data_bytes: u32,
+) {
+    debug_assert!((1..=u32::MAX - 8).contains(&data_bytes));
+    StructuredReplyHeader {
+        flags,
+        reply_type: REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        length: data_bytes.saturating_add(OFFSET_DATA_PREFIX_BYTES as u32),
+    }
+    .encode(out);
+    out.put_u64(offset);
+}
+
+/// Parses the 8-byte offset in front of an `NBD_REPLY_TYPE_OFFSET_DATA` payload whose
+/// chunk header announced `chunk_length` bytes; returns the offset and the data length.
+pub fn parse_offset_data_prefix(
+    prefix: &[u8],
+    chunk_length: u32,
+) -> Result<(u64, u32), ProtocolError> {
+    if (chunk_length as usize) <= OFFSET_DATA_PREFIX_BYTES {
+        return Err(ProtocolError::BadChunkLength {
+            reply_type: REPLY_TYPE_OFFSET_DATA,
+            length: chunk_length as usize,
+        });
+    }
+    let mut cursor = Cursor::new(prefix);
+    let offset = cursor.u64()?;
+    cursor.finish()?;
+    Ok((offset, chunk_length - OFFSET_DATA_PREFIX_BYTES as u32))
+}
+
+/// Parses an `NBD_REPLY_TYPE_OFFSET_HOLE` payload into the offset and the hole size.
+pub fn parse_offset_hole(payload: &[u8]) -> Result<(u64, u32), ProtocolError> {
+    if payload.len() != OFFSET_HOLE_BYTES {
+        return Err(ProtocolError::BadChunkLength {
+            reply_type: REPLY_TYPE_OFFSET_HOLE,
+            length: payload.len(),
+        });
+    }
+    let mut cursor = Cursor::new(payload);
+    let offset = cursor.u64()?;
+    let length = cursor.u32()?;
+    if length == 0 {
+        return Err(ProtocolError::BadChunkLength {
+            reply_type: REPLY_TYPE_OFFSET_HOLE,
+            length: payload.len(),
+        });
+    }
+    Ok((offset, length))
+}
+
+/// Encodes a whole `NBD_REPLY_TYPE_BLOCK_STATUS` chunk: the context id and one
+/// descriptor per extent. `extents` holds 1 to [`MAX_BLOCK_DESCRIPTORS`] entries.
+pub fn encode_block_status_chunk(
+    out: &mut impl BufMut,
+    cookie: u64,
+    flags: u16,
+    context_id: u32,
+    extents: &[super::Extent],
+) {
+    debug_assert!(!extents.is_empty() && extents.len() <= MAX_BLOCK_DESCRIPTORS);
+    let count = extents.len().min(MAX_BLOCK_DESCRIPTORS);
+    StructuredReplyHeader {
+        flags,
+        reply_type: REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        // At most 4 + 8 * 8191 bytes.
+        length: (4 + count * BLOCK_DESCRIPTOR_BYTES) as u32,
+    }
+    .encode(out);
+    out.put_u32(context_id);
+    for extent in &extents[..count] {
+        out.put_u32(extent.length);
+        out.put_u32(extent.flags);
+    }
+}
+
+/// Parses an `NBD_REPLY_TYPE_BLOCK_STATUS` payload into the context id and its extents:
+/// 4 bytes of id and one or more descriptors of non-zero length.
+pub fn parse_block_status(payload: &[u8]) -> Result<(u32, Vec<super::Extent>), ProtocolError> {
+    let bad_length = || ProtocolError::BadChunkLength {
+        reply_type: REPLY_TYPE_BLOCK_STATUS,
+        length: payload.len(),
+    };
+    if payload.len() < 4 + BLOCK_DESCRIPTOR_BYTES
+        || (payload.len() - 4) % BLOCK_DESCRIPTOR_BYTES != 0
+    {
+        return Err(bad_length());
+    }
+    let mut cursor = Cursor::new(payload);
+    let context_id = cursor.u32()?;
+    let mut extents = Vec::with_capacity((payload.len() - 4) / BLOCK_DESCRIPTOR_BYTES);
+    while !cursor.bytes.is_empty() {
+        let length = cursor.u32()?;
+        let flags = cursor.u32()?;
+        if length == 0 {
+            return Err(ProtocolError::EmptyDescriptor);
+        }
+        extents.push(super::Extent { length, flags });
+    }
+    Ok((context_id, extents))
+}
+
+/// The payload of an error chunk (`NBD_REPLY_TYPE_ERROR`, `NBD_REPLY_TYPE_ERROR_OFFSET`, or
+/// an unknown type with bit 15 set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkError {
+    /// An NBD error value, never zero.
+    pub error: u32,
+    pub message: String,
+    /// The offset of an `NBD_REPLY_TYPE_ERROR_OFFSET` chunk.
+    pub offset: Option<u64>,
+}
+
+/// Encodes a whole `NBD_REPLY_TYPE_ERROR` chunk with an optional message.
+pub fn encode_error_chunk(
+    out: &mut impl BufMut,
+    cookie: u64,
+    flags: u16,
+    error: u32,
+    message: &str,
+) {
+    debug_assert!(error != 0, "error chunks carry a non-zero error");
+    let mut text = Vec::with_capacity(message.len().min(MAX_STRING_BYTES));
+    put_string(&mut text, message);
+    StructuredReplyHeader {
+        flags,
+        reply_type: REPLY_TYPE_ERROR,
+        cookie,
+        // The message is at most 4096 bytes.
+        length: (6 + text.len()) as u32,
+    }
+    .encode(out);
+    out.put_u32(error);
+    out.put_u16(text.len() as u16);
+    out.put_slice(&text);
+}
+
+impl ChunkError {
+    /// Parses the payload of an error chunk of type `reply_type` (bit 15 set). The
+    /// message must fit in the payload; `NBD_REPLY_TYPE_ERROR_OFFSET` must end with exactly
+    /// 8 bytes of offset, other types' trailing bytes are ignored.
+    pub fn parse(reply_type: u16, payload: &[u8]) -> Result<ChunkError, ProtocolError> {
+        let bad_length = || ProtocolError::BadChunkLength {
+            reply_type,
+            length: payload.len(),
+        };
+        let mut cursor = Cursor::new(payload);
+        let error = cursor.u32().map_err(|_| bad_length())?;
+        let message_length = cursor.u16().map_err(|_| bad_length())? as usize;
+        let message = cursor.take(message_length).map_err(|_| bad_length())?;
+        // Messages are for humans: a broken one is shown lossily rather than refused.
+        let message = String::from_utf8_lossy(message).into_owned();
+        if error == 0 {
+            return Err(ProtocolError::ZeroError);
+        }
+        let offset = if reply_type == REPLY_TYPE_ERROR_OFFSET {
+            let offset = cursor.u64().map_err(|_| bad_length())?;
+            cursor.finish()?;
+            Some(offset)
+        } else {
+            None
+        };
+        Ok(ChunkError {
+            error,
+            message,
+            offset,
+        })
+    }
+}
+
 /// Maps an errno of this platform to the NBD error value sent on the wire, as the
 /// specification asks: `EDQUOT` and `EFBIG` become `ENOSPC`, `EROFS` becomes `EPERM`, and
 /// anything without an NBD counterpart becomes `EIO`.
@@ -809,6 +1152,82 @@ mod tests {
     }
 
     #[test]
+    fn structured_chunk_parsing() {
+        // OFFSET_DATA: the prefix is 8 bytes and at least one byte of data follows.
+        assert_eq!(parse_offset_data_prefix(&7u64.to_be_bytes(), 9), Ok((7, 1)));
+        assert!(parse_offset_data_prefix(&7u64.to_be_bytes(), 8).is_err());
+        assert!(parse_offset_data_prefix(&[0; 7], 100).is_err());
+        // OFFSET_HOLE: exactly 12 bytes, non-zero size.
+        let hole = [&5u64.to_be_bytes()[..], &3u32.to_be_bytes()].concat();
+        assert_eq!(parse_offset_hole(&hole), Ok((5, 3)));
+        assert!(parse_offset_hole(&hole[..11]).is_err());
+        let empty_hole = [&5u64.to_be_bytes()[..], &0u32.to_be_bytes()].concat();
+        assert!(parse_offset_hole(&empty_hole).is_err());
+        // BLOCK_STATUS: 4 + 8n bytes with n >= 1, no empty descriptor.
+        assert!(parse_block_status(&[0, 0, 0, 1]).is_err());
+        assert!(parse_block_status(&[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]).is_err());
+        assert_eq!(
+            parse_block_status(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(ProtocolError::EmptyDescriptor)
+        );
+        // Errors: the message must fit; ERROR_OFFSET ends with exactly 8 bytes of offset.
+        let error = [0, 0, 0, 22, 0, 2, b'h', b'i'];
+        assert_eq!(
+            ChunkError::parse(REPLY_TYPE_ERROR, &error),
+            Ok(ChunkError {
+                error: 22,
+                message: "hi".to_owned(),
+                offset: None
+            })
+        );
+        assert!(ChunkError::parse(REPLY_TYPE_ERROR, &error[..7]).is_err());
+        assert!(ChunkError::parse(REPLY_TYPE_ERROR_OFFSET, &error).is_err());
+        let with_offset = [&error[..], &9u64.to_be_bytes()].concat();
+        assert_eq!(
+            ChunkError::parse(REPLY_TYPE_ERROR_OFFSET, &with_offset).map(|e| e.offset),
+            Ok(Some(9))
+        );
+        assert_eq!(
+            ChunkError::parse(REPLY_TYPE_ERROR, &[0, 0, 0, 0, 0, 0]),
+            Err(ProtocolError::ZeroError)
+        );
+    }
+
+    #[test]
+    fn meta_context_request_parsing() {
+        // Export "r0", one query "base:".
+        let data = [
+            &[0, 0, 0, 2, b'r', b'0', 0, 0, 0, 1, 0, 0, 0, 5][..],
+            b"base:",
+        ]
+        .concat();
+        assert_eq!(
+            MetaContextRequest::parse(&data),
+            Ok(MetaContextRequest {
+                name: "r0",
+                queries: vec!["base:"]
+            })
+        );
+        // An absurd query count is refused before anything is allocated.
+        assert_eq!(
+            MetaContextRequest::parse(&[0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]),
+            Err(ProtocolError::Truncated {
+                needed: 0xFFFF_FFFF * 4,
+                available: 4
+            })
+        );
+        // Trailing data, bad strings.
+        assert_eq!(
+            MetaContextRequest::parse(&[0, 0, 0, 0, 0, 0, 0, 0, 7]),
+            Err(ProtocolError::TrailingData { length: 1 })
+        );
+        assert_eq!(
+            MetaContextRequest::parse(&[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0]),
+            Err(ProtocolError::BadString)
+        );
+    }
+
+    #[test]
     fn errno_mapping() {
         fn check(errno: i32, expected: u32) {
             assert_eq!(nbd_error_from_errno(errno), expected, "errno {errno}");
@@ -872,6 +1291,15 @@ mod tests {
             let _ = parse_string(&bytes);
             let _ = RequestHeader::parse(&bytes);
             let _ = SimpleReplyHeader::parse(&bytes);
+            let _ = MetaContextRequest::parse(&bytes);
+            let _ = parse_rep_meta_context(&bytes);
+            let _ = StructuredReplyHeader::parse(&bytes);
+            let _ = parse_offset_data_prefix(&bytes, limit);
+            let _ = parse_offset_hole(&bytes);
+            let _ = parse_block_status(&bytes);
+            let _ = ChunkError::parse(REPLY_TYPE_ERROR, &bytes);
+            let _ = ChunkError::parse(REPLY_TYPE_ERROR_OFFSET, &bytes);
+            let _ = ChunkError::parse(0x8000 | (limit as u16), &bytes);
         }
 
         /// Parsers also never panic on inputs that start with a valid magic, which random
@@ -884,6 +1312,57 @@ mod tests {
             let _ = OptionReplyHeader::parse(&with(&OPTION_REPLY_MAGIC.to_be_bytes()));
             let _ = RequestHeader::parse(&with(&REQUEST_MAGIC.to_be_bytes()));
             let _ = SimpleReplyHeader::parse(&with(&SIMPLE_REPLY_MAGIC.to_be_bytes()));
+            let _ = StructuredReplyHeader::parse(&with(&STRUCTURED_REPLY_MAGIC.to_be_bytes()));
+        }
+
+        #[test]
+        fn meta_context_request_round_trips(name in "[^\u{0}]{0,40}",
+                                            queries in proptest::collection::vec("[^\u{0}]{0,40}", 0..8)) {
+            let request = MetaContextRequest {
+                name: &name,
+                queries: queries.iter().map(String::as_str).collect(),
+            };
+            let bytes = encoded(|out| request.encode(out));
+            prop_assert_eq!(MetaContextRequest::parse(&bytes), Ok(request));
+            for cut in 0..bytes.len() {
+                prop_assert!(MetaContextRequest::parse(&bytes[..cut]).is_err(), "prefix of {} bytes", cut);
+            }
+        }
+
+        #[test]
+        fn structured_reply_header_round_trips(flags in any::<u16>(), reply_type in any::<u16>(),
+                                               cookie in any::<u64>(), length in any::<u32>()) {
+            let header = StructuredReplyHeader { flags, reply_type, cookie, length };
+            let bytes = encoded(|out| header.encode(out));
+            prop_assert_eq!(bytes.len(), STRUCTURED_REPLY_HEADER_BYTES);
+            prop_assert_eq!(StructuredReplyHeader::parse(&bytes), Ok(header));
+        }
+
+        #[test]
+        fn block_status_chunk_round_trips(cookie in any::<u64>(), context_id in any::<u32>(),
+                                          extents in proptest::collection::vec((1u32.., any::<u32>()), 1..64)) {
+            let extents: Vec<super::super::Extent> = extents
+                .into_iter()
+                .map(|(length, flags)| super::super::Extent { length, flags })
+                .collect();
+            let bytes = encoded(|out| encode_block_status_chunk(out, cookie, REPLY_FLAG_DONE, context_id, &extents));
+            let header = StructuredReplyHeader::parse(&bytes[..STRUCTURED_REPLY_HEADER_BYTES]).expect("header");
+            prop_assert_eq!(header.reply_type, REPLY_TYPE_BLOCK_STATUS);
+            prop_assert!(header.is_done());
+            prop_assert_eq!(header.length as usize, bytes.len() - STRUCTURED_REPLY_HEADER_BYTES);
+            prop_assert_eq!(parse_block_status(&bytes[STRUCTURED_REPLY_HEADER_BYTES..]), Ok((context_id, extents)));
+        }
+
+        #[test]
+        fn error_chunk_round_trips(cookie in any::<u64>(), error in 1u32.., message in "[^\u{0}]{0,40}") {
+            let bytes = encoded(|out| encode_error_chunk(out, cookie, REPLY_FLAG_DONE, error, &message));
+            let header = StructuredReplyHeader::parse(&bytes[..STRUCTURED_REPLY_HEADER_BYTES]).expect("header");
+            prop_assert!(header.is_error() && header.is_done());
+            prop_assert_eq!(header.length as usize, bytes.len() - STRUCTURED_REPLY_HEADER_BYTES);
+            prop_assert_eq!(
+                ChunkError::parse(header.reply_type, &bytes[STRUCTURED_REPLY_HEADER_BYTES..]),
+                Ok(ChunkError { error, message: message.clone(), offset: None })
+            );
         }
 
         #[test]
