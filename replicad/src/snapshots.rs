@@ -7,7 +7,7 @@ use bytes::Bytes;
 use engine::snapshot::{SnapshotError, SnapshotInfo};
 use serde::Serialize;
 
-use crate::nbd::{Errno, Export};
+use crate::nbd::{Errno, Export, Extent, BASE_ALLOCATION, STATE_DIRTY};
 use crate::resource::{Resource, ResourceError};
 
 /// One snapshot as `replctl snapshot list --json` shows it.
@@ -36,6 +36,8 @@ pub struct SnapshotStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotList {
     pub resource: String,
+    /// The resource's UUID (hex): what backups record as the volume's identity.
+    pub volume_id: String,
     pub area_used_bytes: u64,
     pub area_bytes: u64,
     pub snapshots: Vec<SnapshotStatus>,
@@ -120,6 +122,7 @@ impl Resource {
         let (list, used, limit) = volume.list_snapshots()?;
         Ok(SnapshotList {
             resource: self.name.clone(),
+            volume_id: self.uuid.iter().map(|b| format!("{b:02x}")).collect(),
             area_used_bytes: used,
             area_bytes: limit,
             snapshots: list.into_iter().map(|info| status(self, info)).collect(),
@@ -138,6 +141,98 @@ impl Resource {
             })
             .unwrap_or_default()
     }
+}
+
+/// The prefix of the dirty-bitmap contexts, as QEMU names them.
+const DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+/// Most bytes one block-status answer covers (the client asks again for the rest).
+const STATUS_SPAN_BYTES: u64 = 1 << 30;
+
+/// `qemu:dirty-bitmap:NAME` for each of `names`.
+fn dirty_contexts(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    names
+        .into_iter()
+        .map(|name| format!("{DIRTY_BITMAP}{name}"))
+        .collect()
+}
+
+/// Extents over `[offset, offset + length)` (capped at [`STATUS_SPAN_BYTES`]): dirty
+/// where a block of `changed` (sorted) lies, clean elsewhere.
+fn dirty_extents(offset: u64, length: u32, changed: &[u64]) -> Vec<Extent> {
+    let block = engine::BLOCK_BYTES;
+    let end = offset + u64::from(length).min(STATUS_SPAN_BYTES);
+    let mut extents: Vec<Extent> = Vec::new();
+    let mut push = |from: u64, to: u64, flags: u32| {
+        if to <= from {
+            return;
+        }
+        match extents.last_mut() {
+            Some(last) if last.flags == flags => last.length += (to - from) as u32,
+            _ => extents.push(Extent {
+                length: (to - from) as u32,
+                flags,
+            }),
+        }
+    };
+    let mut at = offset;
+    for &b in changed {
+        let (start, stop) = ((b * block).max(offset), ((b + 1) * block).min(end));
+        if stop <= at || start >= end {
+            continue;
+        }
+        push(at, start, 0);
+        push(start.max(at), stop, STATE_DIRTY);
+        at = stop;
+    }
+    push(at, end, 0);
+    extents
+}
+
+/// The block range `[first, first + count)` a status request covers.
+fn block_span(offset: u64, length: u32) -> (u64, u64) {
+    let end = offset + u64::from(length).min(STATUS_SPAN_BYTES);
+    let first = offset / engine::BLOCK_BYTES;
+    (first, end.div_ceil(engine::BLOCK_BYTES) - first)
+}
+
+/// `qemu:dirty-bitmap:SINCE` over a range: blocks changed since snapshot `since`, up to
+/// now (`until` None) or up to snapshot `until`.
+fn dirty_status(
+    resource: &Resource,
+    context: &str,
+    until: Option<&str>,
+    offset: u64,
+    length: u32,
+) -> Result<Vec<Extent>, Errno> {
+    let since = context.strip_prefix(DIRTY_BITMAP).ok_or(Errno::EINVAL)?;
+    let volume = resource.volume().ok_or(Errno::EIO)?;
+    let (first, count) = block_span(offset, length);
+    let changed = volume
+        .changed_blocks(since, until, first, count)
+        .map_err(|error| {
+            tracing::warn!(context, "block status failed: {error}");
+            Errno::EINVAL
+        })?;
+    Ok(dirty_extents(offset, length, &changed))
+}
+
+/// Every valid snapshot, as its context on the live volume.
+pub fn live_contexts(resource: &Resource) -> Vec<String> {
+    dirty_contexts(resource.snapshot_names())
+}
+
+/// Block status of the live volume: `base:allocation` (all data) or the blocks
+/// changed since a snapshot.
+pub fn live_status(
+    resource: &Resource,
+    context: &str,
+    offset: u64,
+    length: u32,
+) -> Result<Vec<Extent>, Errno> {
+    if context == BASE_ALLOCATION {
+        return Ok(vec![Extent { length, flags: 0 }]);
+    }
+    dirty_status(resource, context, None, offset, length)
 }
 
 /// The read-only export of one snapshot. Counts as a reader while it lives (the NBD
@@ -179,6 +274,39 @@ impl Export for SnapshotExport {
 
     fn can_multi_conn(&self) -> bool {
         true
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    /// `qemu:dirty-bitmap:A` for every snapshot A older than this one: the blocks
+    /// changed between A and this snapshot (what an incremental backup copies).
+    fn meta_contexts(&self) -> Vec<String> {
+        let Some((list, _, _)) = self.resource.volume().and_then(|v| v.list_snapshots().ok())
+        else {
+            return Vec::new();
+        };
+        let Some(point) = list.iter().find(|s| s.name == self.name).map(|s| s.point) else {
+            return Vec::new();
+        };
+        dirty_contexts(
+            list.into_iter()
+                .filter(|s| s.invalid.is_none() && s.name != self.name && s.point <= point)
+                .map(|s| s.name),
+        )
+    }
+
+    async fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<Extent>, Errno> {
+        if context == BASE_ALLOCATION {
+            return Ok(vec![Extent { length, flags: 0 }]);
+        }
+        dirty_status(&self.resource, context, Some(&self.name), offset, length)
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<Bytes, Errno> {
@@ -260,6 +388,32 @@ impl Export for VolumeExport {
         }
     }
 
+    fn read_only(&self) -> bool {
+        match self {
+            VolumeExport::Live(r) => r.read_only(),
+            VolumeExport::Snapshot(s) => s.read_only(),
+        }
+    }
+
+    fn meta_contexts(&self) -> Vec<String> {
+        match self {
+            VolumeExport::Live(r) => live_contexts(r),
+            VolumeExport::Snapshot(s) => s.meta_contexts(),
+        }
+    }
+
+    async fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<Extent>, Errno> {
+        match self {
+            VolumeExport::Live(r) => live_status(r, context, offset, length),
+            VolumeExport::Snapshot(s) => s.block_status(context, offset, length).await,
+        }
+    }
+
     async fn read(&self, offset: u64, length: u32) -> Result<Bytes, Errno> {
         match self {
             VolumeExport::Live(r) => r.read(offset, length).await,
@@ -293,5 +447,37 @@ impl Export for VolumeExport {
             VolumeExport::Live(r) => r.write_zeroes(offset, length, fua).await,
             VolumeExport::Snapshot(s) => s.write_zeroes(offset, length, fua).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_extents_cover_the_range_exactly() {
+        let ext = |pairs: &[(u32, u32)]| -> Vec<Extent> {
+            pairs
+                .iter()
+                .map(|&(length, flags)| Extent { length, flags })
+                .collect()
+        };
+        assert_eq!(dirty_extents(0, 40960, &[]), ext(&[(40960, 0)]));
+        assert_eq!(
+            dirty_extents(0, 40960, &[2, 3, 7]),
+            ext(&[(8192, 0), (8192, 1), (12288, 0), (4096, 1), (8192, 0)])
+        );
+        // Unaligned start and end; changed blocks outside the range are ignored.
+        assert_eq!(
+            dirty_extents(5000, 10000, &[0, 1, 9]),
+            ext(&[(3192, 1), (6808, 0)])
+        );
+        assert_eq!(dirty_extents(4096, 4096, &[1]), ext(&[(4096, 1)]));
+        let total: u32 = dirty_extents(100, 1 << 20, &[3, 100, 200])
+            .iter()
+            .map(|e| e.length)
+            .sum();
+        assert_eq!(total, 1 << 20);
+        assert_eq!(block_span(5000, 10000), (1, 3));
     }
 }

@@ -66,10 +66,12 @@ pub(crate) struct MetaContext {
 }
 
 /// What the options so far have negotiated.
-struct Negotiated<E> {
+struct Negotiated {
     structured_replies: bool,
     /// The export the last successful `NBD_OPT_SET_META_CONTEXT` named, and its contexts.
-    selection: Option<(Arc<E>, Vec<MetaContext>)>,
+    /// The export's canonical name and the contexts selected for it. By name, not by
+    /// the `Arc`: an export set may hand out a fresh export object per lookup.
+    selection: Option<(String, Vec<MetaContext>)>,
     /// The next metadata context id to give out; ids are never reused on a connection.
     next_context_id: u32,
 }
@@ -244,10 +246,12 @@ fn session<S: ExportSet>(
     exports: &S,
     name: &str,
     export: Arc<S::Export>,
-    negotiated: &Negotiated<S::Export>,
+    negotiated: &Negotiated,
 ) -> Session<S::Export> {
     let contexts = match &negotiated.selection {
-        Some((selected, contexts)) if Arc::ptr_eq(selected, &export) => contexts.clone(),
+        Some((selected, contexts)) if *selected == canonical_name(exports, name, &export) => {
+            contexts.clone()
+        }
         _ => Vec::new(),
     };
     Session {
@@ -378,7 +382,7 @@ fn set_meta_contexts<S: ExportSet>(
     out: &mut Vec<u8>,
     exports: &S,
     data: &[u8],
-    negotiated: &mut Negotiated<S::Export>,
+    negotiated: &mut Negotiated,
 ) {
     let option = proto::OPT_SET_META_CONTEXT;
     negotiated.selection = None;
@@ -415,7 +419,7 @@ fn set_meta_contexts<S: ExportSet>(
         contexts.push(MetaContext { id, name });
     }
     proto::encode_option_reply(out, option, proto::REP_ACK, &[]);
-    negotiated.selection = Some((export, contexts));
+    negotiated.selection = Some((canonical_name(exports, request.name, &export), contexts));
 }
 
 /// The name under which `export` is listed: the requested name, unless the client asked
@@ -460,7 +464,7 @@ fn info<S: ExportSet>(
     exports: &S,
     option: u32,
     data: &[u8],
-    negotiated: &Negotiated<S::Export>,
+    negotiated: &Negotiated,
 ) -> Option<Session<S::Export>> {
     let request = match InfoRequest::parse(data) {
         Ok(request) => request,

@@ -167,6 +167,10 @@ enum Command {
     /// Write a backup file of an NBD export (a snapshot): full, or incremental with the
     /// changed ranges given.
     BackupFile(tools::backup::cli::BackupFileArgs),
+    /// Back up a resource from this node: take a snapshot (or use --snapshot), read it
+    /// over NBD, and write a full backup or, with --since, only the blocks changed
+    /// since an earlier snapshot. Restore with `replctl restore`.
+    Backup(tools::backup::cli::BackupArgs),
     /// Read a backup file to its end, check every CRC, and show what it holds.
     BackupVerify(tools::backup::cli::BackupVerifyArgs),
     /// Restore a chain of backup files (full, then incrementals) to an NBD export or an
@@ -472,6 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => tools::serve::run(args),
         Command::Daemon(args) => tools::node::run(&cli.config, cli.node.as_deref(), args),
         Command::BackupFile(args) => tools::backup::cli::backup_file(args),
+        Command::Backup(args) => tools::backup::cli::backup_resource(args, &mut client(&cli)?),
         Command::BackupVerify(args) => tools::backup::cli::backup_verify(args),
         Command::Restore(args) => tools::backup::cli::restore(args),
         Command::Completions { shell, program } => {
