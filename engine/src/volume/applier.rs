@@ -169,7 +169,10 @@ pub(super) fn step<'a>(
                 batch.push(item);
             }
         }
-        let resync_trigger = state.last_sequenced;
+        // Resync data carries the source's newer content: a write after every point
+        // this node has (a node mid-resync takes no snapshot, and its last sequenced
+        // number is at or above every point), so it counts as changed after all of them.
+        let resync_trigger = state.last_sequenced.saturating_add(1);
         state.applying = true;
         drop(state);
         if let Err(error) = apply_batch(shared, batch, resync_trigger) {
