@@ -28,6 +28,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::checksum::block_crc;
 use crate::BLOCK_BYTES;
@@ -150,7 +151,7 @@ struct Snap {
     point: u64,
     created_unix: u64,
     invalid: Option<String>,
-    log: Option<File>,
+    log: Option<Arc<File>>,
     map: BTreeMap<u64, Entry>,
     slots: u64,
 }
@@ -190,6 +191,19 @@ pub(crate) struct Snapshots {
     next_id: u64,
     /// Invalidations and repairs not yet reported (taken by the daemon for events).
     events: Vec<String>,
+}
+
+/// Reads the preserved blocks of one snapshot's log (see [`Snapshots::sources`]).
+#[derive(Debug, Clone)]
+pub(crate) struct LogReader(Arc<File>);
+
+impl LogReader {
+    /// Reads slot `slot`'s block into `buf` (4096 bytes).
+    pub(crate) fn read_slot(&self, slot: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
+        self.0
+            .read_exact_at(buf, slot * ENTRY_BYTES + ENTRY_HEADER_BYTES)
+            .map_err(|e| SnapshotError::Io(format!("reading a snapshot's log: {e}")))
+    }
 }
 
 /// Encodes a COW log entry (`docs/FORMAT.md` §16).
@@ -404,7 +418,7 @@ impl Snapshots {
         let snap = &mut self.snaps[index];
         snap.map = map;
         snap.slots = slot;
-        snap.log = Some(file);
+        snap.log = Some(Arc::new(file));
         Ok(())
     }
 
@@ -487,7 +501,7 @@ impl Snapshots {
             point,
             created_unix,
             invalid: None,
-            log: Some(log),
+            log: Some(Arc::new(log)),
             map: BTreeMap::new(),
             slots: 0,
         });
@@ -635,13 +649,15 @@ impl Snapshots {
         }
     }
 
-    /// Where each block of `[first, first+count)` of snapshot `name` is read from.
+    /// Where each block of `[first, first+count)` of snapshot `name` is read from, and
+    /// a handle on its log for the preserved ones: reading needs no lock on the
+    /// snapshots (a slot, once written, does not change while the snapshot lives).
     pub(crate) fn sources(
         &self,
         name: &str,
         first: u64,
         count: u64,
-    ) -> Result<(u64, Vec<BlockSource>), SnapshotError> {
+    ) -> Result<(u64, Vec<BlockSource>, LogReader), SnapshotError> {
         let snap = self.find_valid(name)?;
         let mut sources = vec![BlockSource::InPlace; count as usize];
         for (&block, entry) in snap.map.range(first..first + count) {
@@ -650,23 +666,11 @@ impl Snapshots {
                 crc: entry.crc,
             };
         }
-        Ok((snap.point, sources))
-    }
-
-    /// Reads slot `slot` of snapshot `name`'s log.
-    pub(crate) fn read_slot(
-        &self,
-        name: &str,
-        slot: u64,
-        buf: &mut [u8],
-    ) -> Result<(), SnapshotError> {
-        let snap = self.find_valid(name)?;
         let log = snap
             .log
-            .as_ref()
+            .clone()
             .ok_or_else(|| SnapshotError::Io("log not open".into()))?;
-        log.read_exact_at(buf, slot * ENTRY_BYTES + ENTRY_HEADER_BYTES)
-            .map_err(|e| SnapshotError::Io(format!("reading snapshot {name}: {e}")))
+        Ok((snap.point, sources, LogReader(log)))
     }
 
     /// The point of valid snapshot `name`.
@@ -761,12 +765,12 @@ mod tests {
         let snaps = Snapshots::open(area(&dir), 100).unwrap();
         assert_eq!(snaps.changed("a", None, 0, 100).unwrap(), vec![3, 5]);
         assert_eq!(fs::metadata(&log).unwrap().len(), 2 * ENTRY_BYTES);
-        let (_, sources) = snaps.sources("a", 3, 1).unwrap();
+        let (_, sources, log) = snaps.sources("a", 3, 1).unwrap();
         let BlockSource::Log { slot, crc } = sources[0] else {
             panic!("not preserved")
         };
         let mut buf = vec![0u8; BLOCK_BYTES as usize];
-        snaps.read_slot("a", slot, &mut buf).unwrap();
+        log.read_slot(slot, &mut buf).unwrap();
         assert_eq!(buf, vec![3u8; BLOCK_BYTES as usize]);
         assert_eq!(crc, block_crc(&buf));
         fs::remove_dir_all(&dir).unwrap();

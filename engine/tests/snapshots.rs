@@ -193,6 +193,106 @@ fn a_snapshot_reads_its_point_while_the_volume_moves_on_and_lists_what_changed()
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// "Changed between A and B" while the writes before B's point are not applied yet
+/// (they have no log entry): still every block they rewrite.
+#[test]
+fn p8_changed_between_two_snapshots_counts_writes_not_yet_applied() {
+    let dir = tempdir("unapplied");
+    let volume = open(fresh_store(), Background::Manual, &dir);
+    write(&volume, 0, pattern(0xA2, 16));
+    volume.pump_until_idle(10_000);
+    volume.create_snapshot("a", None, 1).unwrap();
+    write(&volume, 3, pattern(0xB2, 2));
+    write(&volume, 9, pattern(0xB3, 1));
+    volume.create_snapshot("b", None, 2).unwrap();
+    assert_eq!(
+        volume.changed_blocks("a", Some("b"), 0, 16).unwrap(),
+        vec![3, 4, 9],
+        "before the applier ran"
+    );
+    // Block 12 only after b; block 3 again after b (its entry brackets both writes).
+    write(&volume, 12, pattern(0xC2, 1));
+    write(&volume, 3, pattern(0xC3, 1));
+    assert_eq!(
+        volume.changed_blocks("a", Some("b"), 0, 16).unwrap(),
+        vec![3, 4, 9],
+        "with writes after b pending"
+    );
+    assert_eq!(
+        volume.changed_blocks("b", None, 0, 16).unwrap(),
+        vec![3, 12],
+        "since b, up to now"
+    );
+    volume.pump_until_idle(10_000);
+    assert_eq!(
+        volume.changed_blocks("a", Some("b"), 0, 16).unwrap(),
+        vec![3, 4, 9],
+        "after"
+    );
+    volume.close().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The reader threads serve snapshot reads in the same batches as reads of the volume:
+/// each gets its own image.
+#[test]
+fn queued_snapshot_reads_and_volume_reads_each_see_their_image() {
+    let dir = tempdir("queued");
+    let volume = open(fresh_store(), Background::Threads, &dir);
+    let a = pattern(0xA1, 32);
+    write(&volume, 0, a.clone());
+    volume.create_snapshot("a", None, 1).unwrap();
+    let b = pattern(0xB1, 16);
+    write(&volume, 8, b.clone());
+    // Readable once every record up to its point is applied; B again, so the volume's
+    // reads of it likely come from the overlay.
+    assert!(volume.wait_applied(Duration::from_secs(10)));
+    assert!(volume.snapshot_readable("a").unwrap());
+    write(&volume, 8, b.clone());
+    let (sender, receiver) = std::sync::mpsc::channel();
+    for round in 0..64u64 {
+        let block = round % 32;
+        let offset = block * BLOCK_BYTES;
+        let to_snapshot = sender.clone();
+        volume.read_snapshot_queued(
+            "a",
+            offset,
+            BLOCK_BYTES,
+            Box::new(move |r| drop(to_snapshot.send((true, block, r)))),
+        );
+        let to_volume = sender.clone();
+        volume.read(
+            offset,
+            BLOCK_BYTES,
+            Box::new(move |r| drop(to_volume.send((false, block, r)))),
+        );
+    }
+    for _ in 0..128 {
+        let (snapshot, block, result) = receiver.recv_timeout(Duration::from_secs(10)).unwrap();
+        let at = (block * BLOCK_BYTES) as usize;
+        let expected = if !snapshot && (8..24).contains(&block) {
+            b.slice(at - 8 * 4096..at - 8 * 4096 + 4096)
+        } else {
+            a.slice(at..at + 4096)
+        };
+        assert!(
+            result.unwrap() == expected,
+            "block {block} of the {} differs",
+            if snapshot { "snapshot" } else { "volume" }
+        );
+    }
+    // Unknown snapshots fail the read with their reason; the volume is untouched.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    volume.read_snapshot_queued("zz", 0, 4096, Box::new(move |r| drop(sender.send(r))));
+    let error = receiver
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap_err();
+    assert!(error.to_string().contains("zz"), "{error}");
+    volume.close().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Resync data is the source's newer content: written after every snapshot the node
 /// has, it is a change after all of them — never one inside an older pair's range.
 #[test]

@@ -312,15 +312,32 @@ impl Export for SnapshotExport {
     async fn read(&self, offset: u64, length: u32) -> Result<Bytes, Errno> {
         let volume = self.resource.volume().ok_or(Errno::EIO)?;
         let name = self.name.clone();
+        let failed = |error: &dyn std::fmt::Display| {
+            tracing::warn!(snapshot = %self.name, "snapshot read failed: {error}");
+            Errno::EIO
+        };
+        if volume.snapshot_readable(&name).map_err(|e| failed(&e))? {
+            // The common case: batched with other reads on the volume's reader threads.
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            volume.read_snapshot_queued(
+                &name,
+                offset,
+                u64::from(length),
+                Box::new(move |result| drop(sender.send(result))),
+            );
+            return match receiver.await {
+                Ok(result) => result.map_err(|e| failed(&e)),
+                Err(_) => Err(Errno::EIO),
+            };
+        }
+        // A Secondary's snapshot whose point is not applied yet: wait for it off the
+        // runtime.
         let read = tokio::task::spawn_blocking(move || {
             volume.read_snapshot(&name, offset, u64::from(length))
         })
         .await
         .map_err(|_| Errno::EIO)?;
-        read.map_err(|error| {
-            tracing::warn!(snapshot = %self.name, "snapshot read failed: {error}");
-            Errno::EIO
-        })
+        read.map_err(|e| failed(&e))
     }
 
     async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<(), Errno> {

@@ -61,7 +61,7 @@ use crate::checksum::{block_crc, ChecksumTable};
 use crate::error::{EngineError, IoError};
 use crate::layout::Geometry;
 use crate::record::{self, Record};
-use crate::snapshot::{BlockSource, SnapshotError, SnapshotInfo};
+use crate::snapshot::{SnapshotError, SnapshotInfo};
 use crate::superblock::Superblock;
 use crate::{BLOCK_BYTES, MAX_IO_BYTES, MAX_ZERO_BYTES};
 
@@ -197,6 +197,9 @@ pub struct StatsSnapshot {
 #[derive(Debug, Clone)]
 struct OverlayEntry {
     seq: u64,
+    /// The oldest write to the block not applied yet (or an older, applied one): with
+    /// `seq`, brackets the unapplied writes for changed-block sets.
+    first_seq: u64,
     /// `None`: the block reads as zeroes.
     data: Option<Bytes>,
 }
@@ -338,6 +341,8 @@ struct ReadQueue {
 struct ReadJob {
     offset: u64,
     length: u64,
+    /// A read of this snapshot, not of the volume.
+    snapshot: Option<String>,
     done: ReadDone,
 }
 
@@ -817,9 +822,18 @@ impl Volume {
                 let start = (index * BLOCK_BYTES) as usize;
                 record.data.slice(start..start + BLOCK_BYTES as usize)
             });
-            state
+            let first_seq = state
                 .overlay
-                .insert(first_block + index, OverlayEntry { seq, data });
+                .get(&(first_block + index))
+                .map_or(seq, |older| older.first_seq);
+            state.overlay.insert(
+                first_block + index,
+                OverlayEntry {
+                    seq,
+                    first_seq,
+                    data,
+                },
+            );
         }
         if from_peer || state.peer_attached {
             state.unacked.push_back(Unacked {
@@ -986,12 +1000,17 @@ impl Volume {
         if let Err(error) = check_io("read", offset, length, self.size_bytes(), MAX_IO_BYTES) {
             return done(Err(error));
         }
-        let shared = &self.shared;
-        let job = ReadJob {
+        self.queue_read(ReadJob {
             offset,
             length,
+            snapshot: None,
             done,
-        };
+        });
+    }
+
+    /// Queues a read for the reader threads (manual mode: serves it now).
+    fn queue_read(&self, job: ReadJob) {
+        let shared = &self.shared;
         if shared.manual() {
             return read::read_batch(shared, vec![job]);
         }
@@ -1564,6 +1583,45 @@ impl Volume {
         offset: u64,
         length: u64,
     ) -> Result<Bytes, SnapshotError> {
+        self.check_snapshot_read(name, offset, length)?;
+        read::read_snapshot_now(&self.shared, name, offset, length)
+            .map_err(|error| SnapshotError::Io(error.to_string()))
+    }
+
+    /// Queues a read of snapshot `name` for the reader threads, batched with other
+    /// reads (what the daemon's `RESOURCE@NAME` exports use). Every record up to the
+    /// snapshot's point must have been applied ([`Volume::snapshot_readable`]); a
+    /// snapshot error fails the read as [`IoError::Failed`] with its reason.
+    pub fn read_snapshot_queued(&self, name: &str, offset: u64, length: u64, done: ReadDone) {
+        if let Err(error) = check_io("read", offset, length, self.size_bytes(), MAX_IO_BYTES) {
+            return done(Err(error));
+        }
+        self.queue_read(ReadJob {
+            offset,
+            length,
+            snapshot: Some(name.to_string()),
+            done,
+        });
+    }
+
+    /// Whether snapshot `name` can be read without waiting: every record up to its
+    /// point has been applied here.
+    pub fn snapshot_readable(&self, name: &str) -> Result<bool, SnapshotError> {
+        let point = self
+            .snapshots()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .point(name)?;
+        Ok(self.shared.lock().applied_seq >= point)
+    }
+
+    /// A snapshot read's range, and (waiting up to 10 s) its point applied.
+    fn check_snapshot_read(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), SnapshotError> {
         let snapshots = self.snapshots()?;
         let size = self.size_bytes();
         if length == 0 || offset.checked_add(length).is_none_or(|end| end > size) {
@@ -1583,64 +1641,7 @@ impl Volume {
                 applied: self.shared.lock().applied_seq,
             });
         }
-        let first = offset / BLOCK_BYTES;
-        let count = (offset + length).div_ceil(BLOCK_BYTES) - first;
-        let mut buf = vec![0u8; (count * BLOCK_BYTES) as usize];
-        {
-            // No in-place overwrite between the lookup and the read.
-            let _apply = self
-                .shared
-                .apply_lock
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
-            let snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
-            let (_, sources) = snaps.sources(name, first, count)?;
-            let mut index = 0usize;
-            while index < sources.len() {
-                let at = index * BLOCK_BYTES as usize;
-                match sources[index] {
-                    BlockSource::Log { slot, crc } => {
-                        let block = &mut buf[at..at + BLOCK_BYTES as usize];
-                        snaps.read_slot(name, slot, block)?;
-                        let computed = block_crc(block);
-                        if computed != crc {
-                            return Err(SnapshotError::Io(format!(
-                                "checksum mismatch in preserved block {} of snapshot {name}: stored {crc:#010x}, data {computed:#010x}",
-                                first + index as u64
-                            )));
-                        }
-                        index += 1;
-                    }
-                    BlockSource::InPlace => {
-                        let start = index;
-                        while index < sources.len() && sources[index] == BlockSource::InPlace {
-                            index += 1;
-                        }
-                        let end = index * BLOCK_BYTES as usize;
-                        self.shared
-                            .data
-                            .read_at((first + start as u64) * BLOCK_BYTES, &mut buf[at..end])
-                            .map_err(|e| SnapshotError::Io(format!("reading the store: {e}")))?;
-                        for block_index in start..index {
-                            let block = first + block_index as u64;
-                            let from = block_index * BLOCK_BYTES as usize;
-                            let computed = block_crc(&buf[from..from + BLOCK_BYTES as usize]);
-                            let stored =
-                                self.shared.checksums.get(block).map_err(|e| {
-                                    SnapshotError::Io(format!("checksum table: {e}"))
-                                })?;
-                            if computed != stored {
-                                return Err(SnapshotError::Io(format!(
-                                    "checksum mismatch in block {block}: stored {stored:#010x}, data {computed:#010x}"
-                                )));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let skip = (offset % BLOCK_BYTES) as usize;
-        Ok(Bytes::from(buf).slice(skip..skip + length as usize))
+        Ok(())
     }
 
     /// Blocks of `[first_block, first_block+blocks)` changed since snapshot `since`:
@@ -1655,40 +1656,41 @@ impl Volume {
         blocks: u64,
     ) -> Result<Vec<u64>, SnapshotError> {
         let snapshots = self.snapshots()?;
-        match until {
+        // The engine's state before the snapshots: a block leaves the overlay only
+        // after it was preserved, so holding the state lock, it is in one or the other.
+        let state = self.shared.lock();
+        let snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let since_point = snaps.point(since)?;
+        let until_point = match until {
             Some(until) => {
-                let snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
                 let until_point = snaps.point(until)?;
-                let since_point = snaps.point(since)?;
                 if since_point > until_point {
                     return Err(SnapshotError::Io(format!(
                         "snapshot {since} (point {since_point}) is newer than {until} (point {until_point})"
                     )));
                 }
-                snaps.changed(since, Some(until_point), first_block, blocks)
+                Some(until_point)
             }
-            None => {
-                // State before snapshots: a block leaves the overlay only after it was
-                // preserved, so holding the state lock, it is in one or the other.
-                let state = self.shared.lock();
-                let snaps = snapshots.lock().unwrap_or_else(|p| p.into_inner());
-                let point = snaps.point(since)?;
-                let mut changed = snaps.changed(since, None, first_block, blocks)?;
-                let end = first_block.saturating_add(blocks);
-                changed.extend(
-                    state
-                        .overlay
-                        .iter()
-                        .filter(|(block, entry)| {
-                            (first_block..end).contains(*block) && entry.seq > point
-                        })
-                        .map(|(block, _)| *block),
-                );
-                changed.sort_unstable();
-                changed.dedup();
-                Ok(changed)
-            }
-        }
+            None => None,
+        };
+        let mut changed = snaps.changed(since, until_point, first_block, blocks)?;
+        // Writes not applied yet have no log entry yet: a block counts if its unapplied
+        // writes, from the oldest to the newest, reach into (since, until].
+        let end = first_block.saturating_add(blocks);
+        changed.extend(
+            state
+                .overlay
+                .iter()
+                .filter(|(block, entry)| {
+                    (first_block..end).contains(*block)
+                        && entry.seq > since_point
+                        && until_point.is_none_or(|until| entry.first_seq <= until)
+                })
+                .map(|(block, _)| *block),
+        );
+        changed.sort_unstable();
+        changed.dedup();
+        Ok(changed)
     }
 
     /// Waits (threaded mode) until every record up to `seq` is applied, or `timeout`.

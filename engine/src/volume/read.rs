@@ -18,6 +18,7 @@ use super::Shared;
 use crate::backend::ReadOp;
 use crate::checksum::block_crc;
 use crate::error::IoError;
+use crate::snapshot::{BlockSource, SnapshotError};
 use crate::BLOCK_BYTES;
 
 /// Reads `[offset, offset+length)` (already range-checked).
@@ -36,13 +37,38 @@ pub(super) fn read_now(shared: &Shared, offset: u64, length: u64) -> Result<Byte
     read.finish(shared)
 }
 
-/// One read in progress: its buffer and which blocks came from the overlay.
+/// Reads `[offset, offset+length)` of snapshot `name` (already range-checked; every
+/// record up to its point applied): preserved blocks from its log, the others from the
+/// store under the apply lock, every block checked.
+pub(super) fn read_snapshot_now(
+    shared: &Shared,
+    name: &str,
+    offset: u64,
+    length: u64,
+) -> Result<Bytes, IoError> {
+    let mut read = PreparedRead::new(shared, offset, length);
+    let _apply = shared.apply_lock.read().unwrap_or_else(|p| p.into_inner());
+    read.fill_from_snapshot(shared, name)?;
+    let mut ops = Vec::new();
+    read.store_ops(&mut ops);
+    if !ops.is_empty() {
+        shared.data.read_many(&mut ops)?;
+    }
+    drop(ops);
+    read.check(shared, true)?;
+    Ok(read.bytes())
+}
+
+/// One read in progress: its buffer and which blocks came from elsewhere than the
+/// store.
 struct PreparedRead {
     offset: u64,
     length: u64,
     first_block: u64,
     buf: BytesMut,
-    from_overlay: Vec<bool>,
+    /// Blocks already filled (from the overlay, or a snapshot's log): not read from
+    /// the store.
+    filled: Vec<bool>,
 }
 
 impl PreparedRead {
@@ -57,7 +83,7 @@ impl PreparedRead {
             length,
             first_block,
             buf: BytesMut::zeroed(blocks * BLOCK_BYTES as usize),
-            from_overlay: vec![false; blocks],
+            filled: vec![false; blocks],
         }
     }
 
@@ -69,7 +95,7 @@ impl PreparedRead {
         if state.overlay.is_empty() {
             return Ok(());
         }
-        for index in 0..self.from_overlay.len() {
+        for index in 0..self.filled.len() {
             if let Some(entry) = state.overlay.get(&(self.first_block + index as u64)) {
                 let at = index * BLOCK_BYTES as usize;
                 let slot = &mut self.buf[at..at + BLOCK_BYTES as usize];
@@ -77,25 +103,75 @@ impl PreparedRead {
                     Some(data) => slot.copy_from_slice(data),
                     None => slot.fill(0),
                 }
-                self.from_overlay[index] = true;
+                self.filled[index] = true;
             }
         }
         Ok(())
     }
 
-    /// The store reads still needed: one per run of blocks not in the overlay.
+    /// A read of snapshot `name`: fills the blocks its log preserved (each checked
+    /// against the log's checksum); the others are the store's, in place. The caller
+    /// holds the apply lock for reading from before this lookup until the store has
+    /// been read, so no block is overwritten in between.
+    fn fill_from_snapshot(&mut self, shared: &Shared, name: &str) -> Result<(), IoError> {
+        let snapshot_error = |error: SnapshotError| IoError::Failed(error.to_string().into());
+        let snapshots = shared
+            .snapshots
+            .as_ref()
+            .ok_or(SnapshotError::NotConfigured)
+            .map_err(snapshot_error)?;
+        let count = self.filled.len() as u64;
+        let (point, sources, log) = snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sources(name, self.first_block, count)
+            .map_err(snapshot_error)?;
+        let applied = shared.lock().applied_seq;
+        if applied < point {
+            return Err(snapshot_error(SnapshotError::NotReady {
+                name: name.to_string(),
+                point,
+                applied,
+            }));
+        }
+        for (index, source) in sources.into_iter().enumerate() {
+            let BlockSource::Log { slot, crc } = source else {
+                continue;
+            };
+            let block_number = self.first_block + index as u64;
+            let at = index * BLOCK_BYTES as usize;
+            let block = &mut self.buf[at..at + BLOCK_BYTES as usize];
+            log.read_slot(slot, block).map_err(snapshot_error)?;
+            let computed = block_crc(block);
+            if computed != crc {
+                shared.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "checksum mismatch in block {block_number} preserved by snapshot {name}: stored {crc:#010x}, data {computed:#010x}"
+                );
+                return Err(IoError::Checksum {
+                    block: block_number,
+                    stored: crc,
+                    computed,
+                });
+            }
+            self.filled[index] = true;
+        }
+        Ok(())
+    }
+
+    /// The store reads still needed: one per run of blocks not filled already.
     fn store_ops<'a>(&'a mut self, ops: &mut Vec<ReadOp<'a>>) {
-        let blocks = self.from_overlay.len();
+        let blocks = self.filled.len();
         let mut rest: &mut [u8] = &mut self.buf[..];
         let mut consumed = 0usize;
         let mut index = 0usize;
         while index < blocks {
-            if self.from_overlay[index] {
+            if self.filled[index] {
                 index += 1;
                 continue;
             }
             let run_start = index;
-            while index < blocks && !self.from_overlay[index] {
+            while index < blocks && !self.filled[index] {
                 index += 1;
             }
             let skip = (run_start - consumed) * BLOCK_BYTES as usize;
@@ -113,8 +189,8 @@ impl PreparedRead {
 
     /// Checks every block read from the store against the checksum table.
     fn check(&self, shared: &Shared, final_attempt: bool) -> Result<(), IoError> {
-        for (index, from_overlay) in self.from_overlay.iter().enumerate() {
-            if *from_overlay {
+        for (index, filled) in self.filled.iter().enumerate() {
+            if *filled {
                 continue;
             }
             let block = self.first_block + index as u64;
@@ -144,7 +220,7 @@ impl PreparedRead {
                 return Err(error);
             }
             let _apply = shared.apply_lock.read().unwrap_or_else(|p| p.into_inner());
-            self.from_overlay.iter_mut().for_each(|b| *b = false);
+            self.filled.iter_mut().for_each(|b| *b = false);
             {
                 let state = shared.lock();
                 self.fill_from_overlay(&state)?;
@@ -157,8 +233,13 @@ impl PreparedRead {
             drop(ops);
             self.check(shared, true)?;
         }
+        Ok(self.bytes())
+    }
+
+    /// The bytes asked for.
+    fn bytes(self) -> Bytes {
         let start = (self.offset % BLOCK_BYTES) as usize;
-        Ok(self.buf.freeze().slice(start..start + self.length as usize))
+        self.buf.freeze().slice(start..start + self.length as usize)
     }
 }
 
@@ -170,10 +251,22 @@ pub(super) fn read_batch(shared: &Shared, jobs: Vec<super::ReadJob>) {
         .map(|job| PreparedRead::new(shared, job.offset, job.length))
         .collect();
     let mut results: Vec<Option<Result<Bytes, IoError>>> = (0..jobs.len()).map(|_| None).collect();
+    // Snapshot reads need the store unchanged from their lookup to their read.
+    let snapshot_reads = jobs.iter().any(|job| job.snapshot.is_some());
+    let apply = snapshot_reads.then(|| shared.apply_lock.read().unwrap_or_else(|p| p.into_inner()));
     {
         let state = shared.lock();
-        for (index, read) in reads.iter_mut().enumerate() {
-            if let Err(error) = read.fill_from_overlay(&state) {
+        for (index, (read, job)) in reads.iter_mut().zip(&jobs).enumerate() {
+            if job.snapshot.is_none() {
+                if let Err(error) = read.fill_from_overlay(&state) {
+                    results[index] = Some(Err(error));
+                }
+            }
+        }
+    }
+    for (index, (read, job)) in reads.iter_mut().zip(&jobs).enumerate() {
+        if let Some(name) = &job.snapshot {
+            if let Err(error) = read.fill_from_snapshot(shared, name) {
                 results[index] = Some(Err(error));
             }
         }
@@ -191,13 +284,22 @@ pub(super) fn read_batch(shared: &Shared, jobs: Vec<super::ReadJob>) {
     };
     drop(ops);
     let failed = batch_result.is_err();
+    // Snapshot blocks read under the apply lock: a mismatch is real.
+    for ((job, read), result) in jobs.iter().zip(&reads).zip(&mut results) {
+        if job.snapshot.is_some() && result.is_none() && !failed {
+            *result = read.check(shared, true).err().map(Err);
+        }
+    }
+    drop(apply);
     for ((job, read), result) in jobs.into_iter().zip(reads).zip(results) {
-        let outcome = match result {
-            Some(error) => error,
+        let outcome = match (result, &job.snapshot) {
+            (Some(error), _) => error,
             // One failed store read fails the batch: redo each read alone, so only the
             // reads that touch the bad range fail.
-            None if failed => read_now(shared, job.offset, job.length),
-            None => read.finish(shared),
+            (None, None) if failed => read_now(shared, job.offset, job.length),
+            (None, Some(name)) if failed => read_snapshot_now(shared, name, job.offset, job.length),
+            (None, None) => read.finish(shared),
+            (None, Some(_)) => Ok(read.bytes()),
         };
         (job.done)(outcome);
     }
