@@ -21,24 +21,10 @@ ROUNDS=${ROUNDS:-3}
 DIR=${DIR:-/var/tmp}
 REPLCTL=${REPLCTL:-target/release/replctl}
 
-for tool in fio nbdinfo python3; do
-    command -v "$tool" >/dev/null || { echo "cache-reads.sh: needs $tool" >&2; exit 2; }
-done
-[ -x "$REPLCTL" ] || { echo "cache-reads.sh: no $REPLCTL (cargo build --release -p replicad-tools)" >&2; exit 2; }
-
-work=$(mktemp -d "$DIR/cache-reads.XXXXXX")
-server=
-cleanup() {
-    if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
+bench_setup cache-reads.sh fio nbdinfo python3
 image=$work/volume.img
 truncate -s "$SIZE" "$image"
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 # cache_counters CONTROL -> "hits misses resident_bytes"
 cache_counters() {
@@ -57,15 +43,8 @@ for round in $(seq 1 "$ROUNDS"); do
     for cache in "${caches[@]}"; do
         port=$(free_port)
         serve_dir=$work/serve-$round-$cache
-        "$REPLCTL" serve --disk "$image" --nbd "127.0.0.1:$port" --dir "$serve_dir" \
-            --zeroed --checksum-cache "$cache" >"$work/serve.log" 2>&1 &
-        server=$!
-        for _ in $(seq 1 600); do
-            nbdinfo --size "nbd://127.0.0.1:$port/r0" >/dev/null 2>&1 && break
-            kill -0 "$server" 2>/dev/null || { cat "$work/serve.log" >&2; exit 1; }
-            sleep 0.1
-        done
-        nbdinfo --size "nbd://127.0.0.1:$port/r0" >/dev/null || { echo "server not ready" >&2; exit 1; }
+        start_serve "$work/serve.log" "nbd://127.0.0.1:$port/r0" --disk "$image" \
+            --nbd "127.0.0.1:$port" --dir "$serve_dir" --zeroed --checksum-cache "$cache"
         control=$serve_dir/alpha.ctl
         read -r hits0 misses0 _ < <(cache_counters "$control")
         fio --name=rr --ioengine=nbd --uri="nbd://127.0.0.1:$port/r0" --rw=randread --bs=4k \
@@ -75,7 +54,7 @@ for round in $(seq 1 "$ROUNDS"); do
         iops=$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"]))' "$work/fio.json")
         printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$cache" "$iops" \
             "$((hits1 - hits0))" "$((misses1 - misses0))" "$resident" >>"$results"
-        kill "$server"; wait "$server" 2>/dev/null || true; server=
+        stop_serve
     done
 done
 

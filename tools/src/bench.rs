@@ -566,6 +566,8 @@ impl Volume {
             checksum_cache: None,
             zeroed: true,
             peer_zeroed: true,
+            snapshots: false,
+            snapshot_area: None,
         };
         let setup = {
             let _quiet = QuietStdout::new()?;

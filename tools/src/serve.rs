@@ -56,6 +56,12 @@ pub struct ServeArgs {
     /// The store is all zeroes (skip the checksum scan).
     #[arg(long)]
     pub zeroed: bool,
+    /// Give each node a snapshot area (`DIR/NODE.snap`), so `replctl snapshot` works.
+    #[arg(long)]
+    pub snapshots: bool,
+    /// The snapshot area's limit (`snapshot-area`, default 1G).
+    #[arg(long, requires = "snapshots")]
+    pub snapshot_area: Option<String>,
     /// The peer's store is all zeroes too, so both are already identical and the copy
     /// is skipped. Not a command-line option: only a caller that created both stores
     /// (`replctl bench`) knows it.
@@ -85,16 +91,32 @@ pub(crate) fn set_up(args: &ServeArgs) -> anyhow::Result<Setup> {
         .as_ref()
         .map(|c| format!("checksum-cache = \"{c}\"\n"))
         .unwrap_or_default();
+    let area = args
+        .snapshot_area
+        .as_ref()
+        .map(|a| format!("snapshot-area = \"{a}\"\n"))
+        .unwrap_or_default();
+    let snapshot_dir = |node: &str| {
+        if args.snapshots {
+            format!(
+                "snapshot-dir = \"{}\"\n",
+                dir.join(format!("{node}.snap")).display()
+            )
+        } else {
+            String::new()
+        }
+    };
     let mut config_text = format!(
-        "[resource.r0]\nmode = \"{}\"\nio = \"{}\"\n{journal}{cache}\n",
+        "[resource.r0]\nmode = \"{}\"\nio = \"{}\"\n{journal}{cache}{area}\n",
         args.mode, args.io
     );
     config_text.push_str(&format!(
-        "[resource.r0.nodes.alpha]\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"{}\"\ncontrol = \"{}\"\n",
+        "[resource.r0.nodes.alpha]\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"{}\"\ncontrol = \"{}\"\n{}",
         free_port()?,
         args.disk.display(),
         args.nbd,
-        dir.join("alpha.ctl").display()
+        dir.join("alpha.ctl").display(),
+        snapshot_dir("alpha")
     ));
     if let Some(peer_disk) = &args.peer_disk {
         // Identical stores skip the initial sync: copy the primary's data over, unless
@@ -103,11 +125,12 @@ pub(crate) fn set_up(args: &ServeArgs) -> anyhow::Result<Setup> {
             copy_store(&args.disk, peer_disk)?;
         }
         config_text.push_str(&format!(
-            "[resource.r0.nodes.beta]\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"127.0.0.1:{}\"\ncontrol = \"{}\"\n",
+            "[resource.r0.nodes.beta]\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"127.0.0.1:{}\"\ncontrol = \"{}\"\n{}",
             free_port()?,
             peer_disk.display(),
             free_port()?,
-            dir.join("beta.ctl").display()
+            dir.join("beta.ctl").display(),
+            snapshot_dir("beta")
         ));
     }
     let config = dir.join("replicad.toml");

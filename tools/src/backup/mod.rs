@@ -43,7 +43,7 @@ use format::{Decoder, Encoder, Extent, MAX_DATA_EXTENT_BLOCKS};
 use crate::nbd_client::{NbdClient, ZeroFlags};
 
 /// Requests in flight to a source or target at once.
-pub const IN_FLIGHT: usize = 8;
+pub const IN_FLIGHT: usize = 32;
 /// Largest read or write request: one data extent.
 pub const MAX_IO_BYTES: u32 = MAX_DATA_EXTENT_BLOCKS * BLOCK_BYTES as u32;
 /// Largest zeroing request (NBD servers may refuse more than 32 MiB per request).
