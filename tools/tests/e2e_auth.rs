@@ -48,7 +48,7 @@ fn wait_refusal(cluster: &Cluster, name: &str, kind: &str, needles: &[&str]) -> 
 }
 
 #[test]
-fn p9_wrong_or_missing_secret_is_refused_and_the_right_one_replicates() {
+fn p5_wrong_or_missing_secret_is_refused_and_the_right_one_replicates() {
     let mut cluster = Cluster::new(
         "auth-secrets",
         &["alpha", "beta"],
@@ -168,7 +168,7 @@ fn expect_reject(frame: Option<Frame>, needle: &str) {
 }
 
 #[test]
-fn p9_a_stranger_without_the_secret_cannot_end_the_running_session() {
+fn p5_a_stranger_without_the_secret_cannot_end_the_running_session() {
     let cluster = Cluster::pair(
         "auth-stranger",
         with_secret(&format!("secret = \"{SHARED}\"")),

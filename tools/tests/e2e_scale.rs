@@ -198,7 +198,7 @@ fn print_table(rows: &[Row]) {
 /// The CI check: one 15 TiB volume, a few writes. Also the benchmark, with
 /// `REPLICAD_SCALE_SIZES=16G,1T,15T REPLICAD_SCALE_WRITES=20000`.
 #[test]
-fn a_15_tib_volume_needs_neither_memory_nor_time_in_proportion() {
+fn p9_a_15_tib_volume_needs_neither_memory_nor_time_in_proportion() {
     let sizes = std::env::var("REPLICAD_SCALE_SIZES").unwrap_or_else(|_| "15T".into());
     let writes = std::env::var("REPLICAD_SCALE_WRITES")
         .ok()
@@ -269,7 +269,7 @@ fn in_sync_15_tib_pair(name: &str) -> Cluster {
 /// Before that frame, each daemon queued its bitmap as about 500 MiB of BITMAP
 /// frames. (The resync itself would take hours here; the test stops once it moves.)
 #[test]
-fn a_full_sync_of_a_15_tib_pair_starts_in_bounded_memory() {
+fn p9_a_full_sync_of_a_15_tib_pair_starts_in_bounded_memory() {
     let cluster = in_sync_15_tib_pair("scale-full-sync");
     let size_bytes = cluster.status("alpha").size_bytes;
     cluster.replctl_ok("beta", &["invalidate", RESOURCE]);
@@ -301,7 +301,7 @@ fn a_full_sync_of_a_15_tib_pair_starts_in_bounded_memory() {
 /// while the bitmaps are exchanged and the blocks resynced (the bitmap frames carry
 /// only the parts with bits set, in small pieces).
 #[test]
-fn a_resync_of_a_15_tib_pair_stays_in_bounded_memory() {
+fn p9_a_resync_of_a_15_tib_pair_stays_in_bounded_memory() {
     let writes: usize = std::env::var("REPLICAD_SCALE_RESYNC_WRITES")
         .ok()
         .and_then(|n| n.parse().ok())

@@ -87,8 +87,12 @@ fn p8_a_snapshot_export_reads_its_point_while_the_volume_moves_on_and_after_kill
     let list = snapshot_list(&cluster, "alpha");
     assert_eq!(list["snapshots"][0]["changed_blocks"], 512, "{list}");
 
-    // kill -9 and restart: the snapshot is still its point.
+    // kill -9 of the Primary while the checker writes: the snapshot is still its point.
+    let writes_before = cluster.status("alpha").io.writes;
+    let writer = checker_write_in_background(&cluster, "alpha", 10, "0..4096");
+    cluster.wait_writes_beyond("alpha", writes_before + 300, Duration::from_secs(30));
     cluster.kill9("alpha");
+    let _ = writer.join().expect("checker thread");
     cluster.start("alpha");
     wait_until("alpha's disk back", Duration::from_secs(30), || {
         (cluster.status("alpha").disk != "Diskless").then_some(())
@@ -104,16 +108,8 @@ fn p8_a_snapshot_export_reads_its_point_while_the_volume_moves_on_and_after_kill
 #[test]
 fn p8_a_snapshot_on_the_secondary_under_load_is_a_prefix_of_the_acknowledged_writes() {
     let cluster = Cluster::pair("snap-secondary", snapshot_options());
-    let dir = cluster.dir.clone();
-    let uri = cluster.uri("alpha");
     let writes_before = cluster.status("alpha").io.writes;
-    let writer = std::thread::spawn(move || {
-        checker_write(
-            &dir,
-            &uri,
-            &["--qd", "32", "--seconds", "4", "--blocks", "0..4096"],
-        )
-    });
+    let writer = checker_write_in_background(&cluster, "alpha", 4, "0..4096");
     cluster.wait_writes_beyond("alpha", writes_before + 500, Duration::from_secs(30));
     cluster.replctl_ok("beta", &["snapshot", "create", RESOURCE, "mid"]);
     let (log, output) = writer.join().expect("checker thread");
@@ -139,7 +135,14 @@ fn p8_a_snapshot_on_the_secondary_under_load_is_a_prefix_of_the_acknowledged_wri
 
 #[test]
 fn p5_snapshot_commands_refuse_bad_input_and_change_nothing() {
-    let cluster = Cluster::pair("snap-bad", snapshot_options());
+    let cluster = Cluster::pair(
+        "snap-bad",
+        ClusterOptions {
+            // 16 blocks of copy-on-write room.
+            extra: "snapshot-area = \"66048\"".into(),
+            ..snapshot_options()
+        },
+    );
     cluster.replctl_ok("alpha", &["snapshot", "create", RESOURCE, "keep"]);
     for (args, needle) in [
         (
@@ -178,6 +181,27 @@ fn p5_snapshot_commands_refuse_bad_input_and_change_nothing() {
         (snapshot_list(&cluster, "alpha")["snapshots"][0]["readers"] == 0).then_some(())
     });
     cluster.replctl_ok("alpha", &["snapshot", "delete", RESOURCE, "keep"]);
+    // A full snapshot area invalidates the snapshot, with an event, never the volume.
+    let events = EventLog::start(&cluster, "alpha");
+    cluster.replctl_ok("alpha", &["snapshot", "create", RESOURCE, "small"]);
+    qemu_io_ok(&cluster.uri("alpha"), false, "write -P 0x11 0 1M");
+    wait_until("the snapshot invalidated", Duration::from_secs(30), || {
+        let list = snapshot_list(&cluster, "alpha");
+        list["snapshots"]
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["name"] == "small"))
+            .filter(|s| s["valid"] == false)
+            .map(|s| s["invalid_reason"].as_str().unwrap_or("").to_string())
+    });
+    wait_until("the invalidation event", Duration::from_secs(10), || {
+        events
+            .text()
+            .contains("snapshot small invalidated")
+            .then_some(())
+    });
+    let (ok, _) = qemu_io(&snapshot_uri(&cluster, "alpha", "small"), true, "read 0 4k");
+    assert!(!ok, "an invalid snapshot was served");
+    qemu_io_ok(&cluster.uri("alpha"), true, "read -P 0x11 0 1M");
     // Without a snapshot area, a clear refusal.
     let plain = Cluster::pair("snap-none", small_options(false));
     let error = plain.replctl_refused("alpha", &["snapshot", "create", RESOURCE, "x"]);
@@ -187,16 +211,8 @@ fn p5_snapshot_commands_refuse_bad_input_and_change_nothing() {
 #[test]
 fn p8_snapshot_all_takes_one_point_of_the_write_order_on_both_nodes_under_load() {
     let cluster = Cluster::pair("snap-all", snapshot_options());
-    let dir = cluster.dir.clone();
-    let uri = cluster.uri("alpha");
     let writes_before = cluster.status("alpha").io.writes;
-    let writer = std::thread::spawn(move || {
-        checker_write(
-            &dir,
-            &uri,
-            &["--qd", "32", "--seconds", "4", "--blocks", "0..4096"],
-        )
-    });
+    let writer = checker_write_in_background(&cluster, "alpha", 4, "0..4096");
     cluster.wait_writes_beyond("alpha", writes_before + 500, Duration::from_secs(30));
     let text = cluster.replctl_ok("alpha", &["snapshot", "create", RESOURCE, "both", "--all"]);
     assert!(text.contains("taken on alpha, beta"), "{text}");

@@ -583,6 +583,27 @@ pub fn checker_write(dir: &Path, uri: &str, args: &[&str]) -> (PathBuf, Output) 
     (log, output)
 }
 
+/// Starts `replcheck write` against `node`'s export at QD32 for `seconds` over
+/// `blocks` (e.g. `"0..4096"`) on a thread; join it for the log path and output.
+pub fn checker_write_in_background(
+    cluster: &Cluster,
+    node: &str,
+    seconds: u32,
+    blocks: &str,
+) -> std::thread::JoinHandle<(PathBuf, Output)> {
+    let dir = cluster.dir.clone();
+    let uri = cluster.uri(node);
+    let seconds = seconds.to_string();
+    let blocks = blocks.to_string();
+    std::thread::spawn(move || {
+        checker_write(
+            &dir,
+            &uri,
+            &["--qd", "32", "--seconds", &seconds, "--blocks", &blocks],
+        )
+    })
+}
+
 /// Runs `replcheck verify`; returns (passed, report text).
 pub fn checker_verify(uri: &str, log: &Path, mode: &str) -> (bool, String) {
     let mut command = Command::new(REPLCHECK);
