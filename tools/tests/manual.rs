@@ -16,7 +16,15 @@ const PROGRAMS: [&str; 3] = ["replctl", "replicad", "replcheck"];
 
 /// The subcommands `PROGRAM --help` lists (without `help`): what the binary really takes.
 fn subcommands(program: &str) -> Vec<String> {
-    let help = run_ok(Command::new(binary(program)).arg("--help"), TIMEOUT);
+    nested_subcommands(program, &[])
+}
+
+/// The subcommands of `program PATH...` (as its `--help` lists them).
+fn nested_subcommands(program: &str, path: &[&str]) -> Vec<String> {
+    let help = run_ok(
+        Command::new(binary(program)).args(path).arg("--help"),
+        TIMEOUT,
+    );
     let Some((_, commands)) = help.split_once("Commands:\n") else {
         return Vec::new();
     };
@@ -142,11 +150,15 @@ fn man_pages_exist_for_every_program_and_subcommand_and_render_cleanly() {
     let mut expected: Vec<String> = Vec::new();
     for program in PROGRAMS {
         expected.push(format!("{program}.1"));
-        expected.extend(
-            subcommands(program)
-                .iter()
-                .map(|subcommand| format!("{program}-{subcommand}.1")),
-        );
+        for subcommand in subcommands(program) {
+            expected.push(format!("{program}-{subcommand}.1"));
+            // One page per nested subcommand too (`replctl snapshot create`).
+            expected.extend(
+                nested_subcommands(program, &[&subcommand])
+                    .iter()
+                    .map(|nested| format!("{program}-{subcommand}-{nested}.1")),
+            );
+        }
     }
     assert!(expected.len() > 25, "too few pages expected: {expected:?}");
     let mut written: Vec<String> = std::fs::read_dir(&man1)
